@@ -1,0 +1,28 @@
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_SD = os.path.join(ROOT, "tiny_models", "sd15")
+TINY_SDXL = os.path.join(ROOT, "tiny_models", "sdxl")
+
+
+def tiny_argv(model, output_dir, **overrides):
+    """Command-line arguments for a seconds-long run of any algorithm script on a tiny pipeline."""
+    flags = dict(pretrained_model_name_or_path=model, output_dir=output_dir, resolution=32, num_inference_steps=4,
+                 guidance_scale=3.0, reward="symmetry", train_batch_size=2, max_train_steps=2, learning_rate=1e-3,
+                 rank=4, validation_steps=100, checkpointing_steps=100, report_to="none", mixed_precision="no",
+                 num_eval_prompts=2)
+    flags.update(overrides)
+    argv = []
+    for key, value in flags.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not None and value is not False:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+@pytest.fixture(params=[TINY_SD, TINY_SDXL], ids=["sd15", "sdxl"])
+def tiny_model(request):
+    return request.param

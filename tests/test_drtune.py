@@ -1,0 +1,256 @@
+"""DRTune and the scaffold, checked against diffusers (scheduler.step, pipelines), autograd and Alg. 1."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_SD, TINY_SDXL, tiny_argv
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+import drtune
+
+CPU = torch.device("cpu")
+DRTUNE = dict(num_trained_steps=2, early_stop_max=2)  # small enough for 4 sampling steps
+
+
+def setup(model, **overrides):
+    args = drtune.parse_args(tiny_argv(model, "unused", **dict(DRTUNE, **overrides)))
+    info = drtune.check_arguments(args)
+    return args, drtune.load_models(args, info, CPU, torch.float32), drtune.make_scheduler(args)
+
+
+# --- the sampler ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sampler,eta,prediction_type", [("ddpm", 0.0, "epsilon"), ("ddim", 0.0, "epsilon"),
+                                                          ("ddim", 1.0, "epsilon"), ("ddim", 0.5, "v_prediction"),
+                                                          ("ddpm", 0.0, "v_prediction")])
+def test_sampler_step_matches_scheduler_step(sampler, eta, prediction_type):
+    args = drtune.parse_args(tiny_argv(TINY_SD, "unused", sampler=sampler, eta=eta, num_inference_steps=25))
+    ours = drtune.make_scheduler(args)
+    ours.register_to_config(prediction_type=prediction_type)
+    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    # the reference: the SD1.5 scheduler config turned into diffusers' scheduler with its defaults spelled out
+    reference = cls.from_pretrained(TINY_SD, subfolder="scheduler", clip_sample=False, prediction_type=prediction_type)
+    for s in (ours, reference):
+        s.set_timesteps(25)
+    assert torch.equal(ours.timesteps, reference.timesteps)
+    x, model_output = torch.randn(2, 4, 8, 8) * 3, torch.randn(2, 4, 8, 8)
+    for t in reference.timesteps:
+        kwargs = dict(eta=eta) if sampler == "ddim" else {}
+        expected = reference.step(model_output, t, x, generator=torch.Generator().manual_seed(int(t)), **kwargs)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
+        got = drtune.sampler_step(ours, model_output, t, x, noise, eta)
+        torch.testing.assert_close(got, expected.prev_sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmpp", 0.0)])
+def test_sampling_reproduces_diffusers_pipeline(tiny_model, sampler, eta):
+    """With a zero LoRA (peft's init), the script's sampling gives the pipeline's images for the same seed."""
+    args, models, scheduler = setup(tiny_model, sampler=sampler, eta=eta, num_inference_steps=6, guidance_scale=5.0)
+    drtune.add_lora(models.unet, args)
+    prompts = ["a cat", "a red bicycle"]
+    ours = drtune.generate(models, scheduler, models.unet, prompts, args, seed=3)
+    cls = StableDiffusionXLPipeline if tiny_model == TINY_SDXL else StableDiffusionPipeline
+    pipe = cls.from_pretrained(tiny_model, scheduler=drtune.make_scheduler(args))
+    expected = pipe(prompts, num_inference_steps=6, guidance_scale=5.0, height=32, width=32, eta=eta,
+                    generator=torch.Generator().manual_seed(3), output_type="pt").images
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+
+
+# --- gradient identities (eq. 4-5) -------------------------------------------------------------------
+
+def chain(models, scheduler, args, stop_grad_input):
+    """x_T -> final latents with every UNet call under gradient."""
+    cond = drtune.encode_prompts(models, ["a cat"], args.resolution)
+    steps = set(range(args.num_inference_steps))
+    return lambda x: drtune.rollout(models.unet, scheduler, cond, x, torch.Generator().manual_seed(0), args,
+                                    grad_steps=steps, stop_grad_input=stop_grad_input)
+
+
+def prod_a(scheduler, args):
+    """prod_s a_s with a_s = sqrt(abar_{s-1} / abar_s) of DDIM (SPEC), from the scheduler's alphas_cumprod."""
+    scheduler.set_timesteps(args.num_inference_steps)
+    abar, out = scheduler.alphas_cumprod.double(), torch.tensor(1.0, dtype=torch.float64)
+    for t in scheduler.timesteps:
+        prev = int(t) - 1000 // args.num_inference_steps
+        out = out * (scheduler.final_alpha_cumprod.double() if prev < 0 else abar[prev]).sqrt() / abar[t].sqrt()
+    return out.float()
+
+
+def test_stop_gradient_jacobian_is_prod_a_both_directions():
+    args, models, scheduler = setup(TINY_SD, sampler="ddim", num_inference_steps=5)
+    drtune.add_lora(models.unet, args)
+    f = chain(models, scheduler, args, stop_grad_input=True)
+    x_T = torch.randn(1, 4, 8, 8)
+    v = torch.randn_like(x_T)
+    scale = prod_a(scheduler, args)
+    _, vjp = torch.autograd.functional.vjp(f, x_T, v)  # adjoint: grad at x_T = prod a_s * grad at x_0
+    _, jvp = torch.autograd.functional.jvp(f, x_T, v)  # eq. 5 read forward: dx_0 = prod a_s dx_T
+    torch.testing.assert_close(vjp, scale * v, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(jvp, scale * v, atol=1e-4, rtol=1e-4)
+    f_full = chain(models, scheduler, args, stop_grad_input=False)
+    _, vjp_full = torch.autograd.functional.vjp(f_full, x_T, v)
+    assert (vjp_full - scale * v).abs().max() > 1e-3  # without stop-gradient the UNet's Jacobian enters
+
+
+def test_stop_gradient_dpmpp_jacobian_is_a_scalar():
+    """DPM-Solver++ is multistep: no one-step a_t, yet with detached UNet inputs d x_0 / d x_T is c * I."""
+    args, models, scheduler = setup(TINY_SD, sampler="dpmpp", num_inference_steps=5)
+    f = chain(models, scheduler, args, stop_grad_input=True)
+    x_T = torch.randn(1, 4, 8, 8)
+    v1, v2 = torch.randn_like(x_T), torch.randn_like(x_T)
+    g1, g2 = (torch.autograd.functional.vjp(f, x_T, v)[1] for v in (v1, v2))
+    c = (g1 / v1).median()
+    torch.testing.assert_close(g1, c * v1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g2, c * v2, atol=1e-4, rtol=1e-4)
+
+
+# --- Alg. 1: which steps run and which train ---------------------------------------------------------
+
+def test_exactly_k_equally_spaced_steps_train_and_none_below_t_min():
+    args, models, scheduler = setup(TINY_SD, num_inference_steps=12, num_trained_steps=3, early_stop_max=5)
+    drtune.add_lora(models.unet, args)
+    reward_fn = drtune.rewards.build_reward("symmetry")
+    calls = []
+    models.unet.register_forward_pre_hook(lambda m, a: calls.append((int(a[1]), torch.is_grad_enabled())))
+    seen_offsets = set()
+    for seed in range(12):
+        calls.clear()
+        generator = torch.Generator().manual_seed(seed)
+        loss, _, extra = drtune.algorithm_loss(models, scheduler, models.unet, reward_fn, ["a cat"], generator, args)
+        timesteps = [int(t) for t in scheduler.timesteps]
+        ran = [timesteps.index(t) for t, _ in calls]
+        trained = [i for (t, grad), i in zip(calls, ran) if grad]
+        t_min = extra["t_min"]
+        assert 1 <= t_min <= 5
+        assert ran == list(range(12 - t_min + 1))  # steps T..t_min run, none below t_min
+        assert len(trained) == 3 and len(set(trained)) == 3
+        assert trained[1] - trained[0] == trained[2] - trained[1] == (12 - t_min + 1) // 3
+        seen_offsets.add(trained[0])
+        models.unet.zero_grad()
+        loss.backward()
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.unet.parameters() if p.requires_grad)
+    assert len(seen_offsets) > 1  # the offset is random
+
+
+def test_schedule_covers_the_executed_range():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        steps, stop = drtune.drtune_schedule(50, 5, 20, g)
+        assert len(steps) == 5 and max(steps) <= stop and min(steps) >= 0
+    steps = {tuple(drtune.drtune_schedule(50, 5, 1, g)[0]) for _ in range(300)}
+    # t_min = 1 and K | T: the paper's {s, s + 10, ..., s + 40} for every s in 1..10
+    assert steps == {tuple(sorted(50 - (s + 10 * i) for i in range(5))) for s in range(1, 11)}
+
+
+# --- short runs ------------------------------------------------------------------------------------
+
+def run(tmp_path, name, **overrides):
+    out = str(tmp_path / name)
+    drtune.main(drtune.parse_args(tiny_argv(TINY_SD, out, **overrides)))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    return out, [strip(r) for r in rows]
+
+
+def strip(row):  # timings vary; the short run also evaluates at its last step
+    return {k: v for k, v in row.items() if k not in ("seconds", "peak_memory_mb", "eval_reward")}
+
+
+def test_same_seed_same_metrics_and_resume_continues_identically(tmp_path):
+    common = dict(num_trained_steps=2, early_stop_max=2, max_train_steps=4, checkpointing_steps=2)
+    _, full = run(tmp_path, "a", **common)
+    _, again = run(tmp_path, "b", **common)
+    assert full == again and len(full) == 5 and full[-1]["reward_mean"] != full[1]["reward_mean"]
+    out, _ = run(tmp_path, "c", **dict(common, max_train_steps=2))
+    assert os.path.isdir(os.path.join(out, "checkpoint-2")) and not os.path.exists(os.path.join(out, "checkpoint-2.tmp"))
+    drtune.main(drtune.parse_args(tiny_argv(TINY_SD, out, resume_from_checkpoint="latest", **common)))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        resumed = [strip(json.loads(line)) for line in f]
+    assert resumed == full
+
+
+def test_two_processes_end_with_identical_lora(tmp_path):
+    out = str(tmp_path / "dist")
+    argv = tiny_argv(TINY_SD, out, num_trained_steps=2, early_stop_max=2, max_train_steps=3)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(ROOT, "tests", "dist_worker.py"), "drtune", *argv]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300)
+    w0, w1 = (torch.load(os.path.join(out, f"lora_rank{r}.pt")) for r in (0, 1))
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_processes"] == 2
+    assert any("lora_B" in k and w0[k].abs().sum() > 0 for k in w0), "training changed nothing"
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+
+def test_cli_writes_outputs_and_lora_loads_in_diffusers(tiny_model, tmp_path):
+    out = str(tmp_path / "run")
+    argv = tiny_argv(tiny_model, out, max_train_steps=2, num_trained_steps=2, early_stop_max=2, learning_rate=0.05,
+                     validation_steps=1, checkpointing_steps=1, checkpoints_total_limit=1)
+    subprocess.run([sys.executable, os.path.join(ROOT, "drtune.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
+    for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "reward_curve.png",
+                 "samples/step-000000.png", "samples/step-000002.png", "samples/before_after.png", "checkpoint-2"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert not os.path.exists(os.path.join(out, "checkpoint-1"))  # checkpoints_total_limit
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for key in ("step", "loss", "reward_mean", "reward_std", "grad_norm", "lr", "seconds", "peak_memory_mb", "t_min"):
+        assert key in rows[-1], key
+    cls = StableDiffusionXLPipeline if tiny_model == TINY_SDXL else StableDiffusionPipeline
+    pipe = cls.from_pretrained(tiny_model)
+    kwargs = dict(num_inference_steps=4, height=32, width=32, output_type="pt")
+    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out)
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (after - before).abs().max() > 1e-3
+
+
+# --- bad input: one line, before any large model loads --------------------------------------------
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(reward="nonsense"), "nonsense"),
+    (dict(num_trained_steps=9), "num_trained_steps"),
+    (dict(early_stop_max=4, num_trained_steps=2), "early_stop_max"),
+    (dict(resolution=30), "not divisible by the VAE factor 4"),
+    (dict(pretrained_model_name_or_path="/no/such/folder"), "does not exist"),
+    (dict(reward="aesthetic", reward_options="aesthetic_mlp=/no/such/file.pth"), "aesthetic_mlp"),
+])
+def test_bad_input_is_one_clear_error(overrides, message, tmp_path):
+    args = drtune.parse_args(tiny_argv(TINY_SD, str(tmp_path), **overrides))
+    with pytest.raises(drtune.UsageError, match=message):
+        drtune.check_arguments(args)
+
+
+def test_empty_prompt_file_and_offline_hub_id(tmp_path, monkeypatch):
+    empty = tmp_path / "prompts.txt"
+    empty.write_text("\n  \n")
+    with pytest.raises(drtune.UsageError, match="holds no prompts"):
+        drtune.check_arguments(drtune.parse_args(tiny_argv(TINY_SD, str(tmp_path), train_prompts=str(empty))))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    args = drtune.parse_args(tiny_argv("someone/not-cached-model", str(tmp_path)))
+    with pytest.raises(drtune.UsageError, match="someone/not-cached-model.*--pretrained_model_name_or_path"):
+        drtune.check_arguments(args)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "drtune.py"),
+                             *tiny_argv(TINY_SD, str(tmp_path), num_trained_steps=9)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert result.stderr.strip().count("\n") == 0 and "num_trained_steps" in result.stderr
+
+
+def test_prompts_from_text_file_and_dataset_folder(tmp_path):
+    (tmp_path / "p.txt").write_text("a cat\n\na dog\n")
+    assert drtune.read_prompts(str(tmp_path / "p.txt"), []) == ["a cat", "a dog"]
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "train.csv").write_text("caption,other\na red car,1\na blue boat,2\n")
+    assert drtune.read_prompts(str(folder), []) == ["a red car", "a blue boat"]
