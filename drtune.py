@@ -612,7 +612,7 @@ def main(args):
 
     models = load_models(args, info, device, weight_dtype)
     scheduler = make_scheduler(args)
-    reward_fn = rewards.build_reward(args.reward, device=device, **info["reward_options"])
+    reward_fn = rewards.build_reward(args.reward, device=device, dtype=weight_dtype, **info["reward_options"])
     set_seed(args.seed)  # the same LoRA init on every process
     unet = models.unet
     params = add_lora(unet, args)

@@ -214,6 +214,7 @@ def test_cli_writes_outputs_and_lora_loads_in_diffusers(tiny_model, tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (dict(reward="nonsense"), "nonsense"),
+    (dict(reward="symmetry,jpeg_size:0.1"), "jpeg_size is not differentiable"),
     (dict(num_trained_steps=9), "num_trained_steps"),
     (dict(early_stop_max=4, num_trained_steps=2), "early_stop_max"),
     (dict(resolution=30), "not divisible by the VAE factor 4"),
