@@ -45,16 +45,17 @@ def test_sampler_step_matches_scheduler_step(sampler, eta, prediction_type):
         torch.testing.assert_close(got, expected.prev_sample, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("sampler,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0), ("dpmpp", 0.0)])
-def test_sampling_reproduces_diffusers_pipeline(tiny_model, sampler, eta):
+@pytest.mark.parametrize("sampler,eta,guidance", [("ddpm", 0.0, 5.0), ("ddim", 0.0, 5.0), ("ddim", 1.0, 5.0),
+                                                  ("dpmpp", 0.0, 5.0), ("ddim", 0.0, 1.0)])
+def test_sampling_reproduces_diffusers_pipeline(tiny_model, sampler, eta, guidance):
     """With a zero LoRA (peft's init), the script's sampling gives the pipeline's images for the same seed."""
-    args, models, scheduler = setup(tiny_model, sampler=sampler, eta=eta, num_inference_steps=6, guidance_scale=5.0)
+    args, models, scheduler = setup(tiny_model, sampler=sampler, eta=eta, num_inference_steps=6, guidance_scale=guidance)
     drtune.add_lora(models.unet, args)
     prompts = ["a cat", "a red bicycle"]
     ours = drtune.generate(models, scheduler, models.unet, prompts, args, seed=3)
     cls = StableDiffusionXLPipeline if tiny_model == TINY_SDXL else StableDiffusionPipeline
     pipe = cls.from_pretrained(tiny_model, scheduler=drtune.make_scheduler(args))
-    expected = pipe(prompts, num_inference_steps=6, guidance_scale=5.0, height=32, width=32, eta=eta,
+    expected = pipe(prompts, num_inference_steps=6, guidance_scale=guidance, height=32, width=32, eta=eta,
                     generator=torch.Generator().manual_seed(3), output_type="pt").images
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 

@@ -31,8 +31,9 @@ def clip_tokenizer():
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
 
+    n_merges = 49408 - 2 * 256 - 2  # the vocabulary: bytes, bytes + "</w>", merges, two special tokens
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : 1 + n_merges]]  # line 0 is a header
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, model_max_length=77)
@@ -54,7 +55,7 @@ def build_clip(directory):
 
 
 def build_aesthetic_mlp(path):
-    """State dict with the published keys (layers.0/2/4/6/7) and shapes 768-1024-128-64-16-1 (.pth or .safetensors)."""
+    """Aesthetic head state dict: published keys layers.0/2/4/6/7, shapes 768-1024-128-64-16-1; .pth or .safetensors."""
     shapes = {0: (768, 1024), 2: (1024, 128), 4: (128, 64), 6: (64, 16), 7: (16, 1)}
     state_dict = {}
     with torch.random.fork_rng():

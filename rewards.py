@@ -1,0 +1,597 @@
+"""Rewards for text-to-image fine-tuning: the seven of DRTune's Table 1 (and DDPO's JPEG size), one signature.
+
+    reward_fn = rewards.build_reward("symmetry:1,clipscore:0.1", device="cuda", dtype=torch.float16)
+    scores = reward_fn(images, prompts)  # images (B, 3, H, W) in [0, 1], prompts list[str] -> (B,) float32
+    reward_fn.last_raw                   # {"symmetry": eq. 6 values, "clipscore": cosines}, detached (B,) each
+
+A spec is a weighted sum `name[:weight],...` (weight 1 by default). Higher is always better: rewards the paper
+minimizes enter the sum with a minus sign, while `last_raw` keeps the paper's own value for logging. Image i is
+scored against prompt i. Gradients flow to the images for every reward but `jpeg_size`.
+
+| name            | raw value (`last_raw`)                          | reward                 | model                  |
+| --------------- | ----------------------------------------------- | ---------------------- | ---------------------- |
+| aesthetic       | LAION aesthetic score, 1..10 scale              | raw                    | CLIP ViT-L/14 + MLP    |
+| clipscore       | cos(image, prompt), no logit scale              | raw                    | open_clip ViT-H-14     |
+| pickscore       | logit_scale.exp() * cos(image, prompt)          | raw                    | PickScore v1           |
+| hpsv21          | cos(image, prompt), no logit scale              | raw                    | open_clip ViT-H-14     |
+| symmetry        | eq. 6: mean abs(I - flip(I)) / std(I)           | -raw + w * clipscore   | none (+ CLIP if w > 0) |
+| compressibility | eq. 7: mean (I - d(c(I)))^2                     | -raw                   | kornia JPEG            |
+| objectness      | max over boxes of sigmoid(logit) for the query  | -raw                   | OWL-ViT                |
+| jpeg_size       | JPEG file size in kB (DDPO), not differentiable | -raw                   | PIL encoder            |
+
+Choices the paper leaves open:
+- aesthetic: the CLIP image embedding is L2-normalized before the MLP 768-1024-128-64-16-1 (no activations),
+  whose weights are `sac+logos+ava1-l14-linearMSE.pth` of LAION's improved aesthetic predictor; the default
+  file is the hub copy TRL's DDPO example loads (`trl-lib/ddpo-aesthetic-predictor`, `aesthetic-model.pth`).
+- symmetry (eq. 6): flip is the left-right mirror; ||.||_1 is the mean over channels and pixels (so values do
+  not depend on resolution); std is the population std over all C*H*W values, taken as sqrt(var + 1e-8) so
+  that a constant image scores 0 with a finite gradient. `symmetry_clip_weight` w adds the paper's CLIPScore
+  regularizer (the same as adding `clipscore:w` to the spec).
+- compressibility (eq. 7): ||.||_2^2 is the mean squared error per value (resolution independent), through
+  `kornia.enhance.jpeg_codec_differentiable` at `jpeg_quality` (the paper gives no quality; default 50).
+- objectness: the query is fixed text (`objectness_query`, the paper's "book"), not the prompt; the image is
+  resized to the detector's square input without cropping, as the OWL-ViT processor does, so that objects at
+  the borders count.
+- jpeg_size: DDPO's compressibility, the size of the 8-bit image encoded by PIL at `jpeg_quality` (DDPO used
+  95); no gradient, for the methods that need none (DPO, SPO).
+- Model inputs: on tensors, bicubic with antialias to the model's input size (shorter side, then center crop),
+  clamped to [0, 1] as an 8-bit image would be, then the model's mean/std. Size and mean/std come from the
+  model's config / processor config. Models are frozen, in eval mode, on the given device and dtype.
+- random_shift (FDXL, Sec. 5): before resizing to the model's input size r_in, crop m = ceil(max(H, W) / r_in)
+  pixels off each axis, split at random between the two sides and per image, i.e. the sampling grid moves by
+  0..m pixels.
+
+Options (keyword arguments of `build_reward`; `--reward_options key=value,...` on the command line). Every
+model option takes a hub id or a local path; hub files are written `owner/repo/filename`.
+
+| option               | default                                                     | used by                    |
+| -------------------- | ----------------------------------------------------------- | -------------------------- |
+| aesthetic_clip       | openai/clip-vit-large-patch14 (transformers CLIP)           | aesthetic                  |
+| aesthetic_mlp        | trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth        | aesthetic                  |
+| clip_model           | ViT-H-14 (open_clip architecture name)                      | clipscore, symmetry        |
+| clip_pretrained      | laion2b_s32b_b79k (open_clip tag, or a checkpoint file)     | clipscore, symmetry        |
+| pickscore_model      | yuvalkirstain/PickScore_v1 (transformers CLIP)              | pickscore                  |
+| pickscore_processor  | laion/CLIP-ViT-H-14-laion2B-s32B-b79K (tokenizer, mean/std) | pickscore                  |
+| hps_model            | ViT-H-14 (open_clip architecture name)                      | hpsv21                     |
+| hps_checkpoint       | xswu/HPSv2/HPS_v2.1_compressed.pt ({'state_dict': ...})     | hpsv21                     |
+| symmetry_clip_weight | 0.0                                                         | symmetry                   |
+| jpeg_quality         | 50                                                          | compressibility, jpeg_size |
+| owlvit_model         | google/owlvit-base-patch32                                  | objectness                 |
+| objectness_query     | book                                                        | objectness                 |
+| random_shift         | False                                                       | every model reward         |
+
+Checkpoints are read with safetensors or torch.load(weights_only=True), never with remote code. A hub
+reference that cannot be fetched (offline, not cached) or a local path that does not exist raises
+RewardLoadError naming it and the option that takes a local path; `check_options` runs the cheap checks
+without loading anything.
+
+Score a folder of images (prompts from a file, else NAME.txt beside each image, else ""):
+
+    python rewards.py --reward pickscore --images samples/ --prompts prompts.txt --device cuda
+    python rewards.py --reward symmetry --images samples/ --json
+"""
+
+import argparse
+import io
+import json
+import math
+import os
+import re
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+OPTIONS = {
+    "aesthetic_clip": "openai/clip-vit-large-patch14",
+    "aesthetic_mlp": "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth",
+    "clip_model": "ViT-H-14",
+    "clip_pretrained": "laion2b_s32b_b79k",
+    "pickscore_model": "yuvalkirstain/PickScore_v1",
+    "pickscore_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+    "hps_model": "ViT-H-14",
+    "hps_checkpoint": "xswu/HPSv2/HPS_v2.1_compressed.pt",
+    "symmetry_clip_weight": 0.0,
+    "jpeg_quality": 50,
+    "owlvit_model": "google/owlvit-base-patch32",
+    "objectness_query": "book",
+    "random_shift": False,
+}
+
+# How each path option may name a hub object when it is not an existing local path.
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/repo: a transformers folder
+_HUB_FILE = re.compile(r"[\w.-]+/[\w.-]+/[\w.+-]+")  # owner/repo/filename
+_OPEN_CLIP_TAG = re.compile(r"[\w-]+")  # an open_clip pretrained tag such as laion2b_s32b_b79k
+_PATH_OPTIONS = {
+    "aesthetic_clip": _HUB_ID,
+    "aesthetic_mlp": _HUB_FILE,
+    "clip_pretrained": _OPEN_CLIP_TAG,
+    "pickscore_model": _HUB_ID,
+    "pickscore_processor": _HUB_ID,
+    "hps_checkpoint": _HUB_FILE,
+    "owlvit_model": _HUB_ID,
+}
+_STD_EPS = 1e-8  # eq. 6: std = sqrt(var + eps), finite value and gradient for a constant image
+
+
+class RewardLoadError(RuntimeError):
+    """A reward model could not be found: a missing local path, or a hub object that is not reachable."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading: local path or hub reference, one clear error either way
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _is_local(reward, option, value):
+    """True for an existing local path, False for something shaped like a hub reference; else raise."""
+    if os.path.exists(value):
+        return True
+    if _PATH_OPTIONS[option].fullmatch(value):
+        return False
+    raise RewardLoadError(f"{reward}: {option}={value!r}: no such file or directory")
+
+
+def _unreachable(reward, option, what, example):
+    return RewardLoadError(
+        f"{reward}: could not load {what} (offline or not cached); "
+        f"pass a local path with --reward_options {option}={example}"
+    )
+
+
+def _from_pretrained(cls, reward, option, value):
+    """`cls.from_pretrained` on a local folder or a hub id."""
+    if _is_local(reward, option, value):
+        return cls.from_pretrained(value)
+    try:
+        return cls.from_pretrained(value)
+    except OSError as e:
+        raise _unreachable(reward, option, repr(value), f"/path/{value.split('/')[-1]}") from e
+
+
+def _checkpoint_file(reward, option, value):
+    """Local path of a checkpoint given as a local file or as `owner/repo/filename` on the hub."""
+    if _is_local(reward, option, value):
+        return value
+    from huggingface_hub import hf_hub_download
+
+    repo_id, filename = value.rsplit("/", 1)
+    try:
+        return hf_hub_download(repo_id, filename)
+    except OSError as e:
+        raise _unreachable(reward, option, repr(value), f"/path/{filename}") from e
+
+
+def _load_state_dict(path):
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _open_clip(reward, option, name, pretrained):
+    """open_clip model `name` with weights from a local checkpoint or an open_clip pretrained tag."""
+    import open_clip
+
+    if not _is_local(reward, option, pretrained):
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        if not cfg:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise RewardLoadError(f"{reward}: {option}={pretrained!r} is neither a file nor a tag of {name} {tags}")
+        try:  # fetch first so that offline use fails here; create_model then finds the file in the cache
+            open_clip.download_pretrained(cfg)
+        except OSError as e:
+            source = cfg.get("hf_hub", "").rstrip("/") or cfg.get("url")
+            what = f"open_clip {name} {pretrained!r} from {source!r}"
+            raise _unreachable(reward, option, what, "/path/open_clip_model.safetensors") from e
+    return open_clip.create_model(name, pretrained=pretrained), open_clip.get_tokenizer(name)
+
+
+def _frozen(model, device, dtype):
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _features(output):
+    """transformers 5 returns an output object from get_*_features (4.x returned the tensor)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Preprocessing on tensors
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _random_shift(images, r_in):
+    """FDXL: move the downsampling grid by 0..ceil(r_out / r_in) pixels, per image, by cropping."""
+    h, w = images.shape[-2:]
+    m = math.ceil(max(h, w) / r_in)
+    offsets = torch.randint(0, m + 1, (len(images), 2)).tolist()
+    return torch.stack([img[:, dy : h - m + dy, dx : w - m + dx] for img, (dy, dx) in zip(images, offsets)])
+
+
+def _preprocess(images, size, mean, std, *, random_shift, crop=True, device, dtype):
+    """(B, 3, H, W) in [0, 1] -> normalized (B, 3, *size) model input; crop=False squashes instead."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if random_shift:
+        images = _random_shift(images, min(size))
+    h, w = images.shape[-2:]
+    if crop:  # shorter side to size, then center crop, rounding as torchvision's Resize and CenterCrop do
+        scale = max(size[0] / h, size[1] / w)
+        resized = (max(size[0], int(h * scale)), max(size[1], int(w * scale)))
+    else:
+        resized = size
+    x = F.interpolate(images, size=resized, mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    top, left = round((resized[0] - size[0]) / 2), round((resized[1] - size[1]) / 2)
+    x = x[..., top : top + size[0], left : left + size[1]]
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reward factories: factory(device, dtype, options) -> score(images, prompts) -> (reward, raw), each (B,)
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _AestheticMLP(nn.Module):
+    """LAION improved aesthetic predictor head; state-dict keys layers.0/2/4/6/7 as published."""
+
+    def __init__(self, in_features):
+        super().__init__()
+        self.layers = nn.Sequential(
+            nn.Linear(in_features, 1024),
+            nn.Dropout(0.2),
+            nn.Linear(1024, 128),
+            nn.Dropout(0.2),
+            nn.Linear(128, 64),
+            nn.Dropout(0.1),
+            nn.Linear(64, 16),
+            nn.Linear(16, 1),
+        )
+
+    def forward(self, embeds):
+        return self.layers(embeds).squeeze(-1)
+
+
+def _aesthetic(device, dtype, o):
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    clip = _from_pretrained(CLIPModel, "aesthetic", "aesthetic_clip", o.aesthetic_clip)
+    processor = _from_pretrained(CLIPImageProcessor, "aesthetic", "aesthetic_clip", o.aesthetic_clip)
+    mlp = _AestheticMLP(clip.config.projection_dim)
+    mlp.load_state_dict(_load_state_dict(_checkpoint_file("aesthetic", "aesthetic_mlp", o.aesthetic_mlp)))
+    clip, mlp = _frozen(clip, device, dtype), _frozen(mlp, device, dtype)
+    size = clip.config.vision_config.image_size
+
+    def score(images, prompts):
+        x = _preprocess(images, size, processor.image_mean, processor.image_std,
+                        random_shift=o.random_shift, device=device, dtype=dtype)
+        embeds = F.normalize(_features(clip.get_image_features(pixel_values=x)), dim=-1)
+        value = mlp(embeds).float()
+        return value, value
+
+    return score
+
+
+def _open_clip_cosine(model, tokenizer, device, dtype, random_shift):
+    """score(images, prompts) -> row-wise cosine of an open_clip model's image and text embeddings."""
+    cfg = model.visual.preprocess_cfg
+
+    def cosine(images, prompts):
+        x = _preprocess(images, cfg["size"], cfg["mean"], cfg["std"], random_shift=random_shift,
+                        device=device, dtype=dtype)
+        image_embeds = model.encode_image(x, normalize=True)
+        text_embeds = model.encode_text(tokenizer(prompts).to(device), normalize=True)
+        value = (image_embeds * text_embeds).sum(-1).float()
+        return value, value
+
+    return cosine
+
+
+def _clipscore(device, dtype, o):
+    model, tokenizer = _open_clip("clipscore", "clip_pretrained", o.clip_model, o.clip_pretrained)
+    return _open_clip_cosine(_frozen(model, device, dtype), tokenizer, device, dtype, o.random_shift)
+
+
+def _hpsv21(device, dtype, o):
+    checkpoint = _checkpoint_file("hpsv21", "hps_checkpoint", o.hps_checkpoint)
+    model, tokenizer = _open_clip("hpsv21", "hps_checkpoint", o.hps_model, checkpoint)
+    return _open_clip_cosine(_frozen(model, device, dtype), tokenizer, device, dtype, o.random_shift)
+
+
+def _pickscore(device, dtype, o):
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
+
+    model = _frozen(_from_pretrained(CLIPModel, "pickscore", "pickscore_model", o.pickscore_model), device, dtype)
+    tokenizer = _from_pretrained(AutoTokenizer, "pickscore", "pickscore_processor", o.pickscore_processor)
+    processor = _from_pretrained(CLIPImageProcessor, "pickscore", "pickscore_processor", o.pickscore_processor)
+    size = model.config.vision_config.image_size
+    max_length = model.config.text_config.max_position_embeddings
+
+    def score(images, prompts):
+        x = _preprocess(images, size, processor.image_mean, processor.image_std,
+                        random_shift=o.random_shift, device=device, dtype=dtype)
+        tokens = tokenizer(prompts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        image_embeds = F.normalize(_features(model.get_image_features(pixel_values=x)), dim=-1)
+        text_embeds = F.normalize(_features(model.get_text_features(**tokens.to(device))), dim=-1)
+        value = (model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float()
+        return value, value
+
+    return score
+
+
+def _symmetry(device, dtype, o):
+    clip = _clipscore(device, dtype, o) if o.symmetry_clip_weight > 0 else None
+
+    def score(images, prompts):
+        x = images.float()
+        l1 = (x - x.flip(-1)).abs().mean(dim=(1, 2, 3))
+        std = torch.sqrt(x.var(dim=(1, 2, 3), correction=0) + _STD_EPS)
+        value = l1 / std  # eq. 6
+        reward = -value
+        if clip is not None:
+            reward = reward + o.symmetry_clip_weight * clip(images, prompts)[0]
+        return reward, value
+
+    return score
+
+
+def _compressibility(device, dtype, o):
+    from kornia.enhance import jpeg_codec_differentiable
+
+    def score(images, prompts):
+        x = images.float()
+        quality = torch.full((len(x),), float(o.jpeg_quality), device=x.device)
+        error = (x - jpeg_codec_differentiable(x, quality)).square().mean(dim=(1, 2, 3))  # eq. 7
+        return -error, error
+
+    return score
+
+
+def _objectness(device, dtype, o):
+    from transformers import AutoTokenizer, OwlViTForObjectDetection, OwlViTImageProcessor
+
+    model = _frozen(_from_pretrained(OwlViTForObjectDetection, "objectness", "owlvit_model", o.owlvit_model),
+                    device, dtype)
+    tokenizer = _from_pretrained(AutoTokenizer, "objectness", "owlvit_model", o.owlvit_model)
+    processor = _from_pretrained(OwlViTImageProcessor, "objectness", "owlvit_model", o.owlvit_model)
+    size = model.config.vision_config.image_size
+    query = tokenizer([o.objectness_query], padding="max_length", truncation=True,
+                      max_length=model.config.text_config.max_position_embeddings, return_tensors="pt").to(device)
+
+    def score(images, prompts):
+        x = _preprocess(images, size, processor.image_mean, processor.image_std,
+                        random_shift=o.random_shift, crop=False, device=device, dtype=dtype)
+        n = len(x)
+        logits = model(input_ids=query.input_ids.expand(n, -1), attention_mask=query.attention_mask.expand(n, -1),
+                       pixel_values=x).logits  # (B, boxes, 1)
+        max_prob = logits[..., 0].amax(dim=1).float().sigmoid()
+        return -max_prob, max_prob
+
+    return score
+
+
+def _jpeg_size(device, dtype, o):
+    from PIL import Image
+
+    def score(images, prompts):
+        pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+        sizes = []
+        for array in pixels.numpy():
+            buffer = io.BytesIO()
+            Image.fromarray(array).save(buffer, format="JPEG", quality=o.jpeg_quality)
+            sizes.append(buffer.tell() / 1000)
+        kilobytes = torch.tensor(sizes, device=images.device)
+        return -kilobytes, kilobytes
+
+    return score
+
+
+class RewardInfo(NamedTuple):
+    factory: Callable  # factory(device, dtype, options) -> score(images, prompts) -> (reward, raw)
+    differentiable: bool
+    minimized: bool  # the paper minimizes the raw value; the reward is its negative
+    doc: str
+
+
+REWARDS = {
+    "aesthetic": RewardInfo(_aesthetic, True, False, "LAION aesthetic predictor on CLIP ViT-L/14, 1..10"),
+    "clipscore": RewardInfo(_clipscore, True, False, "open_clip ViT-H-14 cosine(image, prompt)"),
+    "pickscore": RewardInfo(_pickscore, True, False, "PickScore v1: logit_scale.exp() * cosine"),
+    "hpsv21": RewardInfo(_hpsv21, True, False, "HPS v2.1 (open_clip ViT-H-14) cosine"),
+    "symmetry": RewardInfo(_symmetry, True, True, "eq. 6 ||I - flip(I)||_1 / std(I), optional CLIPScore term"),
+    "compressibility": RewardInfo(_compressibility, True, True, "eq. 7 ||I - jpeg(I)||_2^2, differentiable JPEG"),
+    "objectness": RewardInfo(_objectness, True, True, "OWL-ViT max sigmoid(logit) of the query over boxes"),
+    "jpeg_size": RewardInfo(_jpeg_size, False, True, "JPEG file size in kB (DDPO's compressibility)"),
+}
+# Path options each reward loads, for check_options (symmetry adds clipscore's when its weight is > 0).
+_REWARD_PATHS = {
+    "aesthetic": ("aesthetic_clip", "aesthetic_mlp"),
+    "clipscore": ("clip_pretrained",),
+    "pickscore": ("pickscore_model", "pickscore_processor"),
+    "hpsv21": ("hps_checkpoint",),
+    "objectness": ("owlvit_model",),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------------
+
+
+def parse_spec(spec):
+    """'symmetry:1,clipscore:0.1' -> [('symmetry', 1.0), ('clipscore', 0.1)]; the weight defaults to 1."""
+    if not spec.strip():
+        raise ValueError("empty reward spec; give NAME[:WEIGHT],...")
+    components = []
+    for item in spec.split(","):
+        name, _, weight = (s.strip() for s in item.partition(":"))
+        if name not in REWARDS:
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; known: {', '.join(REWARDS)}")
+        if name in dict(components):
+            raise ValueError(f"reward {name!r} appears twice in {spec!r}")
+        try:
+            value = float(weight) if weight else 1.0
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"bad weight {weight!r} for reward {name!r} in {spec!r}")
+        components.append((name, value))
+    return components
+
+
+def _convert(name, value):
+    """An option value in its default's type; strings (from the command line) are parsed."""
+    if name not in OPTIONS:
+        raise ValueError(f"unknown reward option {name!r}; known: {', '.join(OPTIONS)}")
+    default = OPTIONS[name]
+    if not isinstance(value, str) or isinstance(default, str):
+        return value
+    if isinstance(default, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"reward option {name}={value!r}: expected true or false")
+        return value.lower() in ("true", "1")
+    try:
+        return type(default)(value)
+    except ValueError:
+        raise ValueError(f"reward option {name}={value!r}: expected {type(default).__name__}") from None
+
+
+def parse_options(text):
+    """'jpeg_quality=50,objectness_query=book' -> {'jpeg_quality': 50, 'objectness_query': 'book'}."""
+    options = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"reward option {item!r} is not key=value")
+        options[name.strip()] = _convert(name.strip(), value.strip())
+    return options
+
+
+def _resolve(options):
+    return SimpleNamespace(**{**OPTIONS, **{name: _convert(name, value) for name, value in options.items()}})
+
+
+def check_options(spec, options=None):
+    """Validate the spec, option names and values, and that local paths exist, without loading anything."""
+    o = _resolve(options or {})
+    for name, _ in parse_spec(spec):
+        uses = [name] + (["clipscore"] if name == "symmetry" and o.symmetry_clip_weight > 0 else [])
+        for reward in uses:
+            for option in _REWARD_PATHS.get(reward, ()):
+                _is_local(name, option, getattr(o, option))
+
+
+def is_differentiable(spec):
+    """True when every reward of `spec` passes gradients to the images; loads nothing."""
+    return all(REWARDS[name].differentiable for name, _ in parse_spec(spec))
+
+
+class Reward:
+    """Weighted sum of rewards: reward_fn(images, prompts) -> (B,) float32; see the module docstring."""
+
+    def __init__(self, components):
+        self.components = components  # [(name, weight, score)]
+        self.differentiable = all(REWARDS[name].differentiable for name, _, _ in components)
+        self.last_raw = {}
+
+    def __call__(self, images, prompts):
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if len(prompts) != len(images):
+            raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
+        total, raw = 0.0, {}
+        for name, weight, score in self.components:
+            reward, raw[name] = score(images, list(prompts))
+            total = total + weight * reward
+        self.last_raw = {name: value.detach().float() for name, value in raw.items()}
+        return total.float()
+
+
+def build_reward(spec, device="cpu", dtype=torch.float32, **options):
+    """Load the models of `spec` once and return a `Reward`; options are listed in the module docstring."""
+    check_options(spec, options)
+    o = _resolve(options)
+    return Reward([(name, weight, REWARDS[name].factory(device, dtype, o)) for name, weight in parse_spec(spec)])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: score a folder of images
+# ---------------------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+
+
+def _read_image(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Score every image in a folder with a rewards.py spec.")
+    parser.add_argument("--reward", required=True, help=f"NAME[:WEIGHT],... of {', '.join(REWARDS)}")
+    parser.add_argument("--images", required=True, type=Path, help="folder of .png/.jpg/.jpeg/.webp files")
+    parser.add_argument("--prompts", type=Path,
+                        help="one prompt per line in sorted file order (default: NAME.txt beside each image, else '')")
+    parser.add_argument("--reward_options", default="", help=f"key=value,... of {', '.join(OPTIONS)}")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--json", action="store_true", help="print one JSON object {scores, mean, raw}")
+    args = parser.parse_args(argv)
+
+    if not args.images.is_dir():
+        parser.error(f"--images {args.images} is not a folder")
+    files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        parser.error(f"no {'/'.join(IMAGE_SUFFIXES)} files in {args.images}")
+    if args.prompts:
+        prompts = args.prompts.read_text().splitlines()
+        if len(prompts) != len(files):
+            parser.error(f"{args.prompts} has {len(prompts)} lines for {len(files)} images")
+    else:
+        prompts = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "" for p in files]
+    try:
+        reward_fn = build_reward(args.reward, device=args.device, **parse_options(args.reward_options))
+    except (ValueError, RewardLoadError) as e:
+        parser.error(str(e))
+
+    # Batches of consecutive files with the same size (read from the headers only).
+    from PIL import Image
+
+    batches = []
+    for i, path in enumerate(files):
+        with Image.open(path) as image:
+            size = image.size
+        if batches and len(batches[-1][1]) < args.batch_size and batches[-1][0] == size:
+            batches[-1][1].append(i)
+        else:
+            batches.append((size, [i]))
+
+    scores, raw = {}, {}
+    with torch.inference_mode():
+        for _, indices in batches:
+            images = torch.stack([_read_image(files[i]) for i in indices]).to(args.device)
+            values = reward_fn(images, [prompts[i] for i in indices]).tolist()
+            for k, i in enumerate(indices):
+                scores[files[i].name] = values[k]
+                for name, value in reward_fn.last_raw.items():
+                    raw.setdefault(name, {})[files[i].name] = value[k].item()
+    mean = sum(scores.values()) / len(scores)
+    if args.json:
+        print(json.dumps({"scores": scores, "mean": mean, "raw": raw}))
+    else:
+        for name, value in scores.items():
+            print(f"{name}\t{value:.6f}")
+        print(f"mean\t{mean:.6f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The scaffold shared by the algorithm scripts is duplicated on purpose and must stay identical (the role of
+diffusers' "Copied from" check): every function, class and constant of drtune.py's scaffold region, the
+command-line arguments it defines, and the __main__ block. Each script imports nothing from this repo but
+rewards.py."""
+import ast
+import os
+
+import pytest
+from conftest import ROOT
+
+SCRIPTS = ["drtune.py", "refl.py", "draft.py", "alignprop.py", "dpo.py", "spo.py"]
+# scripts whose whole scaffold region is the same text; dpo.py and spo.py train differently and only have to
+# keep identical what they share
+FULL_SCAFFOLD = ["drtune.py", "refl.py", "draft.py", "alignprop.py"]
+BEGIN = "# Scaffold: identical in every algorithm script"
+END = "# Algorithm:"
+REPO_MODULES = {name.removesuffix(".py") for name in os.listdir(ROOT) if name.endswith(".py")} - {"rewards"}
+
+
+def source(name):
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def scaffold_region(text):
+    start = text.index(BEGIN)
+    return text[start:text.index(END, start)]
+
+
+def top_level(text):
+    """name -> source of each top-level def, class and assignment, plus the __main__ block."""
+    tree = ast.parse(text)
+    out = {}
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = ast.get_source_segment(text, node)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.get_source_segment(text, node)
+        elif isinstance(node, ast.If) and "__main__" in ast.unparse(node.test):
+            out["__main__"] = ast.get_source_segment(text, node)
+    return out
+
+
+PRESENT = [s for s in SCRIPTS if os.path.exists(os.path.join(ROOT, s))]
+
+
+@pytest.mark.parametrize("name", [s for s in PRESENT if s != "drtune.py"])
+def test_scaffold_is_identical(name):
+    reference, other = source("drtune.py"), source(name)
+    shared = top_level(scaffold_region(reference))
+    assert shared, "no scaffold found in drtune.py"
+    theirs = top_level(other)
+    if name in FULL_SCAFFOLD:
+        assert scaffold_region(other) == scaffold_region(reference), f"{name}: scaffold region differs from drtune.py"
+        assert theirs["__main__"] == top_level(reference)["__main__"]
+    for key, code in shared.items():
+        if key in theirs:
+            assert theirs[key] == code, f"{name}: {key} differs from drtune.py's scaffold"
+
+
+@pytest.mark.parametrize("name", PRESENT)
+def test_scripts_import_only_rewards_from_this_repo(name):
+    imported = set()
+    for node in ast.walk(ast.parse(source(name))):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert not imported & REPO_MODULES, f"{name} imports {imported & REPO_MODULES}"
+    assert "rewards" in imported
+
+
+def test_common_arguments_are_the_specs():
+    """The flags SPEC.md's common contract names, in the diffusers examples' vocabulary."""
+    import drtune
+    flags = {a.dest for a in drtune.build_parser()._actions}
+    for flag in ("pretrained_model_name_or_path", "revision", "variant", "output_dir", "seed", "resolution",
+                 "train_batch_size", "gradient_accumulation_steps", "learning_rate", "max_grad_norm",
+                 "max_train_steps", "rank", "mixed_precision", "gradient_checkpointing", "checkpointing_steps",
+                 "checkpoints_total_limit", "resume_from_checkpoint", "report_to", "validation_steps",
+                 "num_inference_steps", "guidance_scale", "reward", "train_prompts", "eval_prompts", "preset"):
+        assert flag in flags, flag
