@@ -227,6 +227,8 @@ def check_arguments(args):
     from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
     if args.mixed_precision is None:
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed_precision fp16 needs a GPU (no fp16 autocast on CPU); use bf16 or no")
     try:
         reward_parts = rewards.parse_spec(args.reward)
         reward_options = rewards.parse_options(args.reward_options)
@@ -638,7 +640,8 @@ def main(args):
                       f"accumulation {args.gradient_accumulation_steps} x {accelerator.num_processes} processes = "
                       f"{total_batch} | {args.max_train_steps} steps from {start_step}")
     if main_process and start_step == 0:
-        eval_reward, _ = evaluate(models, scheduler, unet, reward_fn, args, 0)
+        with accelerator.autocast():
+            eval_reward, _ = evaluate(models, scheduler, unet, reward_fn, args, 0)
         metrics.log(dict(step=0, eval_reward=eval_reward))
 
     row, nonfinite_in_a_row = {}, 0
@@ -678,7 +681,8 @@ def main(args):
                                            for k, v in raw.items()}, **extra)
         if step % args.validation_steps == 0 or step == args.max_train_steps:
             if main_process:
-                row["eval_reward"], _ = evaluate(models, scheduler, unet, reward_fn, args, step)
+                with accelerator.autocast():
+                    row["eval_reward"], _ = evaluate(models, scheduler, unet, reward_fn, args, step)
             accelerator.wait_for_everyone()
         metrics.log(row)
         progress.update(1)
@@ -695,10 +699,11 @@ def main(args):
     accelerator.wait_for_everyone()
     if main_process:
         save_lora(unet, models.is_sdxl, args.output_dir)
-        after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-        unet.disable_adapters()
-        before = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-        unet.enable_adapters()
+        with accelerator.autocast():
+            after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+            unet.disable_adapters()
+            before = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+            unet.enable_adapters()
         save_grid(torch.cat([before, after]), os.path.join(args.output_dir, "samples", "before_after.png"), nrow=2)
         plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
     accelerator.end_training()

@@ -173,6 +173,29 @@ def test_same_seed_same_metrics_and_resume_continues_identically(tmp_path):
     assert resumed == full
 
 
+def test_nonfinite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+    original, calls = drtune.algorithm_loss, []
+
+    def poisoned(*args, **kwargs):  # steps 3 and later: NaN reward
+        calls.append(1)
+        loss, reward, extra = original(*args, **kwargs)
+        return (loss * float("nan"), reward * float("nan"), extra) if len(calls) >= 3 else (loss, reward, extra)
+
+    monkeypatch.setattr(drtune, "algorithm_loss", poisoned)
+    out = str(tmp_path / "nan")
+    args = drtune.parse_args(tiny_argv(TINY_SD, out, max_train_steps=8, checkpointing_steps=2, max_nonfinite_steps=2,
+                                       **DRTUNE))
+    with pytest.raises(RuntimeError, match="2 updates in a row"):
+        drtune.main(args)
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r.get("skipped") for r in rows[1:]] == [False, False, True, True]
+    assert drtune.checkpoint_steps(out) == [2]
+    lora = load_file(os.path.join(out, "checkpoint-2", "pytorch_lora_weights.safetensors"))
+    assert all(torch.isfinite(t).all() for t in lora.values())
+
+
 def test_two_processes_end_with_identical_lora(tmp_path):
     out = str(tmp_path / "dist")
     argv = tiny_argv(TINY_SD, out, num_trained_steps=2, early_stop_max=2, max_train_steps=3)
@@ -188,6 +211,16 @@ def test_two_processes_end_with_identical_lora(tmp_path):
 
 
 # --- the CLI ---------------------------------------------------------------------------------------
+
+def test_bf16_mixed_precision_with_gradient_checkpointing_trains(tmp_path):
+    """Frozen weights in bf16, trainable LoRA weights in fp32, autocast around every forward."""
+    from safetensors.torch import load_file
+    out = str(tmp_path / "bf16")
+    row = drtune.main(drtune.parse_args(tiny_argv(TINY_SDXL, out, mixed_precision="bf16", gradient_checkpointing=True,
+                                                  **DRTUNE)))
+    assert row["grad_norm"] > 0 and not row["skipped"]
+    assert {t.dtype for t in load_file(os.path.join(out, "pytorch_lora_weights.safetensors")).values()} == {torch.float32}
+
 
 def test_cli_writes_outputs_and_lora_loads_in_diffusers(tiny_model, tmp_path):
     out = str(tmp_path / "run")
@@ -219,6 +252,8 @@ def test_cli_writes_outputs_and_lora_loads_in_diffusers(tiny_model, tmp_path):
     (dict(num_trained_steps=9), "num_trained_steps"),
     (dict(early_stop_max=4, num_trained_steps=2), "early_stop_max"),
     (dict(resolution=30), "not divisible by the VAE factor 4"),
+    pytest.param(dict(mixed_precision="fp16"), "needs a GPU",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for CPU-only machines")),
     (dict(pretrained_model_name_or_path="/no/such/folder"), "does not exist"),
     (dict(reward="aesthetic", reward_options="aesthetic_mlp=/no/such/file.pth"), "aesthetic_mlp"),
 ])
