@@ -26,3 +26,11 @@ def tiny_argv(model, output_dir, **overrides):
 @pytest.fixture(params=[TINY_SD, TINY_SDXL], ids=["sd15", "sdxl"])
 def tiny_model(request):
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps one global state per process; a script runs once per process, tests run main() many times."""
+    yield
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
