@@ -609,7 +609,8 @@ def main(args):
         if args.preset:
             print(f"preset {args.preset}: " + json.dumps(PRESETS[args.preset]))
         with open(os.path.join(args.output_dir, "config.json"), "w") as f:
-            json.dump(dict(vars(args), versions=library_versions(), script=os.path.basename(__file__),
+            config = {k: v for k, v in vars(args).items() if not k.endswith("_prompt_list")}
+            json.dump(dict(config, versions=library_versions(), script=os.path.basename(__file__),
                            num_processes=accelerator.num_processes), f, indent=2)
 
     models = load_models(args, info, device, weight_dtype)
@@ -645,8 +646,7 @@ def main(args):
         metrics.log(dict(step=0, eval_reward=eval_reward))
 
     row, nonfinite_in_a_row = {}, 0
-    progress = tqdm(range(start_step, args.max_train_steps), initial=start_step, total=args.max_train_steps,
-                    disable=not main_process, desc="steps")
+    progress = tqdm(initial=start_step, total=args.max_train_steps, disable=not main_process, desc="steps")
     for step in range(start_step + 1, args.max_train_steps + 1):
         start = time.time()
         if device.type == "cuda":
