@@ -652,12 +652,13 @@ def main(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generator = step_generator(args, accelerator.process_index, step)
-        losses, scores, raw, extra = [], [], {}, {}
+        losses, scores, raw, extras = [], [], {}, []
         for _ in range(args.gradient_accumulation_steps):
             idx = torch.randint(len(args.train_prompt_list), (args.train_batch_size,), generator=generator)
             prompts = [args.train_prompt_list[i] for i in idx]
             with accelerator.autocast():
                 loss, reward, extra = algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args)
+            extras.append(extra)
             accelerator.backward(loss / args.gradient_accumulation_steps)
             losses.append(loss.detach().reshape(1))
             scores.append(reward.detach())
@@ -678,7 +679,8 @@ def main(args):
                    reward_std=scores.std().item() if len(scores) > 1 else 0.0, grad_norm=grad_norm,
                    lr=lr_scheduler.get_last_lr()[0], seconds=time.time() - start, peak_memory_mb=peak_memory_mb(device),
                    skipped=not finite, **{f"raw_{k}": accelerator.gather(torch.cat(v)).float().mean().item()
-                                           for k, v in raw.items()}, **extra)
+                                           for k, v in raw.items()},
+                   **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]})  # the method's own, per micro-batch
         if step % args.validation_steps == 0 or step == args.max_train_steps:
             if main_process:
                 with accelerator.autocast():

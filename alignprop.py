@@ -1,0 +1,786 @@
+"""AlignProp: reward backpropagation with randomized truncated backpropagation through the sampling chain.
+
+Paper: Prabhudesai et al., "Aligning Text-to-Image Diffusion Models with Reward Backpropagation" (2023),
+https://arxiv.org/abs/2310.03739. As a baseline: Wu et al., "Deep Reward Supervisions for Tuning Text-to-Image
+Diffusion Models" (ECCV 2024), https://arxiv.org/abs/2405.00760 (Alg. 1 l.3, Table 1, Fig. 6).
+
+AlignProp backpropagates the reward through the sampling chain end to end, and keeps memory in check with gradient
+checkpointing and LoRA. To cut cost further it truncates the backward pass at a random step: each trajectory draws
+a truncation point, the steps before it run without gradient, and the steps from it to the output
+run the UNet with gradient, with backpropagation through the UNet inputs (each trained step's input depends on the
+previous trained steps' outputs). Steps near the output are trained more often than steps near the noise.
+In step indices (i = 0 is the noisiest, T = --num_inference_steps): draw r uniform in [truncation_min,
+truncation_max] (default [1, T]) and train steps T - r .. T - 1. In the DRTune paper's t = T - i the trained set is
+{1, ..., r}: step t is trained with probability (T - t + 1) / T, and (T + 1) / 2 steps are trained on average
+(Sec. 4.2: "AlignProp trains T/2 steps on average").
+
+Knobs that matter: --truncation_min / --truncation_max (bounds on r, the number of trained steps; the official
+code's truncated_backprop_minmax (0, 50) of 50 steps means 0 to 50 trained steps), --stop_grad_unet_input (DRTune's
+stop-gradient, eq. 3: detach every UNet input; the DRTune paper's Fig. 6 shows AlignProp reaching the same reward
+in about half the iterations with it), --gradient_checkpointing, --reward, --learning_rate.
+
+Choices where the sources leave room:
+- Alg. 1 l.3 prints AlignProp's set as {i}_{i >= randint(1, T)}. Read literally in the paper's t (t = 1 next to the
+  image) that would train the steps next to the noise, against the paper's own text ("a higher probability for
+  steps near the output image") and against truncated backpropagation, where gradients flow from the truncation
+  point to the output. We read it as the trained steps counted from the output: t_train = {1, ..., r},
+  r = randint(1, T).
+- The truncation point is drawn once per trajectory (per call of algorithm_loss, i.e. per micro-batch). The
+  official code (main.py) redraws it at every sampling step (`timestep = random.randint(*minmax)` inside the loop,
+  then `if i < timestep: noise_pred = noise_pred.detach()`), a known quirk: the trained steps are then a random,
+  non-contiguous subset with the same per-step marginals ((i + 1) / 51), and gradients still reach every earlier
+  trained step through the UNet inputs. Once per trajectory gives the truncated backpropagation the paper describes.
+  r >= 1, so that every trajectory trains at least one step (the official range can train none).
+- Per-step gradient checkpointing: the official code wraps each UNet call in torch.utils.checkpoint; here
+  --gradient_checkpointing turns on the UNet's own (per block) checkpointing, which likewise recomputes each step's
+  activations in the backward pass and keeps only its inputs.
+- `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,
+  batch 32, lr 2e-5, clip 0.1, LoRA rank 128, fp16 frozen weights, gradient checkpointing, HPS v2.1) with the
+  paper's "gradient accumulation of 2 steps in AlignProp" (its other methods: 8 GPUs x 4; AlignProp: 8 GPUs x 2 x
+  accumulation 2, the same 32). On one GPU that is batch 2 x accumulation 16. The official code's own recipe
+  (config/align_prop.py: lr 1e-3, clip 5, loss scale 0.01, batch 128) is not a preset: the DRTune paper compares
+  in its unified setting.
+- Fig. 6's caption reads "can also benefit from early stop"; Sec. 4.2's text and Fig. 7 make it the stop-gradient
+  ablation, which --stop_grad_unet_input reproduces. No early stop here: AlignProp scores the final image.
+
+    # the DRTune paper's AlignProp (unified SD1.5 setting, effective batch 32), on one GPU and on 8 GPUs
+    python alignprop.py --preset paper
+    accelerate launch --num_processes 8 alignprop.py --preset paper --gradient_accumulation_steps 2
+    # with DRTune's stop-gradient (the paper's Fig. 6)
+    python alignprop.py --preset paper --stop_grad_unet_input
+    # the CPU demo on the tiny model shipped in tiny_models/ (symmetry improves); about three times as long as the
+    # other scripts' demos, as it trains 10.5 of the 20 steps per update on average
+    python alignprop.py --preset demo
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import rewards
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm: arguments and presets
+# ---------------------------------------------------------------------------------------------
+
+
+def add_algorithm_arguments(parser):
+    group = parser.add_argument_group("AlignProp")
+    group.add_argument("--truncation_min", type=int, default=1,
+                       help="fewest trained steps: r, the number of last steps trained, is uniform in [min, max]")
+    group.add_argument("--truncation_max", type=int, default=None,
+                       help="most trained steps (default: T = --num_inference_steps, the whole chain)")
+    group.add_argument("--stop_grad_unet_input", action="store_true",
+                       help="detach every UNet input (DRTune eq. 3): gradient reaches earlier steps only linearly")
+
+
+def check_algorithm_arguments(args):
+    T = args.num_inference_steps
+    if args.truncation_max is None:
+        args.truncation_max = T
+    lo, hi = args.truncation_min, args.truncation_max
+    if not 1 <= lo <= hi <= T:
+        raise UsageError(f"--truncation_min {lo} / --truncation_max {hi} are numbers of trained steps: they need "
+                         f"1 <= min <= max <= T={T} (T = --num_inference_steps)")
+
+
+# The DRTune paper's unified SD1.5 setting (Sec. 4.1), as drtune.py's sd15-paper without its own K and m: DDPM 50
+# steps, CFG 7.5, 512 px down-sampled to 224 for the reward, lr 2e-5 constant, clip 0.1, AdamW, LoRA rank 128, fp16
+# frozen / fp32 trainable weights, gradient checkpointing; batch 32, for AlignProp with "gradient accumulation of 2
+# steps": 2 per GPU here (x accumulation 16 on one GPU; pass --gradient_accumulation_steps 2 on 8 GPUs).
+SD15_PAPER = dict(
+    pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
+    reward_resolution=224, sampler="ddpm", num_inference_steps=50, guidance_scale=7.5, reward="hpsv21",
+    train_batch_size=2, gradient_accumulation_steps=16, learning_rate=2e-5, lr_scheduler="constant",
+    max_grad_norm=0.1, rank=128, mixed_precision="fp16", gradient_checkpointing=True,
+)
+
+PRESETS = {
+    "demo": dict(
+        pretrained_model_name_or_path=os.path.join(HERE, "tiny_models", "sd15"), output_dir="outputs/alignprop-demo",
+        resolution=64, sampler="ddpm", num_inference_steps=20, guidance_scale=7.5, reward="symmetry",
+        train_batch_size=4, learning_rate=3e-3, max_grad_norm=1.0, rank=8, max_train_steps=60,
+        validation_steps=20, checkpointing_steps=1000, mixed_precision="no",
+    ),
+    "paper": dict(SD15_PAPER),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Scaffold: identical in every algorithm script (tests/test_scaffold.py keeps it so)
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_PROMPTS = [
+    "a photograph of a cat sitting on a windowsill", "an oil painting of a lighthouse at dusk",
+    "a bowl of fruit on a wooden table", "a watercolor of a mountain lake", "a robot reading a newspaper",
+    "a red sports car on a coastal road", "a portrait of an old fisherman, studio lighting",
+    "an anime girl with a blue umbrella in the rain",
+]
+
+
+class UsageError(ValueError):
+    """Bad input, reported as one line before any large model is loaded."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named overrides of the defaults (printed and saved); explicit flags win")
+    g.add_argument("--output_dir", default="outputs/run")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="hub id or local diffusers folder; SD1.5-family or SDXL-family, detected from its components")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="another VAE, e.g. an fp16-safe SDXL VAE (otherwise SDXL's VAE is kept in fp32)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddpm",
+                   help="DDPM, DDIM (with --eta) or DPM-Solver++ 2M, built from the pipeline's scheduler config")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic, 1: DDPM-like)")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="T")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
+    g = parser.add_argument_group("reward")
+    g.add_argument("--reward", default="hpsv21", help="rewards.py name or weighted sum, e.g. symmetry:1,clipscore:0.1")
+    g.add_argument("--reward_options", default="", help="rewards.py options, e.g. hps_checkpoint=/path/file.pt")
+    g.add_argument("--reward_resolution", type=int, default=None,
+                   help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
+    g.add_argument("--train_prompts", default=None,
+                   help="a .txt file (one prompt per line) or a dataset id / folder with a 'prompt' or 'caption' column")
+    g.add_argument("--eval_prompts", default=None, help="as --train_prompts; the fixed evaluation grid")
+    g.add_argument("--num_eval_prompts", type=int, default=8)
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--train_batch_size", type=int, default=1, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--lr_scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--rank", type=int, default=128, help="LoRA rank (alpha = rank)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="dtype of the frozen weights and autocast; trainable LoRA weights stay fp32 "
+                        "(default: accelerate's config or launch flag)")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="stop after this many updates in a row skipped for a NaN/inf loss or gradient")
+    g = parser.add_argument_group("logging and saving")
+    g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
+    g.add_argument("--logging_steps", type=int, default=10, help="a plain log line every N steps")
+    g.add_argument("--validation_steps", type=int, default=100, help="evaluation grid every N steps")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    add_algorithm_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.preset is not None:  # presets replace defaults, so flags given explicitly still win
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
+def is_hub_id(path):
+    return re.fullmatch(r"[\w\-.]+/[\w\-.]+", path) is not None and not path.startswith(".")
+
+
+def load_config_or_fail(cls, path, what, flag, **kwargs):
+    """A small config file: cheap first contact with a hub id or folder, with a one-line error."""
+    if not os.path.isdir(path) and not is_hub_id(path):
+        raise UsageError(f"{what}: local path '{path}' does not exist ({flag})")
+    try:
+        return cls.load_config(path, **kwargs)
+    except Exception as e:  # offline, not cached, or not a diffusers folder
+        raise UsageError(f"{what}: could not load '{path}' ({type(e).__name__}); without network pass a local "
+                         f"diffusers folder with {flag} /path/to/model") from e
+
+
+def read_prompts(source, default):
+    if source is None:
+        return list(default)
+    if os.path.isfile(source) and source.endswith(".txt"):
+        with open(source, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    else:
+        import datasets
+        if not os.path.exists(source) and not is_hub_id(source):
+            raise UsageError(f"prompt file '{source}' does not exist")
+        data = datasets.load_dataset(source, split="train")
+        column = next((c for c in ("prompt", "caption", "text") if c in data.column_names), None)
+        if column is None:
+            raise UsageError(f"prompts '{source}': no 'prompt', 'caption' or 'text' column in {data.column_names}")
+        prompts = [p.strip() for p in data[column] if p and p.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file '{source}' holds no prompts")
+    return prompts
+
+
+def check_arguments(args):
+    """Every bad input we can see without loading a large model, each as one line."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    if args.mixed_precision is None:
+        args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed_precision fp16 needs a GPU (no fp16 autocast on CPU); use bf16 or no")
+    try:
+        reward_parts = rewards.parse_spec(args.reward)
+        reward_options = rewards.parse_options(args.reward_options)
+        rewards.check_options(args.reward, reward_options)
+    except (ValueError, rewards.RewardLoadError) as e:
+        raise UsageError(f"--reward {args.reward}: {e}") from e
+    if NEEDS_DIFFERENTIABLE_REWARD and not rewards.is_differentiable(args.reward):
+        names = [n for n, _ in reward_parts if not rewards.REWARDS[n].differentiable]
+        raise UsageError(f"--reward: {', '.join(names)} is not differentiable, and this method backpropagates "
+                         f"through the reward")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps",
+                 "rank", "validation_steps", "checkpointing_steps", "logging_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1")
+    kwargs = dict(revision=args.revision)
+    model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
+                                      "--pretrained_model_name_or_path", **kwargs)
+    unet_config = load_config_or_fail(UNet2DConditionModel, args.pretrained_model_name_or_path, "model",
+                                      "--pretrained_model_name_or_path", subfolder="unet", **kwargs)
+    vae_path = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
+    vae_kwargs = dict(subfolder="vae", **kwargs) if args.pretrained_vae_model_name_or_path is None else {}
+    vae_config = load_config_or_fail(AutoencoderKL, vae_path, "VAE", "--pretrained_vae_model_name_or_path",
+                                     **vae_kwargs)
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if args.resolution % vae_scale_factor:
+        raise UsageError(f"--resolution {args.resolution} is not divisible by the VAE factor {vae_scale_factor}")
+    args.train_prompt_list = read_prompts(args.train_prompts, DEFAULT_PROMPTS)
+    args.eval_prompt_list = read_prompts(args.eval_prompts, DEFAULT_PROMPTS)[: args.num_eval_prompts]
+    check_algorithm_arguments(args)
+    is_sdxl = "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time"
+    return dict(is_sdxl=is_sdxl, model_index=model_index, reward_options=reward_options)
+
+
+def load_models(args, info, device, weight_dtype):
+    """Tokenizers, text encoders, VAE and UNet, frozen, in the order of the diffusers examples."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    path, kw = args.pretrained_model_name_or_path, dict(revision=args.revision)
+    names = ["", "_2"] if info["is_sdxl"] else [""]
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{n}", **kw) for n in names]
+    kw.update(variant=args.variant, torch_dtype=weight_dtype)
+    text_encoders = [cls.from_pretrained(path, subfolder=f"text_encoder{n}", **kw)
+                     for cls, n in zip([CLIPTextModel, CLIPTextModelWithProjection], names)]
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    # SDXL's own VAE overflows in fp16; keep it in fp32 unless an fp16-safe VAE was given.
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype)
+    else:
+        upcast = info["is_sdxl"] and weight_dtype == torch.float16
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **dict(kw, torch_dtype=torch.float32) if upcast else kw)
+    for model in [vae, unet, *text_encoders]:
+        model.requires_grad_(False).eval().to(device)
+    force_zeros = info["model_index"].get("force_zeros_for_empty_prompt", info["is_sdxl"])
+    return argparse.Namespace(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
+                              is_sdxl=info["is_sdxl"], force_zeros_for_empty_prompt=force_zeros,
+                              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def make_scheduler(args):
+    """DDPM / DDIM / DPM-Solver++ from the pipeline's scheduler config, with the traps made explicit."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                        revision=args.revision)
+    # from_config drops default-valued keys; SD1.5 and SDXL use "leading" spacing, which DDIM's step assumes.
+    spacing = config.get("timestep_spacing", "leading")
+    if args.sampler == "ddpm":
+        return DDPMScheduler.from_config(config, clip_sample=False, variance_type="fixed_small",
+                                         timestep_spacing=spacing)
+    if args.sampler == "ddim":
+        return DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing=spacing)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                   timestep_spacing=spacing)
+
+
+def tokenize(tokenizer, prompts, device):
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(models, prompts, resolution):
+    """Conditioning of [negative; prompt] for classifier-free guidance, as the diffusers pipelines build it:
+    UNet keyword arguments with batch 2B."""
+    device, negatives = models.unet.device, [""] * len(prompts)
+    if not models.is_sdxl:
+        encoder = models.text_encoders[0]
+        embeds = encoder(tokenize(models.tokenizers[0], negatives + list(prompts), device))[0]  # (2B, 77, D)
+        return dict(encoder_hidden_states=embeds.to(models.unet.dtype))
+
+    def encode_sdxl(texts):  # penultimate states of both encoders side by side; pooled from encoder 2
+        states = []
+        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+            out = encoder(tokenize(tokenizer, texts, device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), out[0]
+
+    embeds, pooled = encode_sdxl(list(prompts))
+    if models.force_zeros_for_empty_prompt:
+        negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        negative_embeds, negative_pooled = encode_sdxl(negatives)
+    # add_time_ids: original size, crop top-left, target size (we generate at the target size, uncropped)
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device)
+    dtype = models.unet.dtype
+    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]).to(dtype),
+                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]).to(dtype),
+                                       time_ids=time_ids.repeat(2 * len(prompts), 1).to(dtype)))
+
+
+def predict_noise(unet, latents, t, cond, guidance_scale):
+    """Model output with classifier-free guidance; latents (B, C, h, w), cond of batch 2B."""
+    if guidance_scale <= 1:  # no guidance: the prompt half only
+        half = {k: (v[len(latents):] if torch.is_tensor(v) else {n: x[len(latents):] for n, x in v.items()})
+                for k, v in cond.items()}
+        return unet(latents, t, **half, return_dict=False)[0]
+    noise_uncond, noise_text = unet(torch.cat([latents] * 2), t, **cond, return_dict=False)[0].chunk(2)
+    return noise_uncond + guidance_scale * (noise_text - noise_uncond)
+
+
+def alphas_at(scheduler, t):
+    """abar_t and abar_prev of a DDPM/DDIM step with the scheduler's own conventions for the last step."""
+    abar = scheduler.alphas_cumprod
+    if type(scheduler).__name__ == "DDIMScheduler":
+        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        return abar[t], abar[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    prev = scheduler.previous_timestep(t)
+    return abar[t], abar[prev] if prev >= 0 else torch.tensor(1.0)
+
+
+def predict_x0_eps(scheduler, model_output, t, x):
+    """(x_0, eps) from the model output at x_t: linear in both."""
+    abar = scheduler.alphas_cumprod[t].to(x.device)
+    if scheduler.config.prediction_type == "v_prediction":
+        return abar.sqrt() * x - (1 - abar).sqrt() * model_output, abar.sqrt() * model_output + (1 - abar).sqrt() * x
+    return (x - (1 - abar).sqrt() * model_output) / abar.sqrt(), model_output
+
+
+def sampler_step(scheduler, model_output, t, x, noise, eta):
+    """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output.
+    DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal scheduler.step).
+    DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step, which is linear too."""
+    if type(scheduler).__name__ == "DPMSolverMultistepScheduler":
+        return scheduler.step(model_output, t, x).prev_sample
+    abar_t, abar_prev = (a.to(x.device) for a in alphas_at(scheduler, t))
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    if type(scheduler).__name__ == "DDPMScheduler":
+        sigma = variance.clamp(min=1e-20).sqrt()
+    else:
+        sigma = eta * variance.sqrt()
+    x0, eps = predict_x0_eps(scheduler, model_output, t, x)
+    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    return x_prev if noise is None else x_prev + sigma * noise
+
+
+def rollout(unet, scheduler, cond, latents, generator, args, grad_steps=(), stop_index=None, stop_grad_input=True):
+    """Sample from x_T = latents. Steps whose index (0 = noisiest) is in grad_steps run the UNet with gradient;
+    all others under no_grad, entering the graph only through the linear path of the sampler step.
+    stop_grad_input detaches every UNet input (DRTune eq. 3). With stop_index, sampling stops at that step and
+    returns the x_0 predicted from x_t and the model output there (early stop); otherwise the final latents."""
+    scheduler.set_timesteps(args.num_inference_steps, device=latents.device)  # also resets DPM++ history
+    stochastic = args.sampler == "ddpm" or (args.sampler == "ddim" and args.eta > 0)
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
+            model_output = predict_noise(unet, latents.detach() if stop_grad_input else latents, t, cond,
+                                         args.guidance_scale)
+        if i == stop_index:
+            return predict_x0_eps(scheduler, model_output, t, latents)[0]
+        noise = randn(latents.shape, generator, latents.device) if stochastic else None
+        latents = sampler_step(scheduler, model_output, t, latents, noise, args.eta)
+    return latents
+
+
+def randn(shape, generator, device):
+    """Noise from a CPU generator: the same numbers on any device (and as the diffusers pipelines draw them)."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def initial_latents(models, args, batch_size, generator, device):
+    shape = (batch_size, models.unet.config.in_channels, args.resolution // models.vae_scale_factor,
+             args.resolution // models.vae_scale_factor)
+    return randn(shape, generator, device)
+
+
+def decode(vae, latents):
+    """Latents -> images (B, 3, H, W) in [0, 1], with gradient."""
+    if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def compute_reward(reward_fn, images, prompts, args):
+    if args.reward_resolution is not None and images.shape[-1] != args.reward_resolution:
+        images = F.interpolate(images, size=(args.reward_resolution,) * 2, mode="bicubic", antialias=True,
+                               align_corners=False).clamp(0, 1)
+    return reward_fn(images, prompts)
+
+
+def step_generator(args, process_index, step):
+    """This process's generator for one optimizer step: a function of (seed, process, step) alone, so that a
+    resumed run draws the same prompts and noise as an uninterrupted one, and processes differ."""
+    seed = int(np.random.SeedSequence([args.seed, process_index, step]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def add_lora(unet, args):
+    from peft import LoraConfig
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # frozen weights stay in the mixed-precision dtype; trainable ones in fp32
+        p.data = p.data.float()
+    return params
+
+
+def save_lora(unet, is_sdxl, output_dir):
+    """pytorch_lora_weights.safetensors in the diffusers format: pipe.load_lora_weights(output_dir) loads it."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # the metadata keeps lora_alpha; without it a reload assumes alpha = rank
+    pipeline_class.save_lora_weights(output_dir, unet_lora_layers=state_dict,
+                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+
+def load_lora(unet, is_sdxl, path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    state_dict = pipeline_class.lora_state_dict(path)[0]
+    state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items()}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state_dict), adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+
+
+def checkpoint_steps(output_dir):
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d)))
+
+
+def save_checkpoint(accelerator, unet, models, args, step):
+    """checkpoint-N/: optimizer, LR scheduler, grad scaler and RNG states (accelerate) and the LoRA weights,
+    written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        save_lora(unet, models.is_sdxl, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit is not None:
+            for old in checkpoint_steps(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+    accelerator.wait_for_everyone()
+
+
+def resume_step(accelerator, unet, models, args):
+    """Load checkpoint-N (or the latest) and return N; 0 without --resume_from_checkpoint."""
+    if args.resume_from_checkpoint is None:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        steps = checkpoint_steps(args.output_dir)
+        if not steps:
+            accelerator.print(f"no checkpoint in {args.output_dir}; starting from scratch")
+            return 0
+        path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}")
+    else:
+        path = args.resume_from_checkpoint
+    accelerator.load_state(path)
+    load_lora(unet, models.is_sdxl, path)
+    return int(re.search(r"checkpoint-(\d+)", path.rstrip("/")).group(1))
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per optimizer step) plus the tracker; main process only."""
+
+    def __init__(self, accelerator, path, resume_step):
+        self.accelerator, self.path, self.rows = accelerator, path, []
+        if accelerator.is_main_process and os.path.exists(path):
+            with open(path) as f:  # on resume, drop the steps after the checkpoint: they are run again
+                self.rows = [r for r in map(json.loads, f) if resume_step and r["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+
+    def log(self, row):
+        if not self.accelerator.is_main_process:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(scalars, step=row["step"])
+
+
+@torch.no_grad()
+def generate(models, scheduler, unet, prompts, args, seed):
+    """Images of the current policy for prompts, from fixed noise; (B, 3, H, W) in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    device = models.unet.device
+    latents = initial_latents(models, args, len(prompts), generator, device)
+    cond = encode_prompts(models, prompts, args.resolution)
+    return decode(models.vae, rollout(unet, scheduler, cond, latents, generator, args))
+
+
+def save_grid(images, path, nrow):
+    from PIL import Image
+    b, c, h, w = images.shape
+    ncol = math.ceil(b / nrow)
+    grid = torch.ones(c, nrow * h, ncol * w)
+    for i, image in enumerate(images.cpu()):
+        r, col = divmod(i, ncol)
+        grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+@torch.no_grad()
+def evaluate(models, scheduler, unet, reward_fn, args, step):
+    """Fixed prompts and noise: a grid in samples/ and the mean reward (main process)."""
+    images = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+    score = compute_reward(reward_fn, images, args.eval_prompt_list, args)
+    save_grid(images, os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), nrow=1)
+    return score.mean().item(), images
+
+
+def plot_reward_curve(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [r for r in rows if "reward_mean" in r]
+    ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward", alpha=0.6)
+    evals = [r for r in rows if "eval_reward" in r]
+    ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="eval reward (fixed noise)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args):
+    """Train; returns the last metrics row (with the final eval reward) so that tests can call it."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    info = check_arguments(args)  # every bad input fails here, before a large model loads
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")))
+    device, main_process = accelerator.device, accelerator.is_main_process
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.preset:
+            print(f"preset {args.preset}: " + json.dumps(PRESETS[args.preset]))
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            config = {k: v for k, v in vars(args).items() if not k.endswith("_prompt_list")}
+            json.dump(dict(config, versions=library_versions(), script=os.path.basename(__file__),
+                           num_processes=accelerator.num_processes), f, indent=2)
+
+    models = load_models(args, info, device, weight_dtype)
+    scheduler = make_scheduler(args)
+    reward_fn = rewards.build_reward(args.reward, device=device, dtype=weight_dtype, **info["reward_options"])
+    set_seed(args.seed)  # the same LoRA init on every process
+    unet = models.unet
+    params = add_lora(unet, args)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        models.vae.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    # The UNet is not wrapped in DDP: one update runs it several times with gradient, which DDP's hooks refuse;
+    # LoRA gradients are all-reduced by hand below. accelerate still owns the optimizer, scaler and autocast.
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    start_step = resume_step(accelerator, unet, models, args)
+    metrics = MetricsLog(accelerator, os.path.join(args.output_dir, "metrics.jsonl"), start_step)
+    if main_process and args.report_to != "none":
+        accelerator.init_trackers(os.path.basename(__file__).removesuffix(".py"),
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    accelerator.print(f"{'SDXL' if models.is_sdxl else 'SD1.5'} | {len(params)} LoRA tensors, "
+                      f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable | batch {args.train_batch_size} x "
+                      f"accumulation {args.gradient_accumulation_steps} x {accelerator.num_processes} processes = "
+                      f"{total_batch} | {args.max_train_steps} steps from {start_step}")
+    if main_process and start_step == 0:
+        with accelerator.autocast():
+            eval_reward, _ = evaluate(models, scheduler, unet, reward_fn, args, 0)
+        metrics.log(dict(step=0, eval_reward=eval_reward))
+
+    row, nonfinite_in_a_row = {}, 0
+    progress = tqdm(initial=start_step, total=args.max_train_steps, disable=not main_process, desc="steps")
+    for step in range(start_step + 1, args.max_train_steps + 1):
+        start = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        generator = step_generator(args, accelerator.process_index, step)
+        losses, scores, raw, extras = [], [], {}, []
+        for _ in range(args.gradient_accumulation_steps):
+            idx = torch.randint(len(args.train_prompt_list), (args.train_batch_size,), generator=generator)
+            prompts = [args.train_prompt_list[i] for i in idx]
+            with accelerator.autocast():
+                loss, reward, extra = algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args)
+            extras.append(extra)
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+            losses.append(loss.detach().reshape(1))
+            scores.append(reward.detach())
+            for name, value in reward_fn.last_raw.items():
+                raw.setdefault(name, []).append(value.detach())
+        all_reduce_grads(accelerator, params)
+        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        finite = math.isfinite(grad_norm)
+        if finite or accelerator.scaler is not None:  # the fp16 scaler skips non-finite updates itself
+            optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+
+        scores = accelerator.gather(torch.cat(scores)).float()
+        row = dict(step=step, loss=accelerator.gather(torch.cat(losses)).mean().item(), reward_mean=scores.mean().item(),
+                   reward_std=scores.std().item() if len(scores) > 1 else 0.0, grad_norm=grad_norm,
+                   lr=lr_scheduler.get_last_lr()[0], seconds=time.time() - start, peak_memory_mb=peak_memory_mb(device),
+                   skipped=not finite, **{f"raw_{k}": accelerator.gather(torch.cat(v)).float().mean().item()
+                                           for k, v in raw.items()},
+                   **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]})  # the method's own, per micro-batch
+        if step % args.validation_steps == 0 or step == args.max_train_steps:
+            if main_process:
+                with accelerator.autocast():
+                    row["eval_reward"], _ = evaluate(models, scheduler, unet, reward_fn, args, step)
+            accelerator.wait_for_everyone()
+        metrics.log(row)
+        progress.update(1)
+        progress.set_postfix(reward=f"{row['reward_mean']:.4g}", grad=f"{grad_norm:.3g}")
+        if step % args.logging_steps == 0 and main_process:
+            progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if nonfinite_in_a_row >= args.max_nonfinite_steps:
+            raise RuntimeError(f"{nonfinite_in_a_row} updates in a row had a NaN/inf loss or gradient; stopped at "
+                               f"step {step}. The last checkpoint in {args.output_dir} is intact.")
+        if step % args.checkpointing_steps == 0 and finite:
+            save_checkpoint(accelerator, unet, models, args, step)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if main_process:
+        save_lora(unet, models.is_sdxl, args.output_dir)
+        with accelerator.autocast():
+            after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+            unet.disable_adapters()
+            before = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+            unet.enable_adapters()
+        save_grid(torch.cat([before, after]), os.path.join(args.output_dir, "samples", "before_after.png"), nrow=2)
+        plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
+    accelerator.end_training()
+    return row
+
+
+def all_reduce_grads(accelerator, params):
+    """Average the LoRA gradients over processes in one flat collective."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def library_versions():
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+    return {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft, accelerate)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm: AlignProp (randomized truncated backpropagation; DRTune Alg. 1 l.3)
+# ---------------------------------------------------------------------------------------------
+
+NEEDS_DIFFERENTIABLE_REWARD = True
+
+
+def truncation_schedule(T, truncation_min, truncation_max, generator):
+    """Alg. 1 l.3 (AlignProp) in step indices (0 = noisiest): r ~ U[min, max] trained steps, the last r of the chain
+    (the paper's t_train = {1, ..., r}). With [1, T], step i is trained with probability (i + 1) / T."""
+    r = int(torch.randint(truncation_min, truncation_max + 1, (1,), generator=generator))
+    return list(range(T - r, T))
+
+
+def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args):
+    """One AlignProp trajectory per prompt: -reward of the final image, backpropagated from the output to a random
+    truncation step drawn once for the trajectory."""
+    T = args.num_inference_steps
+    trained = truncation_schedule(T, args.truncation_min, args.truncation_max, generator)
+    cond = encode_prompts(models, prompts, args.resolution)
+    latents = initial_latents(models, args, len(prompts), generator, unet.device)
+    # steps before the truncation point under no_grad; from it to the output with gradient, through the UNet inputs
+    # unless stop-gradient
+    x0 = rollout(unet, scheduler, cond, latents, generator, args, grad_steps=set(trained),
+                 stop_grad_input=args.stop_grad_unet_input)
+    reward = compute_reward(reward_fn, decode(models.vae, x0), prompts, args)
+    return -reward.mean(), reward, dict(num_trained_steps=len(trained), first_trained_step=trained[0])
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (UsageError, rewards.RewardLoadError) as error:
+        sys.exit(f"{os.path.basename(__file__)}: error: {error}")

@@ -1,0 +1,767 @@
+"""Benchmark: seconds per iteration and peak memory of DRTune against T and K, next to full backprop.
+
+One iteration is what the training loop of drtune.py does per optimizer step for a batch of B prompts:
+`algorithm_loss`, backward, gradient clipping and the AdamW step on the LoRA weights. Each configuration runs
+in a fresh process (forked from a server that has already imported the libraries): `--warmup` iterations, then
+the median of `--iters` timed ones (on CPU with one torch thread, the default, the process's CPU time, which
+other processes sharing the cores do not inflate; otherwise wall-clock time). Peak memory: on CUDA,
+`torch.cuda.max_memory_allocated` (reset after loading); on CPU (Linux), the process's peak resident set (VmHWM,
+reset after loading) minus its resident set after the models, LoRA and optimizer are loaded.
+
+- DRTune rows run with t_min = 1 (`--early_stop_max 1`): all T steps run, T - K under no_grad, K with gradient.
+  "early stop" rows draw t_min in [1, m], m = 0.4 T, as training does, from the seeded per-step generator
+  (`step_generator`), so every run draws the same t_min.
+- Full backprop (DRaFT-T, the naive baseline) is the scaffold's `rollout` with every step under gradient,
+  through the UNet inputs, no early stop; then the same decode, reward and backward.
+- Parts, each timed alone in one process: a UNet pass under no_grad (with CFG, as `rollout` calls it), a UNet
+  forward+backward with the input detached, one with the gradient to the input, the decode and the reward
+  (forward+backward), and prompt encoding + optimizer step. Every iteration counts its own UNet, decode and
+  reward calls (hooks), so "parts" = sum of count x part time and ratio = iteration / parts: near 1 means no
+  hidden overhead (what is left is the sampler arithmetic, noise draws and Python).
+
+A method is one line of METHODS: (label, script module, extra flags). Scripts that do not exist are left out;
+a configuration that a script refuses (its flags or its argument checks) is reported as skipped, with the reason.
+
+    python bench.py                                # tiny SD1.5 on CPU, a few minutes: BENCHMARKS.md, bench_drtune.png
+    python bench.py --quick --output_dir /tmp/b    # seconds; what tests/test_bench.py runs
+    python bench.py --full_size sdxl               # GPU: random-weight SDXL at 1024, the paper's DRTune settings
+    python bench.py --full_size sd15 --allow_cpu   # CPU smoke of the full-size path (64 px, T=1, K=1; prints only)
+"""
+
+import argparse
+import collections
+import concurrent.futures
+import contextlib
+import datetime
+import functools
+import importlib
+import importlib.util
+import io
+import multiprocessing
+import os
+import platform
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# One line per method: (label, script module, extra flags). "{K}" makes the entry sweep K (K <= T); "{m}" is 0.4 T,
+# the paper's early-stop bound m. Flags are the scripts' own.
+METHODS = [
+    ("DRTune", "drtune", ["--num_trained_steps", "{K}", "--early_stop_max", "1"]),
+    ("DRTune, early stop", "drtune", ["--num_trained_steps", "{K}", "--early_stop_max", "{m}"]),
+    ("DRaFT-K", "draft", ["--draft_variant", "k", "--draft_k", "{K}"]),
+    ("DRaFT-LV", "draft", ["--draft_variant", "lv"]),
+    ("ReFL, stop in the last 0.4 T", "refl", ["--stop_range", "{m}"]),
+    ("AlignProp", "alignprop", []),
+]
+# The naive baseline, with drtune.py's scaffold (identical in every script; draft.py --draft_variant t is the same
+# computation). Its K and m flags only pass drtune.py's argument checks: full_backprop_loss does not read them.
+FULL_BACKPROP = ("full backprop", "drtune", ["--num_trained_steps", "1", "--early_stop_max", "1"])
+
+# ---------------------------------------------------------------------------------------------
+# Full-size models: published architectures with random weights (no download)
+# ---------------------------------------------------------------------------------------------
+
+SD15_UNET = dict(  # runwayml SD1.5 unet/config.json: 859.5 M parameters
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)
+SDXL_UNET = dict(  # SDXL 1.0 base unet/config.json: 2.567 B parameters
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+SD_VAE = dict(  # the SD / SDXL autoencoder: 83.7 M parameters, 8x down-sampling, 4 latent channels
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32)
+CLIP_L = dict(  # OpenAI CLIP ViT-L/14 text tower: 123.1 M parameters
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+CLIP_BIGG = dict(  # OpenCLIP ViT-bigG/14 text tower with projection (SDXL text_encoder_2): 694.7 M parameters
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+
+# The paper's settings (drtune.py's sd15-paper / sdxl-paper presets) as flags that every script takes, at batch 1.
+# The tokenizer, scheduler config and model_index.json come from tiny_models/<name>: only token ids matter.
+FULL_SIZE = {
+    "sd15": dict(title="SD1.5 (512 px)", unet=SD15_UNET, vae=dict(SD_VAE, sample_size=512, scaling_factor=0.18215),
+                 text_encoders=[CLIP_L], T=50, K=5,
+                 flags=["--resolution", "512", "--reward_resolution", "224", "--sampler", "ddpm",
+                        "--guidance_scale", "7.5"]),
+    "sdxl": dict(title="SDXL (1024 px)", unet=SDXL_UNET, vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025),
+                 text_encoders=[CLIP_L, CLIP_BIGG], T=25, K=3,
+                 flags=["--resolution", "1024", "--sampler", "dpmpp", "--guidance_scale", "5.0"]),
+}
+MEMORY_GOAL_GIB = 24  # the issue's goal: SDXL at 1024 trains under 24 GiB
+
+
+def full_size_models(name, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407):
+    """Random-weight UNet, VAE and text encoders of a full-size pipeline, built on the current default device
+    (`with torch.device("meta"):` counts parameters without allocating them)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    spec, ids = FULL_SIZE[name], dict(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+    text_encoders = [cls(CLIPTextConfig(**config, **ids))
+                     for cls, config in zip([CLIPTextModel, CLIPTextModelWithProjection], spec["text_encoders"])]
+    return dict(unet=UNet2DConditionModel(**spec["unet"]), vae=AutoencoderKL(**spec["vae"]),
+                text_encoders=text_encoders)
+
+
+def write_full_size(name, folder, device):
+    """A diffusers folder with random full-size weights (bf16 on disk), loadable by the scripts' load_models.
+    Runs in a worker process of its own (it changes the default dtype)."""
+    from transformers import AutoTokenizer
+    tiny = os.path.join(HERE, "tiny_models", name)
+    shutil.copy(os.path.join(tiny, "model_index.json"), folder)
+    for sub in ("scheduler", "tokenizer", "tokenizer_2"):
+        if os.path.isdir(os.path.join(tiny, sub)):
+            shutil.copytree(os.path.join(tiny, sub), os.path.join(folder, sub))
+    tokenizer = AutoTokenizer.from_pretrained(tiny, subfolder="tokenizer")  # EOS must be its largest id (pooling)
+    torch.set_default_dtype(torch.bfloat16)  # this is a throw-away process: half the memory and disk, no casts
+    with torch.device(device):
+        models = full_size_models(name, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    components = [("unet", models["unet"]), ("vae", models["vae"]),
+                  *zip(["text_encoder", "text_encoder_2"], models["text_encoders"])]
+    for sub, model in components:
+        model.save_pretrained(os.path.join(folder, sub))
+    return {sub: sum(p.numel() for p in model.parameters()) for sub, model in components}
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments and the list of configurations
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=os.path.join(HERE, "tiny_models", "sd15"), help="pipeline of the T/K sweep")
+    parser.add_argument("--resolution", type=int, default=64, help="px (full size: the paper's)")
+    parser.add_argument("--train_batch_size", type=int, default=2, help="B")
+    parser.add_argument("--T", type=int, nargs="+", default=[10, 25, 50],
+                        help="sampling steps (full size: the paper's)")
+    parser.add_argument("--K", type=int, nargs="+", default=[1, 5, 10],
+                        help="trained steps; rows with K > T are left out (full size: the paper's)")
+    parser.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddpm", help="(full size: the paper's)")
+    parser.add_argument("--guidance_scale", type=float, default=7.5, help="CFG (full size: the paper's)")
+    parser.add_argument("--rank", type=int, default=8, help="LoRA rank of the sweep (full size: the paper's 128)")
+    parser.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                        help="default: no, and bf16 for --full_size on a GPU")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="in the sweep (full size: always, as the paper)")
+    parser.add_argument("--iters", type=int, default=3,
+                        help="timed iterations per configuration; the median is reported")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations first")
+    parser.add_argument("--part_repeats", type=int, default=5, help="timed calls per part; the median is reported")
+    parser.add_argument("--num_threads", type=int, default=None,
+                        help="torch CPU threads (default on CPU: 1, which keeps ratios stable when other processes "
+                             "share the cores; several OpenMP threads on busy cores slow down by up to 10x)")
+    parser.add_argument("--full_size", choices=sorted(FULL_SIZE), default=None,
+                        help="random-weight full-size model at the paper's DRTune settings (needs a GPU)")
+    parser.add_argument("--allow_cpu", action="store_true",
+                        help="with --full_size on CPU: a smoke at 64 px, one iteration of DRTune and full backprop "
+                             "with T=1, K=1 (prints, writes nothing)")
+    parser.add_argument("--methods", nargs="+", default=None,
+                        help="only these labels of METHODS / FULL_BACKPROP, e.g. DRTune 'full backprop' (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="32 px, T in (2, 4), K in (1, 2), 2 iterations, no warm-up: a seconds-long smoke")
+    parser.add_argument("--output_dir", default=None,
+                        help="folder of BENCHMARKS.md and bench_drtune.png (default: this repo; --quick and the CPU "
+                             "smoke write files only when it is given)")
+    args = parser.parse_args(argv)
+    args.command = " ".join(["python bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.smoke = args.full_size is not None and args.device == "cpu"
+    if args.quick:
+        args.resolution, args.T, args.K, args.iters, args.warmup, args.part_repeats = 32, [2, 4], [1, 2], 2, 0, 1
+    if args.smoke:  # one iteration of one step: the point is building, saving and loading the full-size model
+        args.T, args.K, args.iters, args.warmup, args.part_repeats = [1], [1], 1, 0, 1
+        args.methods = args.methods or ["DRTune", "full backprop"]
+    elif args.full_size:
+        args.T, args.K = [FULL_SIZE[args.full_size]["T"]], [FULL_SIZE[args.full_size]["K"]]
+    if args.num_threads is None and args.device == "cpu":
+        args.num_threads = 1
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if args.full_size and not args.smoke else "no"
+    if args.output_dir is None and not (args.quick or args.smoke):
+        args.output_dir = HERE
+    return args
+
+
+def base_argv(args, T, model_folder):
+    """Flags every configuration shares: the sweep's, or the paper's settings with a local random-weight model."""
+    common = ["--num_inference_steps", str(T), "--mixed_precision", args.mixed_precision, "--reward", "symmetry",
+              "--report_to", "none", "--seed", "0"]
+    if args.full_size is None:
+        return common + ["--pretrained_model_name_or_path", args.model, "--resolution", str(args.resolution),
+                         "--train_batch_size", str(args.train_batch_size), "--sampler", args.sampler,
+                         "--guidance_scale", str(args.guidance_scale), "--rank", str(args.rank)] + \
+            (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    argv = common + ["--pretrained_model_name_or_path", model_folder, "--train_batch_size", "1", "--rank", "128",
+                     "--gradient_checkpointing"] + FULL_SIZE[args.full_size]["flags"]
+    if args.full_size == "sdxl":  # the paper's fp16-safe SDXL VAE has the same architecture: ours, in the weight dtype
+        argv += ["--pretrained_vae_model_name_or_path", os.path.join(model_folder, "vae")]
+    if args.smoke:
+        argv += ["--resolution", "64"]
+    return argv
+
+
+def plan(args, model_folder):
+    """Every configuration: (label, module, T, K, argv, loss) for each available method, T and K (K <= T)."""
+    jobs = []
+    entries = [(i, *entry) for i, entry in enumerate(METHODS) if importlib.util.find_spec(entry[1]) is not None]
+    wanted = None if args.methods is None else {m.lower() for m in args.methods}
+    for index, label, module, flags in entries + [(-1, *FULL_BACKPROP)]:
+        if wanted is not None and label.lower() not in wanted:
+            continue
+        sweeps_k = any("{K}" in flag for flag in flags)
+        for T in args.T:
+            for K in (args.K if sweeps_k else [None]):
+                if K is not None and K > T:
+                    continue
+                m = max(1, min(round(0.4 * T), T - (K or 1) + 1))
+                argv = base_argv(args, T, model_folder) + [flag.format(T=T, K=K, m=m) for flag in flags]
+                jobs.append(dict(entry=index, label=label, module=module, T=T, K=K, argv=argv,
+                                 loss="full_backprop" if index == -1 else "algorithm"))
+    return jobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker: one configuration in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """The script refuses this configuration (its flags or its argument checks)."""
+
+
+def full_backprop_loss(script, models, scheduler, unet, reward_fn, prompts, generator, args):
+    """DRaFT-T / naive backprop: every step under gradient, through the UNet inputs, no early stop."""
+    cond = script.encode_prompts(models, prompts, args.resolution)
+    latents = script.initial_latents(models, args, len(prompts), generator, unet.device)
+    x0 = script.rollout(unet, scheduler, cond, latents, generator, args,
+                        grad_steps=set(range(args.num_inference_steps)), stop_grad_input=False)
+    reward = script.compute_reward(reward_fn, script.decode(models.vae, x0), prompts, args)
+    return -reward.mean(), reward, {}
+
+
+class CountCalls:
+    """reward_fn, counting its calls."""
+
+    def __init__(self, fn, counts):
+        self.fn, self.counts = fn, counts
+
+    def __call__(self, *args, **kwargs):
+        self.counts["reward"] += 1
+        return self.fn(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.fn, name)
+
+
+def memory_mb(device, peak=False):
+    """CUDA: allocated memory (or its peak since the reset). CPU: resident set VmRSS (or its peak VmHWM)."""
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)) / 2 ** 20
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return int(fields["VmHWM" if peak else "VmRSS"].split()[0]) / 1024  # kB
+
+
+def reset_peak_memory(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets VmHWM to the current resident set
+            f.write("5")
+
+
+def worker(job):
+    """Run one job in this (fresh) process; returns a dict and never raises."""
+    try:
+        return dict(status="ok", **measure(job))
+    except Skip as e:
+        return dict(status="skipped", reason=str(e))
+    except torch.OutOfMemoryError:
+        return dict(status="oom", reason="out of memory")
+    except Exception as e:  # reported in the table; the run goes on with the next configuration
+        return dict(status="failed", reason=f"{type(e).__name__}: {e}".splitlines()[0][:200],
+                    traceback=traceback.format_exc())
+
+
+def measure(job):
+    """Build the full-size folder, or time the parts, or time the iterations of one configuration."""
+    if job.get("num_threads"):
+        torch.set_num_threads(job["num_threads"])
+    if job["kind"] == "build":
+        return dict(params=write_full_size(job["name"], job["folder"], job["device"]))
+    from accelerate import Accelerator
+
+    import rewards
+    script = importlib.import_module(job["module"])
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            args = script.parse_args(job["argv"])
+        info = script.check_arguments(args)
+    except SystemExit:
+        message = (stderr.getvalue().strip().splitlines() or ["(no message)"])[-1]
+        raise Skip(f"{job['module']}.py rejected the flags: {message}") from None
+    except script.UsageError as e:
+        raise Skip(f"{job['module']}.py: {e}") from None
+
+    # --- setup, as main() of the scripts does it ---
+    device = torch.device(job["device"])
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    models = script.load_models(args, info, device, weight_dtype)
+    scheduler = script.make_scheduler(args)
+    counts = collections.Counter()
+    reward_fn = CountCalls(rewards.build_reward(args.reward, device=device, dtype=weight_dtype,
+                                                **info["reward_options"]), counts)
+    unet, vae = models.unet, models.vae
+    params = script.add_lora(unet, args)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    optimizer = accelerator.prepare(torch.optim.AdamW(
+        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon))
+
+    def count_unet(module, inputs):  # inputs[0]: the latents (2B with CFG)
+        grad = torch.is_grad_enabled()
+        counts["unet_grad_input" if grad and inputs[0].requires_grad else "unet_grad" if grad else "unet_nograd"] += 1
+
+    unet.register_forward_pre_hook(count_unet)
+    vae.decoder.register_forward_pre_hook(lambda m, i: counts.update(
+        ["decode_grad" if torch.is_grad_enabled() else "decode_nograd"]))
+
+    # With one torch thread on CPU, the process's CPU time: other processes on the cores do not inflate it as they do
+    # wall-clock time (several times, on a busy 2-core machine). Otherwise wall-clock time, after a CUDA synchronize.
+    cpu_time = device.type == "cpu" and torch.get_num_threads() == 1
+
+    def clock():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.process_time() if cpu_time else time.perf_counter()
+
+    if job["kind"] == "parts":
+        return dict(clock="CPU time of the process (one torch thread)" if cpu_time else "wall-clock time",
+                    parts=measure_parts(script, args, models, scheduler, unet, reward_fn, params, optimizer,
+                                        accelerator, clock, job["repeats"]))
+
+    # --- iterations: the body of the training loop, one optimizer step each ---
+    loss_fn = functools.partial(full_backprop_loss, script) if job["loss"] == "full_backprop" else script.algorithm_loss
+
+    def iteration(step):
+        generator = script.step_generator(args, 0, step)
+        idx = torch.randint(len(args.train_prompt_list), (args.train_batch_size,), generator=generator)
+        prompts = [args.train_prompt_list[i] for i in idx]
+        with accelerator.autocast():
+            loss, reward, extra = loss_fn(models, scheduler, unet, reward_fn, prompts, generator, args)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    reset_peak_memory(device)
+    base = memory_mb(device)
+    seconds, per_iteration_counts = [], []
+    for step in range(1, job["warmup"] + job["iters"] + 1):
+        counts.clear()
+        start = clock()
+        iteration(step)
+        if step > job["warmup"]:
+            seconds.append(clock() - start)
+            per_iteration_counts.append(dict(counts))
+    peak = memory_mb(device, peak=True)
+    return dict(seconds=seconds, counts=per_iteration_counts, memory_base_mb=base, memory_peak_mb=peak)
+
+
+PARTS = {  # name: what is timed (ms per call in the tables)
+    "unet_nograd": "UNet pass under no_grad (with CFG: batch 2B)",
+    "unet_grad": "UNet forward+backward, input detached",
+    "unet_grad_input": "UNet forward+backward, gradient to the input too",
+    "decode_grad": "VAE decode forward+backward",
+    "decode_nograd": "VAE decode under no_grad",
+    "reward": "reward forward+backward",
+    "other": "prompt encoding + grad clipping + AdamW step (once per iteration)",
+}
+
+
+def measure_parts(script, args, models, scheduler, unet, reward_fn, params, optimizer, accelerator, clock, repeats):
+    """Median seconds of each part, timed alone, on the tensors an iteration would see."""
+    generator = torch.Generator().manual_seed(0)
+    prompts = args.train_prompt_list[: args.train_batch_size]
+    cond = script.encode_prompts(models, prompts, args.resolution)
+    latents = script.initial_latents(models, args, len(prompts), generator, unet.device)  # (B, C, h, w)
+    scheduler.set_timesteps(args.num_inference_steps, device=latents.device)
+    t = scheduler.timesteps[len(scheduler.timesteps) // 2]
+
+    def timed(fn, before=None):
+        seconds = []
+        for _ in range(repeats + (repeats > 1)):  # with several calls, the first one warms up
+            if before is not None:
+                before()
+            start = clock()
+            fn()
+            seconds.append(clock() - start)
+        return statistics.median(seconds[-repeats:])
+
+    def unet_pass(grad, through_input=False):
+        x = latents.clone().requires_grad_(through_input)
+        with torch.set_grad_enabled(grad), accelerator.autocast():
+            model_output = script.predict_noise(unet, x, t, cond, args.guidance_scale)
+        if grad:
+            accelerator.backward(model_output.float().mean())
+
+    def decode(grad):
+        x = latents.clone().requires_grad_(grad)
+        with torch.set_grad_enabled(grad), accelerator.autocast():
+            images = script.decode(models.vae, x)
+        if grad:
+            accelerator.backward(images.mean())
+
+    def reward():
+        images = torch.rand(len(prompts), 3, args.resolution, args.resolution, device=latents.device,
+                            requires_grad=True)
+        with accelerator.autocast():
+            score = script.compute_reward(reward_fn, images, prompts, args)
+        accelerator.backward(-score.mean())
+
+    def other():  # needs gradients to clip and apply: the passes above left some, `before` makes new ones
+        script.encode_prompts(models, prompts, args.resolution)
+        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return dict(unet_nograd=timed(lambda: unet_pass(False)), unet_grad=timed(lambda: unet_pass(True)),
+                unet_grad_input=timed(lambda: unet_pass(True, through_input=True)),
+                decode_grad=timed(lambda: decode(True)), decode_nograd=timed(lambda: decode(False)),
+                reward=timed(reward), other=timed(other, before=lambda: params[0].grad is None and unet_pass(True)))
+
+
+def run_in_fresh_process(context, job):
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+        try:
+            return pool.submit(worker, job).result()
+        except concurrent.futures.process.BrokenProcessPool:
+            return dict(status="failed", reason="the worker process died (out of memory?)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Results: ratios, tables, reading, plot, BENCHMARKS.md
+# ---------------------------------------------------------------------------------------------
+
+
+def summarize(row, parts):
+    """Median time, mean call counts, and the median over iterations of time / (sum of counted parts)."""
+    if row["status"] != "ok":
+        return row
+    predicted = [sum(n * parts[k] for k, n in c.items()) + parts["other"] for c in row["counts"]]
+    row.update(seconds_median=statistics.median(row["seconds"]), parts_seconds=statistics.median(predicted),
+               ratio=statistics.median(s / p for s, p in zip(row["seconds"], predicted)),
+               memory_delta_mb=row["memory_peak_mb"] - row["memory_base_mb"],
+               passes={k: float(np.mean([c.get(k, 0) for c in row["counts"]])) for k in PARTS if k != "other"})
+    return row
+
+
+def fmt(x, digits=3):
+    return "—" if x is None else f"{x:.{digits}g}" if abs(x) < 10 ** digits else f"{x:.0f}"
+
+
+def passes_text(p):
+    return f"{fmt(p['unet_nograd'])} / {fmt(p['unet_grad'] + p['unet_grad_input'])}"
+
+
+def results_table(rows, device, gib):
+    unit, scale = ("GiB", 2 ** 10) if gib else ("MiB", 1)
+    cuda = device == "cuda"
+    head = ["method", "T", "K", "UNet passes no-grad / grad", "s / iteration", "parts sum (s)", "ratio",
+            f"peak over loaded models ({unit})"] + ([f"peak allocated ({unit})"] if cuda else [])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        k = "—" if r["K"] is None else str(r["K"])
+        if r["status"] != "ok":
+            reason = r["reason"].replace("|", "/")  # a table cell
+            cells = [r["label"], str(r["T"]), k, "", f"{r['status']}: {reason}", "", "", ""] + ([""] if cuda else [])
+        else:
+            cells = [r["label"], str(r["T"]), k, passes_text(r["passes"]), fmt(r["seconds_median"]),
+                     fmt(r["parts_seconds"]), f"{r['ratio']:.2f}", fmt(r["memory_delta_mb"] / scale)] + \
+                ([fmt(r["memory_peak_mb"] / scale)] if cuda else [])
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parts_table(parts):
+    lines = ["| part | ms per call |", "|---|---|"]
+    lines += [f"| {PARTS[k]} | {fmt(1000 * parts[k])} |" for k in PARTS]
+    return "\n".join(lines)
+
+
+def slope(rows, x, y, intercept=False):
+    """Least-squares slope (and intercept) of y against x over rows (None with fewer than two distinct x)."""
+    xs, ys = [r[x] for r in rows], [y(r) for r in rows]
+    if len(set(xs)) < 2:
+        return None
+    fit = [float(v) for v in np.polyfit(xs, ys, 1)]
+    return fit if intercept else fit[0]
+
+
+def reading(rows, parts):
+    """A few sentences, each computed from this run's numbers."""
+    ok = [r for r in rows if r["status"] == "ok"]
+    drtune = {K: [r for r in ok if r["entry"] == 0 and r["K"] == K]
+              for K in sorted({r["K"] for r in ok if r["entry"] == 0})}
+    full = [r for r in ok if r["entry"] == -1]
+    ms = lambda r: 1000 * r["seconds_median"]  # noqa: E731
+    mib = lambda r: r["memory_delta_mb"]  # noqa: E731
+    out = []
+    time_slopes = {K: slope(g, "T", ms) for K, g in drtune.items()}
+    if all(v is not None for v in time_slopes.values()) and full and slope(full, "T", ms) is not None:
+        out.append("Time per extra sampling step (slope over T): DRTune " +
+                   ", ".join(f"K={K}: {fmt(v)} ms" for K, v in time_slopes.items()) +
+                   f", against {fmt(1000 * parts['unet_nograd'])} ms for one no-grad UNet pass; full backprop "
+                   f"{fmt(slope(full, 'T', ms))} ms, against {fmt(1000 * parts['unet_grad_input'])} ms for one "
+                   f"forward+backward through the input. DRTune pays for T through no-grad passes only (the pass "
+                   f"counts: T - K no-grad, K grad).")
+        memory_slopes = {K: slope(g, "T", mib) for K, g in drtune.items()}
+        full_memory = slope(full, "T", mib)
+        largest = max(abs(v) for v in memory_slopes.values())
+        flat = " (flat next to full backprop)" if full_memory > 0 and largest < 0.1 * full_memory else ""
+        out.append("Peak memory per extra sampling step: DRTune " +
+                   ", ".join(f"K={K}: {v:+.2f} MiB" for K, v in memory_slopes.items()) + flat +
+                   f"; full backprop {full_memory:+.2f} MiB per step, since it keeps every step's activations.")
+    T_max = max((r["T"] for r in ok if r["entry"] == 0), default=None)
+    at_T = [r for r in ok if r["entry"] == 0 and r["T"] == T_max]
+    if len({r["K"] for r in at_T}) > 1:
+        per_k, held = slope(at_T, "K", mib, intercept=True)
+        out.append(f"At T={T_max}, each extra trained step adds {fmt(slope(at_T, 'K', ms))} ms (one grad pass minus "
+                   f"one no-grad pass: {fmt(1000 * (parts['unet_grad'] - parts['unet_nograd']))} ms) and "
+                   f"{per_k:+.2f} MiB of peak memory, on top of {fmt(held)} MiB that any iteration holds (decode and "
+                   f"reward activations, LoRA gradients, AdamW state, allocator slack).")
+        f = next((r for r in full if r["T"] == T_max), None)
+        for r in at_T:
+            if f is not None and r["K"] == sorted(drtune)[len(drtune) // 2]:
+                out.append(f"At T={T_max}, K={r['K']}: DRTune takes {fmt(r['seconds_median'])} s and {fmt(mib(r))} MiB "
+                           f"per iteration; full backprop {fmt(f['seconds_median'])} s and {fmt(mib(f))} MiB, "
+                           f"{f['seconds_median'] / r['seconds_median']:.1f}x the time and "
+                           f"{mib(f) / max(mib(r), 1e-9):.1f}x the memory.")
+    early = {(r["T"], r["K"]): r for r in ok if r["entry"] == 1}
+    pairs = [(early[r["T"], r["K"]], r) for g in drtune.values() for r in g if (r["T"], r["K"]) in early]
+    if pairs:
+        share = statistics.mean(e["seconds_median"] / r["seconds_median"] for e, r in pairs)
+        out.append(f"Early stop (t_min drawn in [1, 0.4 T]) takes {100 * share:.0f}% of the t_min = 1 time on average "
+                   f"over the {len(pairs)} (T, K) pairs.")
+    ratios = [r["ratio"] for r in ok]
+    if ratios:
+        out.append(f"Iteration / sum of its parts: {min(ratios):.2f} to {max(ratios):.2f} (median "
+                   f"{statistics.median(ratios):.2f}). Above 1 is work outside the parts (sampler step arithmetic, "
+                   f"noise draws, Python); below 1, parts timed alone cost more than inside the loop (cold caches, "
+                   f"noise).")
+    return "\n".join(f"- {s}" for s in out)
+
+
+def plot(rows, path, clock):
+    """bench_drtune.png: time and memory against T, DRTune (t_min = 1) for each K and full backprop."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ok = [r for r in rows if r["status"] == "ok" and r["entry"] in (0, -1)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for i, K in enumerate(sorted({r["K"] for r in ok if r["entry"] == 0}) + [None]):
+        group = sorted((r for r in ok if r["K"] == K), key=lambda r: r["T"])
+        style = (dict(color="black", lw=2, label="full backprop") if K is None
+                 else dict(color=f"C{i}", label=f"DRTune K={K}"))
+        Ts = [r["T"] for r in group]
+        axes[0].plot(Ts, [r["seconds_median"] for r in group], marker="o", **style)
+        axes[1].plot(Ts, [r["memory_delta_mb"] for r in group], marker="o", **style)
+    axes[0].set_ylabel(f"seconds per iteration (median, {'CPU' if 'CPU' in clock else 'wall-clock'} time)")
+    axes[1].set_ylabel("peak memory over loaded models (MiB)")
+    for ax in axes:
+        ax.set_xlabel("T (sampling steps)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def machine(args):
+    if args.device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                        platform.processor())
+    import diffusers
+    import transformers
+    threads = torch.get_num_threads() if args.num_threads is None else args.num_threads
+    return (f"{name}, {os.cpu_count()} CPU cores, torch on {threads} thread{'s' * (threads > 1)}; Python "
+            f"{platform.python_version()}, torch {torch.__version__}, diffusers "
+            f"{diffusers.__version__}, transformers {transformers.__version__}")
+
+
+HEADER = """# Benchmarks
+
+Generated by `bench.py`: do not edit by hand. Each mode replaces its own section below and leaves the others.
+
+- **One iteration** = what the training loop does per optimizer step for a batch of B prompts: `algorithm_loss`,
+  backward, gradient clipping and the AdamW step on the LoRA weights. Warm-up iterations are excluded; the
+  median of N is reported. Each configuration runs in a fresh process.
+- **DRTune** rows use t_min = 1 (`--early_stop_max 1`): all T steps run, T - K of them under no_grad, K with
+  gradient. **DRTune, early stop** rows draw t_min in [1, 0.4 T] as training does, from the seeded per-step
+  generator (the same draws every run).
+- **Full backprop** (DRaFT-T, naive backprop): every step under gradient, through the UNet inputs, no early stop;
+  the same decode, reward and backward.
+- **Other methods** (DRaFT-K, DRaFT-LV, ReFL, AlignProp, when their scripts exist) run their own
+  `algorithm_loss` with the flags of `METHODS` in bench.py; their random draws (stop step, truncation) come from
+  the same seeded per-step generator.
+- **Parts** are timed alone; each iteration counts its UNet / decode / reward calls, and
+  **ratio** = iteration time / sum of (count x part time): close to 1 means no hidden overhead.
+- **Memory**: on CUDA, `torch.cuda.max_memory_allocated` (total, and above the loaded models); on CPU, the
+  process's peak resident set (VmHWM, reset after loading) minus its resident set with models, LoRA and
+  optimizer loaded.
+- **Time**: wall-clock on a GPU; on CPU with one torch thread (the default), the process's CPU time, which other
+  processes sharing the cores do not inflate. **CPU figures are for ratios only**; absolute times and memory
+  that count come from a GPU.
+
+"""
+SECTIONS = ["tiny", "full_size_sd15", "full_size_sdxl"]
+PLACEHOLDERS = {f"full_size_{name}": f"## Full-size {spec['title']}, random weights\n\nNot measured yet: it needs a "
+                f"GPU. Run `python bench.py --full_size {name}` on one; it replaces this section.\n"
+                for name, spec in FULL_SIZE.items()}
+
+
+def write_section(path, key, body):
+    old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
+    sections = {m.group(1): m.group(2) for m in re.finditer(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->", old, re.S)}
+    sections[key] = body
+    text = HEADER + "".join(f"<!-- begin {k} -->\n{sections.get(k, PLACEHOLDERS.get(k, ''))}<!-- end {k} -->\n\n"
+                            for k in SECTIONS)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.rstrip() + "\n")
+
+
+def section(args, rows, parts, extra, seconds):
+    if args.full_size:
+        spec = FULL_SIZE[args.full_size]
+        title = f"## Full-size {spec['title']}, random weights, the paper's settings"
+        settings = (f"The paper's settings (`{' '.join(spec['flags'])}`, T={spec['T']}, K={spec['K']}) on a "
+                    f"random-weight model built from the configs in bench.py ({extra}), batch 1, "
+                    f"{args.mixed_precision} frozen weights, "
+                    f"fp32 LoRA rank 128, gradient checkpointing. Reward: symmetry (no weights); the paper's reward "
+                    f"models add their own memory (HPS v2.1 is a ViT-H-14, about 1 B parameters: about 2 GiB in "
+                    f"bf16 plus the activations of its backward at 224 px).")
+    else:
+        title = "## Tiny model: DRTune against T and K, next to full backprop"
+        settings = (f"`{os.path.relpath(args.model, HERE)}`, {args.resolution} px, batch {args.train_batch_size}, "
+                    f"{args.sampler}, CFG {args.guidance_scale}, symmetry reward, LoRA rank {args.rank}, "
+                    f"mixed precision {args.mixed_precision}, gradient checkpointing "
+                    f"{'on' if args.gradient_checkpointing else 'off'}; {args.warmup} warm-up + median of {args.iters} "
+                    f"iterations; parts: median of {args.part_repeats}.")
+    load = os.getloadavg()
+    text = [title, "", f"Command: `{args.command}`  ", f"Machine: {machine(args)}  ",
+            f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; the whole run took "
+            f"{seconds / 60:.1f} min; load average at the end {load[0]:.1f} (other processes share the CPU when it "
+            f"exceeds the cores); times are {args.clock}", "", settings, ""]
+    if args.device == "cpu":
+        text += ["**CPU figures: read the ratios, not the absolute times.**", ""]
+    text += ["Parts:", "", parts_table(parts), "", "Iterations:", "",
+             results_table(rows, args.device, args.full_size), ""]
+    if args.full_size == "sdxl":
+        goal = [r for r in rows if r["status"] == "ok" and r["entry"] == 0]
+        if goal:
+            gib = goal[0]["memory_peak_mb"] / 2 ** 10
+            text += [f"Goal: SDXL at 1024 under {MEMORY_GOAL_GIB} GiB. DRTune peaks at {gib:.1f} GiB allocated: "
+                     f"{'under' if gib < MEMORY_GOAL_GIB else 'over'} the goal.", ""]
+    if not args.full_size:
+        text += ["Reading (computed from the numbers above):", "", reading(rows, parts), "",
+                 "![time and memory against T](bench_drtune.png)", ""]
+    return "\n".join(text)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------
+
+
+def main(args):
+    if args.full_size and args.device == "cpu" and not args.allow_cpu:
+        sys.exit(f"bench.py: error: --full_size {args.full_size} needs a GPU (a full-size UNet forward+backward takes "
+                 f"seconds on a CPU); pass --allow_cpu for a one-iteration smoke at 64 px, T=1, K=1")
+    started = time.time()
+    context = multiprocessing.get_context("forkserver")  # fresh processes without paying the imports each time
+    scripts = [m for m in dict.fromkeys(e[1] for e in METHODS + [FULL_BACKPROP]) if importlib.util.find_spec(m)]
+    context.set_forkserver_preload(["torch", "numpy", "accelerate", "peft", "rewards", *scripts,
+                                    "diffusers.models.unets.unet_2d_condition",
+                                    "diffusers.models.autoencoders.autoencoder_kl",
+                                    "transformers.models.clip.modeling_clip"])
+    common = dict(device=args.device, num_threads=args.num_threads)
+    with tempfile.TemporaryDirectory(prefix="bench-full-size-") as folder:
+        extra = ""
+        if args.full_size:
+            print(f"building random-weight full-size {args.full_size} in {folder} ...", flush=True)
+            built = run_in_fresh_process(context, dict(kind="build", name=args.full_size, folder=folder, **common))
+            if built["status"] != "ok":
+                sys.exit(f"bench.py: error: building the full-size model failed: {built['reason']}\n"
+                         f"{built.get('traceback', '')}")
+            extra = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in built["params"].items())
+            print(f"parameters: {extra}", flush=True)
+        jobs = plan(args, folder)
+        if not jobs:
+            sys.exit(f"bench.py: error: no configuration to run (--methods {args.methods})")
+        parts = run_in_fresh_process(context, dict(jobs[0], kind="parts", repeats=args.part_repeats, **common))
+        if parts["status"] != "ok":
+            sys.exit(f"bench.py: error: timing the parts failed: {parts['reason']}\n{parts.get('traceback', '')}")
+        parts, args.clock = parts["parts"], parts["clock"]
+        print("parts (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in parts.items()), flush=True)
+        rows = []
+        for i, job in enumerate(jobs, 1):
+            result = run_in_fresh_process(context, dict(job, kind="iteration", warmup=args.warmup, iters=args.iters,
+                                                        **common))
+            row = summarize(dict(job, **result), parts)
+            rows.append(row)
+            where = f"[{i}/{len(jobs)}] {row['label']} T={row['T']} K={row['K']}"
+            if row["status"] == "ok":
+                print(f"{where}: {row['seconds_median']:.3f} s/iteration, ratio {row['ratio']:.2f}, peak "
+                      f"+{row['memory_delta_mb']:.1f} MiB", flush=True)
+            else:
+                print(f"{where}: {row['status']}: {row['reason']}", flush=True)
+                if row["status"] == "failed" and "traceback" in row:
+                    print(row["traceback"], file=sys.stderr)
+    seconds = time.time() - started
+    print()
+    print(parts_table(parts))
+    print()
+    print(results_table(rows, args.device, args.full_size))
+    if not args.full_size:
+        print()
+        print(reading(rows, parts))
+    print(f"\nbenchmark time: {seconds:.0f} s")
+    if args.output_dir is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
+        key = f"full_size_{args.full_size}" if args.full_size else "tiny"
+        if not args.full_size:
+            plot(rows, os.path.join(args.output_dir, "bench_drtune.png"), args.clock)
+        write_section(os.path.join(args.output_dir, "BENCHMARKS.md"), key, section(args, rows, parts, extra, seconds))
+        print(f"wrote {os.path.join(args.output_dir, 'BENCHMARKS.md')}")
+    if any(r["status"] == "failed" for r in rows):
+        sys.exit(1)
+    return rows
+
+
+if __name__ == "__main__":
+    main(parse_args())

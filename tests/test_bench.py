@@ -1,0 +1,65 @@
+"""bench.py: the full-size configs have the published sizes, and --quick runs end to end in seconds."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT
+
+import bench
+
+
+@pytest.mark.parametrize("name,unet,vae,text_encoders", [
+    ("sd15", 859.52e6, 83.65e6, [123.06e6]),
+    ("sdxl", 2567.46e6, 83.65e6, [123.06e6, 694.66e6]),
+], ids=["sd15", "sdxl"])
+def test_full_size_configs_have_the_published_parameter_counts(name, unet, vae, text_encoders):
+    """SD1.5 UNet 859.5 M and SDXL UNet 2.567 B (TRAPS.md), built on the meta device: nothing is allocated."""
+    with torch.device("meta"):
+        models = bench.full_size_models(name)
+    count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
+    assert count(models["unet"]) == pytest.approx(unet, rel=1e-5)
+    assert count(models["vae"]) == pytest.approx(vae, rel=1e-4)
+    assert [count(m) for m in models["text_encoders"]] == pytest.approx(text_encoders, rel=1e-4)
+    assert all(m.config.vocab_size == 49408 for m in models["text_encoders"])
+    assert models["unet"].config.cross_attention_dim == (768 if name == "sd15" else 2048)
+
+
+def test_full_size_refuses_cpu_without_allow_cpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    result = subprocess.run([sys.executable, "bench.py", "--full_size", "sdxl"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and "needs a GPU" in result.stderr and "--allow_cpu" in result.stderr
+
+
+def table_rows(stdout):
+    """{(method, T, K): cells} of the iterations table that bench.py prints."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0], int(cells[1]), cells[2]] = cells
+    return rows
+
+
+def test_quick_run_prints_the_table_and_writes_the_report(tmp_path):
+    result = subprocess.run([sys.executable, "bench.py", "--quick", "--methods", "DRTune", "full backprop",
+                             "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = table_rows(result.stdout)
+    expected = {("DRTune", T, str(K)) for T in (2, 4) for K in (1, 2)} | {("full backprop", T, "—") for T in (2, 4)}
+    assert set(rows) == expected
+    # passes counted by hooks: DRTune with t_min = 1 runs T - K no-grad and K grad passes; full backprop T grad passes
+    assert rows["DRTune", 4, "1"][3] == "3 / 1" and rows["DRTune", 4, "2"][3] == "2 / 2"
+    assert rows["full backprop", 4, "—"][3] == "0 / 4"
+    for cells in rows.values():
+        seconds, ratio, memory = float(cells[4]), float(cells[6]), float(cells[7])
+        assert seconds > 0 and 0 < ratio < float("inf") and memory >= 0
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin tiny -->" in report and "| DRTune | 4 | 2 |" in report and "full_size_sdxl" in report
+    assert (tmp_path / "bench_drtune.png").stat().st_size > 0
