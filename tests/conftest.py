@@ -34,3 +34,15 @@ def fresh_accelerate_state():
     yield
     from accelerate.state import AcceleratorState
     AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def lora_effect(model, lora_dir):
+    """Max pixel change that the saved LoRA makes once loaded into a plain diffusers pipeline (the user's path)."""
+    import torch
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    pipe = (StableDiffusionXLPipeline if model == TINY_SDXL else StableDiffusionPipeline).from_pretrained(model)
+    kwargs = dict(num_inference_steps=4, height=32, width=32, output_type="pt")
+    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(lora_dir)
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    return (after - before).abs().max().item()

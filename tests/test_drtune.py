@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_SD, TINY_SDXL, tiny_argv
+from conftest import ROOT, TINY_SD, TINY_SDXL, lora_effect, tiny_argv
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 import drtune
@@ -235,13 +235,7 @@ def test_cli_writes_outputs_and_lora_loads_in_diffusers(tiny_model, tmp_path):
         rows = [json.loads(line) for line in f]
     for key in ("step", "loss", "reward_mean", "reward_std", "grad_norm", "lr", "seconds", "peak_memory_mb", "t_min"):
         assert key in rows[-1], key
-    cls = StableDiffusionXLPipeline if tiny_model == TINY_SDXL else StableDiffusionPipeline
-    pipe = cls.from_pretrained(tiny_model)
-    kwargs = dict(num_inference_steps=4, height=32, width=32, output_type="pt")
-    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(out)
-    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert (after - before).abs().max() > 1e-3
+    assert lora_effect(tiny_model, out) > 1e-3
 
 
 # --- bad input: one line, before any large model loads --------------------------------------------
