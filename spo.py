@@ -1,0 +1,999 @@
+"""SPO: Step-by-step Preference Optimization of text-to-image diffusion models.
+
+Paper: Liang et al., "Aesthetic Post-Training Diffusion Models from Generic Preferences with Step-by-step
+Preference Optimization" (2024), https://arxiv.org/abs/2406.04314; official code: github.com/RockeyCoss/SPO
+
+Diffusion-DPO propagates one preference label over two whole trajectories. SPO compares at every step instead:
+sampling with DDIM eta = 1, after a few warm steps it draws a pool of k candidates x_{t-1} = mean + sigma z_j
+around the one DDIM mean of a shared x_t, scores each with a step-aware preference model, keeps (best, worst) as
+a training pair when their preference probabilities differ enough, and continues the chain from a candidate
+chosen at random. Each pair (x_t, x_{t-1}^w, x_{t-1}^l) is a one-step DPO problem on the Gaussian step density:
+loss = -log sigmoid(beta (log r_w - log r_l)), r = clamp(p_theta(x_{t-1} | x_t) / p_ref(x_{t-1} | x_t), 1 - eps,
+1 + eps), where the reference is the same UNet with the LoRA adapters disabled.
+
+Knobs that matter: --num_candidates (k: 4 SD1.5, 2 SDXL), --pair_threshold (0.3 / 0.4), --warm_steps (4),
+--beta (10), --clip_eps (0.1), --num_inner_steps (0 SD1.5, 3 SDXL), --reward (the preference model).
+
+Choices, with the official code as the reference where the paper is silent:
+- Step-aware preference model: any rewards.py reward (PickScore by default) applied to the decoded x_0
+  prediction of each candidate, made at the candidate's own timestep; the last comparison scores the final x_0
+  itself. `preference_model` takes (images, prompts, timestep), so the paper's time-conditioned PickScore (SPM)
+  can replace it without touching the loop. That x_0 prediction needs a UNet call at every candidate, and the
+  continuation reuses the call of the candidate it continues from, so every step is exactly one UNet call:
+  batch B for the warm steps and the first branching step, batch k B after it. Per trajectory that is
+  (W + 1) + k (T - W - 1) model evaluations (a CFG pair counted once) in T calls, with W = --warm_steps.
+- The compare rule is the official one: softmax over the (best, worst) scores only (temperature
+  --preference_temperature, 1 officially, calibrated for PickScore's logit scale; rewards on other scales, e.g.
+  CLIP cosines, want a smaller one), keep the pair if p_best - p_worst > --pair_threshold.
+- Inner steps (the official SDXL setting, 3): after branching, each candidate runs that many more DDIM steps on
+  its own before the comparison; every step of the two branches then becomes a pair (the first with a shared
+  x_t, later ones not), and the chain continues from the end of a random branch. Steps near the end shorten
+  the last branch rather than skip its comparison. A step with sigma = 0 (the last one when the scheduler config
+  sets set_alpha_to_one, as diffusers' default does for a config without the key) has no density and gives no pair.
+- Ratio clamp as in the official code: r = clamp(exp(logp - logp_ref), 1 - eps, 1 + eps) and the loss uses
+  log r; the clamp's gradient is zero outside the range, so a pair whose ratio left it stops pushing that side
+  (PPO's clip without the min). Log-densities are means over the latent's dimensions (official), in fp32.
+  Sampled from the policy, log r averages to the step's KL from the reference per dimension (>= 0, with little
+  noise after the mean over dimensions), so once that KL passes log(1 + eps) nearly every ratio sits at the
+  upper bound and the loss is log 2 without gradient: the clamp bounds how far the LoRA drifts from the base
+  (watch clamped_fraction; the demo reaches 1 near its end).
+- Training: classifier-free guidance in the training forward as in sampling. A pair whose two sides share x_t
+  needs one UNet forward for both (the official code runs two identical ones). Pairs are gathered across
+  processes and split evenly; each process scales its loss so that the averaged gradient is that of the mean
+  over all pairs, with none dropped.
+- One optimizer step = one sampling round: each process samples --train_batch_size prompts (times
+  --gradient_accumulation_steps), the round's pairs are all trained on (in chunks of --pair_batch_size for
+  memory), then one update. The official code samples 10 prompts per GPU, then updates every 10 pairs; here the
+  policy that samples is always the current one, and the paper presets use 1 prompt per process, about as
+  many pairs per update as the official updates use.
+
+    # the paper's SD1.5 recipe (official: 4 GPUs, fp16, 10 epochs of the 4k prompts in the official repo's
+    # assets/prompts/4k_training_prompts.json, one per line in prompts.txt)
+    accelerate launch --num_processes 4 spo.py --preset sd15-paper --train_prompts prompts.txt
+    # SDXL (k = 2, threshold 0.4, 3 inner steps, LoRA rank 64)
+    accelerate launch --num_processes 4 spo.py --preset sdxl-paper --train_prompts prompts.txt
+    # the CPU demo on the tiny model shipped in tiny_models/ (symmetry reward, no download)
+    python spo.py --preset demo
+"""
+
+import argparse
+import json
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import rewards
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm: arguments and presets
+# ---------------------------------------------------------------------------------------------
+
+
+def add_algorithm_arguments(parser):
+    # the paper's sampler (DDIM eta 1, 20 steps, CFG 5) and preference model as this script's defaults
+    parser.set_defaults(sampler="ddim", eta=1.0, num_inference_steps=20, guidance_scale=5.0, reward="pickscore")
+    group = parser.add_argument_group("SPO")
+    group.add_argument("--num_candidates", type=int, default=4,
+                       help="k: candidates x_{t-1} drawn from each shared x_t (paper: 4 SD1.5, 2 SDXL)")
+    group.add_argument("--pair_threshold", type=float, default=0.3,
+                       help="keep (best, worst) when p_best - p_worst > this, softmax over their scores "
+                            "(paper: 0.3 SD1.5, 0.4 SDXL)")
+    group.add_argument("--preference_temperature", type=float, default=1.0,
+                       help="softmax temperature of the compare rule (official: 1, for PickScore's scale)")
+    group.add_argument("--warm_steps", type=int, default=4,
+                       help="W: first sampling steps run plainly, never trained (official divert_start_step)")
+    group.add_argument("--num_inner_steps", type=int, default=0,
+                       help="steps each branch runs alone before the comparison (official SDXL: 3)")
+    group.add_argument("--beta", type=float, default=10.0, help="loss: -log sigmoid(beta (log r_w - log r_l))")
+    group.add_argument("--clip_eps", type=float, default=0.1, help="ratios clamped to [1 - eps, 1 + eps]")
+    group.add_argument("--pair_batch_size", type=int, default=8,
+                       help="pairs per training forward/backward (memory only: all pairs of a round enter one update)")
+
+
+def check_algorithm_arguments(args):
+    T = args.num_inference_steps
+    if args.sampler != "ddim" or args.eta <= 0:
+        raise UsageError(f"SPO trains on the Gaussian density of stochastic steps: use --sampler ddim with --eta > 0 "
+                         f"(the paper: eta 1), not --sampler {args.sampler} --eta {args.eta}")
+    if args.num_candidates < 2:
+        raise UsageError(f"--num_candidates k={args.num_candidates} must be >= 2 to form a pair")
+    if not 0 <= args.warm_steps <= T - 1:
+        raise UsageError(f"--warm_steps W={args.warm_steps} is out of the schedule: with T={T} it must be in "
+                         f"[0, {T - 1}] so that at least one step is compared")
+    if args.num_inner_steps < 0:
+        raise UsageError("--num_inner_steps must be >= 0")
+    if not 0 <= args.pair_threshold < 1:
+        raise UsageError(f"--pair_threshold {args.pair_threshold} must be in [0, 1) (a probability gap)")
+    for flag in ("preference_temperature", "beta", "pair_batch_size"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be > 0")
+    if not 0 < args.clip_eps < 1:
+        raise UsageError(f"--clip_eps {args.clip_eps} must be in (0, 1)")
+
+
+PRESETS = {
+    # Symmetry scores of candidates differ by about 0.01, hence the temperature: 0.3 is then a gap of about 0.006.
+    "demo": dict(
+        pretrained_model_name_or_path=os.path.join(HERE, "tiny_models", "sd15"), output_dir="outputs/spo-demo",
+        resolution=32, num_inference_steps=10, guidance_scale=5.0, reward="symmetry", train_batch_size=4,
+        learning_rate=1e-2, max_grad_norm=1.0, rank=8, max_train_steps=60, validation_steps=20,
+        checkpointing_steps=1000, num_candidates=4, warm_steps=2, pair_threshold=0.3, preference_temperature=0.01,
+        mixed_precision="no",
+    ),
+    # Official SD1.5 config (basic_config.py + num-sam-4): DDIM eta 1, 20 steps, CFG 5, k 4, threshold 0.3, warm 4,
+    # beta 10, eps 0.1, LoRA rank 4, lr 6e-5, AdamW weight decay 1e-4, clip 1.0, fp16, 4 GPUs, 4k prompts x 10
+    # epochs, PickScore-based step-aware preference model. One prompt per process per update (see the docstring).
+    "sd15-paper": dict(
+        pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
+        num_inference_steps=20, guidance_scale=5.0, reward="pickscore", train_batch_size=1,
+        learning_rate=6e-5, lr_scheduler="constant", adam_weight_decay=1e-4, max_grad_norm=1.0, rank=4,
+        max_train_steps=10000, mixed_precision="fp16", num_candidates=4, pair_threshold=0.3, warm_steps=4,
+        beta=10.0, clip_eps=0.1, num_inner_steps=0,
+    ),
+    # Official SDXL config (num-sam-2_3-is_10ep_bs2_gradacc2): SDXL 1.0 with the fp16-fix VAE, 1024 px, k 2,
+    # threshold 0.4, 3 inner steps, LoRA rank 64, lr 1e-5, otherwise as SD1.5.
+    "sdxl-paper": dict(
+        pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0",
+        pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix", resolution=1024,
+        num_inference_steps=20, guidance_scale=5.0, reward="pickscore", train_batch_size=1,
+        learning_rate=1e-5, lr_scheduler="constant", adam_weight_decay=1e-4, max_grad_norm=1.0, rank=64,
+        max_train_steps=10000, mixed_precision="fp16", gradient_checkpointing=True, num_candidates=2,
+        pair_threshold=0.4, warm_steps=4, beta=10.0, clip_eps=0.1, num_inner_steps=3, pair_batch_size=4,
+    ),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Scaffold: identical in every algorithm script (tests/test_scaffold.py keeps it so)
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_PROMPTS = [
+    "a photograph of a cat sitting on a windowsill", "an oil painting of a lighthouse at dusk",
+    "a bowl of fruit on a wooden table", "a watercolor of a mountain lake", "a robot reading a newspaper",
+    "a red sports car on a coastal road", "a portrait of an old fisherman, studio lighting",
+    "an anime girl with a blue umbrella in the rain",
+]
+
+
+class UsageError(ValueError):
+    """Bad input, reported as one line before any large model is loaded."""
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="named overrides of the defaults (printed and saved); explicit flags win")
+    g.add_argument("--output_dir", default="outputs/run")
+    g.add_argument("--seed", type=int, default=0)
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+                   help="hub id or local diffusers folder; SD1.5-family or SDXL-family, detected from its components")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                   help="another VAE, e.g. an fp16-safe SDXL VAE (otherwise SDXL's VAE is kept in fp32)")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--resolution", type=int, default=512)
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddpm",
+                   help="DDPM, DDIM (with --eta) or DPM-Solver++ 2M, built from the pipeline's scheduler config")
+    g.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic, 1: DDPM-like)")
+    g.add_argument("--num_inference_steps", type=int, default=50, help="T")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
+    g = parser.add_argument_group("reward")
+    g.add_argument("--reward", default="hpsv21", help="rewards.py name or weighted sum, e.g. symmetry:1,clipscore:0.1")
+    g.add_argument("--reward_options", default="", help="rewards.py options, e.g. hps_checkpoint=/path/file.pt")
+    g.add_argument("--reward_resolution", type=int, default=None,
+                   help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
+    g.add_argument("--train_prompts", default=None,
+                   help="a .txt file (one prompt per line) or a dataset id / folder with a 'prompt' or 'caption' column")
+    g.add_argument("--eval_prompts", default=None, help="as --train_prompts; the fixed evaluation grid")
+    g.add_argument("--num_eval_prompts", type=int, default=8)
+    g = parser.add_argument_group("optimization")
+    g.add_argument("--train_batch_size", type=int, default=1, help="per process")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--lr_scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
+    g.add_argument("--lr_warmup_steps", type=int, default=0)
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--rank", type=int, default=128, help="LoRA rank (alpha = rank)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="dtype of the frozen weights and autocast; trainable LoRA weights stay fp32 "
+                        "(default: accelerate's config or launch flag)")
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--allow_tf32", action="store_true")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="stop after this many updates in a row skipped for a NaN/inf loss or gradient")
+    g = parser.add_argument_group("logging and saving")
+    g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
+    g.add_argument("--logging_steps", type=int, default=10, help="a plain log line every N steps")
+    g.add_argument("--validation_steps", type=int, default=100, help="evaluation grid every N steps")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
+    add_algorithm_arguments(parser)
+    args = parser.parse_args(argv)
+    if args.preset is not None:  # presets replace defaults, so flags given explicitly still win
+        parser.set_defaults(**PRESETS[args.preset])
+        args = parser.parse_args(argv)
+    return args
+
+
+def is_hub_id(path):
+    return re.fullmatch(r"[\w\-.]+/[\w\-.]+", path) is not None and not path.startswith(".")
+
+
+def load_config_or_fail(cls, path, what, flag, **kwargs):
+    """A small config file: cheap first contact with a hub id or folder, with a one-line error."""
+    if not os.path.isdir(path) and not is_hub_id(path):
+        raise UsageError(f"{what}: local path '{path}' does not exist ({flag})")
+    try:
+        return cls.load_config(path, **kwargs)
+    except Exception as e:  # offline, not cached, or not a diffusers folder
+        raise UsageError(f"{what}: could not load '{path}' ({type(e).__name__}); without network pass a local "
+                         f"diffusers folder with {flag} /path/to/model") from e
+
+
+def read_prompts(source, default):
+    if source is None:
+        return list(default)
+    if os.path.isfile(source) and source.endswith(".txt"):
+        with open(source, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    else:
+        import datasets
+        if not os.path.exists(source) and not is_hub_id(source):
+            raise UsageError(f"prompt file '{source}' does not exist")
+        data = datasets.load_dataset(source, split="train")
+        column = next((c for c in ("prompt", "caption", "text") if c in data.column_names), None)
+        if column is None:
+            raise UsageError(f"prompts '{source}': no 'prompt', 'caption' or 'text' column in {data.column_names}")
+        prompts = [p.strip() for p in data[column] if p and p.strip()]
+    if not prompts:
+        raise UsageError(f"prompt file '{source}' holds no prompts")
+    return prompts
+
+
+def check_arguments(args):
+    """Every bad input we can see without loading a large model, each as one line."""
+    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    if args.mixed_precision is None:
+        args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed_precision fp16 needs a GPU (no fp16 autocast on CPU); use bf16 or no")
+    try:
+        reward_parts = rewards.parse_spec(args.reward)
+        reward_options = rewards.parse_options(args.reward_options)
+        rewards.check_options(args.reward, reward_options)
+    except (ValueError, rewards.RewardLoadError) as e:
+        raise UsageError(f"--reward {args.reward}: {e}") from e
+    if NEEDS_DIFFERENTIABLE_REWARD and not rewards.is_differentiable(args.reward):
+        names = [n for n, _ in reward_parts if not rewards.REWARDS[n].differentiable]
+        raise UsageError(f"--reward: {', '.join(names)} is not differentiable, and this method backpropagates "
+                         f"through the reward")
+    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps",
+                 "rank", "validation_steps", "checkpointing_steps", "logging_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1")
+    kwargs = dict(revision=args.revision)
+    model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
+                                      "--pretrained_model_name_or_path", **kwargs)
+    unet_config = load_config_or_fail(UNet2DConditionModel, args.pretrained_model_name_or_path, "model",
+                                      "--pretrained_model_name_or_path", subfolder="unet", **kwargs)
+    vae_path = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
+    vae_kwargs = dict(subfolder="vae", **kwargs) if args.pretrained_vae_model_name_or_path is None else {}
+    vae_config = load_config_or_fail(AutoencoderKL, vae_path, "VAE", "--pretrained_vae_model_name_or_path",
+                                     **vae_kwargs)
+    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
+    if args.resolution % vae_scale_factor:
+        raise UsageError(f"--resolution {args.resolution} is not divisible by the VAE factor {vae_scale_factor}")
+    args.train_prompt_list = read_prompts(args.train_prompts, DEFAULT_PROMPTS)
+    args.eval_prompt_list = read_prompts(args.eval_prompts, DEFAULT_PROMPTS)[: args.num_eval_prompts]
+    check_algorithm_arguments(args)
+    is_sdxl = "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time"
+    return dict(is_sdxl=is_sdxl, model_index=model_index, reward_options=reward_options)
+
+
+def load_models(args, info, device, weight_dtype):
+    """Tokenizers, text encoders, VAE and UNet, frozen, in the order of the diffusers examples."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    path, kw = args.pretrained_model_name_or_path, dict(revision=args.revision)
+    names = ["", "_2"] if info["is_sdxl"] else [""]
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{n}", **kw) for n in names]
+    kw.update(variant=args.variant, torch_dtype=weight_dtype)
+    text_encoders = [cls.from_pretrained(path, subfolder=f"text_encoder{n}", **kw)
+                     for cls, n in zip([CLIPTextModel, CLIPTextModelWithProjection], names)]
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    # SDXL's own VAE overflows in fp16; keep it in fp32 unless an fp16-safe VAE was given.
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype)
+    else:
+        upcast = info["is_sdxl"] and weight_dtype == torch.float16
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **dict(kw, torch_dtype=torch.float32) if upcast else kw)
+    for model in [vae, unet, *text_encoders]:
+        model.requires_grad_(False).eval().to(device)
+    force_zeros = info["model_index"].get("force_zeros_for_empty_prompt", info["is_sdxl"])
+    return argparse.Namespace(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
+                              is_sdxl=info["is_sdxl"], force_zeros_for_empty_prompt=force_zeros,
+                              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+
+
+def make_scheduler(args):
+    """DDPM / DDIM / DPM-Solver++ from the pipeline's scheduler config, with the traps made explicit."""
+    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
+                                        revision=args.revision)
+    # from_config drops default-valued keys; SD1.5 and SDXL use "leading" spacing, which DDIM's step assumes.
+    spacing = config.get("timestep_spacing", "leading")
+    if args.sampler == "ddpm":
+        return DDPMScheduler.from_config(config, clip_sample=False, variance_type="fixed_small",
+                                         timestep_spacing=spacing)
+    if args.sampler == "ddim":
+        return DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing=spacing)
+    return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                   timestep_spacing=spacing)
+
+
+def tokenize(tokenizer, prompts, device):
+    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids.to(device)
+
+
+@torch.no_grad()
+def encode_prompts(models, prompts, resolution):
+    """Conditioning of [negative; prompt] for classifier-free guidance, as the diffusers pipelines build it:
+    UNet keyword arguments with batch 2B."""
+    device, negatives = models.unet.device, [""] * len(prompts)
+    if not models.is_sdxl:
+        encoder = models.text_encoders[0]
+        embeds = encoder(tokenize(models.tokenizers[0], negatives + list(prompts), device))[0]  # (2B, 77, D)
+        return dict(encoder_hidden_states=embeds.to(models.unet.dtype))
+
+    def encode_sdxl(texts):  # penultimate states of both encoders side by side; pooled from encoder 2
+        states = []
+        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+            out = encoder(tokenize(tokenizer, texts, device), output_hidden_states=True)
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), out[0]
+
+    embeds, pooled = encode_sdxl(list(prompts))
+    if models.force_zeros_for_empty_prompt:
+        negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
+    else:
+        negative_embeds, negative_pooled = encode_sdxl(negatives)
+    # add_time_ids: original size, crop top-left, target size (we generate at the target size, uncropped)
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device)
+    dtype = models.unet.dtype
+    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]).to(dtype),
+                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]).to(dtype),
+                                       time_ids=time_ids.repeat(2 * len(prompts), 1).to(dtype)))
+
+
+def predict_noise(unet, latents, t, cond, guidance_scale):
+    """Model output with classifier-free guidance; latents (B, C, h, w), cond of batch 2B."""
+    if guidance_scale <= 1:  # no guidance: the prompt half only
+        half = {k: (v[len(latents):] if torch.is_tensor(v) else {n: x[len(latents):] for n, x in v.items()})
+                for k, v in cond.items()}
+        return unet(latents, t, **half, return_dict=False)[0]
+    noise_uncond, noise_text = unet(torch.cat([latents] * 2), t, **cond, return_dict=False)[0].chunk(2)
+    return noise_uncond + guidance_scale * (noise_text - noise_uncond)
+
+
+def alphas_at(scheduler, t):
+    """abar_t and abar_prev of a DDPM/DDIM step with the scheduler's own conventions for the last step."""
+    abar = scheduler.alphas_cumprod
+    if type(scheduler).__name__ == "DDIMScheduler":
+        prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+        return abar[t], abar[prev] if prev >= 0 else scheduler.final_alpha_cumprod
+    prev = scheduler.previous_timestep(t)
+    return abar[t], abar[prev] if prev >= 0 else torch.tensor(1.0)
+
+
+def predict_x0_eps(scheduler, model_output, t, x):
+    """(x_0, eps) from the model output at x_t: linear in both."""
+    abar = scheduler.alphas_cumprod[t].to(x.device)
+    if scheduler.config.prediction_type == "v_prediction":
+        return abar.sqrt() * x - (1 - abar).sqrt() * model_output, abar.sqrt() * model_output + (1 - abar).sqrt() * x
+    return (x - (1 - abar).sqrt() * model_output) / abar.sqrt(), model_output
+
+
+def sampler_step(scheduler, model_output, t, x, noise, eta):
+    """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output.
+    DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal scheduler.step).
+    DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step, which is linear too."""
+    if type(scheduler).__name__ == "DPMSolverMultistepScheduler":
+        return scheduler.step(model_output, t, x).prev_sample
+    abar_t, abar_prev = (a.to(x.device) for a in alphas_at(scheduler, t))
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    if type(scheduler).__name__ == "DDPMScheduler":
+        sigma = variance.clamp(min=1e-20).sqrt()
+    else:
+        sigma = eta * variance.sqrt()
+    x0, eps = predict_x0_eps(scheduler, model_output, t, x)
+    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+    return x_prev if noise is None else x_prev + sigma * noise
+
+
+def rollout(unet, scheduler, cond, latents, generator, args, grad_steps=(), stop_index=None, stop_grad_input=True):
+    """Sample from x_T = latents. Steps whose index (0 = noisiest) is in grad_steps run the UNet with gradient;
+    all others under no_grad, entering the graph only through the linear path of the sampler step.
+    stop_grad_input detaches every UNet input (DRTune eq. 3). With stop_index, sampling stops at that step and
+    returns the x_0 predicted from x_t and the model output there (early stop); otherwise the final latents."""
+    scheduler.set_timesteps(args.num_inference_steps, device=latents.device)  # also resets DPM++ history
+    stochastic = args.sampler == "ddpm" or (args.sampler == "ddim" and args.eta > 0)
+    for i, t in enumerate(scheduler.timesteps):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
+            model_output = predict_noise(unet, latents.detach() if stop_grad_input else latents, t, cond,
+                                         args.guidance_scale)
+        if i == stop_index:
+            return predict_x0_eps(scheduler, model_output, t, latents)[0]
+        noise = randn(latents.shape, generator, latents.device) if stochastic else None
+        latents = sampler_step(scheduler, model_output, t, latents, noise, args.eta)
+    return latents
+
+
+def randn(shape, generator, device):
+    """Noise from a CPU generator: the same numbers on any device (and as the diffusers pipelines draw them)."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def initial_latents(models, args, batch_size, generator, device):
+    shape = (batch_size, models.unet.config.in_channels, args.resolution // models.vae_scale_factor,
+             args.resolution // models.vae_scale_factor)
+    return randn(shape, generator, device)
+
+
+def decode(vae, latents):
+    """Latents -> images (B, 3, H, W) in [0, 1], with gradient."""
+    if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
+        mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
+        latents = latents * std / vae.config.scaling_factor + mean
+    else:
+        latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    return (images.float() / 2 + 0.5).clamp(0, 1)
+
+
+def compute_reward(reward_fn, images, prompts, args):
+    if args.reward_resolution is not None and images.shape[-1] != args.reward_resolution:
+        images = F.interpolate(images, size=(args.reward_resolution,) * 2, mode="bicubic", antialias=True,
+                               align_corners=False).clamp(0, 1)
+    return reward_fn(images, prompts)
+
+
+def step_generator(args, process_index, step):
+    """This process's generator for one optimizer step: a function of (seed, process, step) alone, so that a
+    resumed run draws the same prompts and noise as an uninterrupted one, and processes differ."""
+    seed = int(np.random.SeedSequence([args.seed, process_index, step]).generate_state(1)[0])
+    return torch.Generator().manual_seed(seed)
+
+
+def add_lora(unet, args):
+    from peft import LoraConfig
+    unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
+                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    params = [p for p in unet.parameters() if p.requires_grad]
+    for p in params:  # frozen weights stay in the mixed-precision dtype; trainable ones in fp32
+        p.data = p.data.float()
+    return params
+
+
+def save_lora(unet, is_sdxl, output_dir):
+    """pytorch_lora_weights.safetensors in the diffusers format: pipe.load_lora_weights(output_dir) loads it."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    # the metadata keeps lora_alpha; without it a reload assumes alpha = rank
+    pipeline_class.save_lora_weights(output_dir, unet_lora_layers=state_dict,
+                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+
+def load_lora(unet, is_sdxl, path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import set_peft_model_state_dict
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    state_dict = pipeline_class.lora_state_dict(path)[0]
+    state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items()}
+    result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state_dict), adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+
+
+def checkpoint_steps(output_dir):
+    if not os.path.isdir(output_dir):
+        return []
+    return sorted(int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d)))
+
+
+def save_checkpoint(accelerator, unet, models, args, step):
+    """checkpoint-N/: optimizer, LR scheduler, grad scaler and RNG states (accelerate) and the LoRA weights,
+    written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint."""
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = final + ".tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    if accelerator.is_main_process:
+        save_lora(unet, models.is_sdxl, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit is not None:
+            for old in checkpoint_steps(args.output_dir)[: -args.checkpoints_total_limit]:
+                shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+    accelerator.wait_for_everyone()
+
+
+def resume_step(accelerator, unet, models, args):
+    """Load checkpoint-N (or the latest) and return N; 0 without --resume_from_checkpoint."""
+    if args.resume_from_checkpoint is None:
+        return 0
+    if args.resume_from_checkpoint == "latest":
+        steps = checkpoint_steps(args.output_dir)
+        if not steps:
+            accelerator.print(f"no checkpoint in {args.output_dir}; starting from scratch")
+            return 0
+        path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}")
+    else:
+        path = args.resume_from_checkpoint
+    accelerator.load_state(path)
+    load_lora(unet, models.is_sdxl, path)
+    return int(re.search(r"checkpoint-(\d+)", path.rstrip("/")).group(1))
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+class MetricsLog:
+    """metrics.jsonl (one JSON object per optimizer step) plus the tracker; main process only."""
+
+    def __init__(self, accelerator, path, resume_step):
+        self.accelerator, self.path, self.rows = accelerator, path, []
+        if accelerator.is_main_process and os.path.exists(path):
+            with open(path) as f:  # on resume, drop the steps after the checkpoint: they are run again
+                self.rows = [r for r in map(json.loads, f) if resume_step and r["step"] <= resume_step]
+            with open(path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+
+    def log(self, row):
+        if not self.accelerator.is_main_process:
+            return
+        self.rows.append(row)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        scalars = {k: v for k, v in row.items() if isinstance(v, (int, float)) and k != "step"}
+        self.accelerator.log(scalars, step=row["step"])
+
+
+@torch.no_grad()
+def generate(models, scheduler, unet, prompts, args, seed):
+    """Images of the current policy for prompts, from fixed noise; (B, 3, H, W) in [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+    device = models.unet.device
+    latents = initial_latents(models, args, len(prompts), generator, device)
+    cond = encode_prompts(models, prompts, args.resolution)
+    return decode(models.vae, rollout(unet, scheduler, cond, latents, generator, args))
+
+
+def save_grid(images, path, nrow):
+    from PIL import Image
+    b, c, h, w = images.shape
+    ncol = math.ceil(b / nrow)
+    grid = torch.ones(c, nrow * h, ncol * w)
+    for i, image in enumerate(images.cpu()):
+        r, col = divmod(i, ncol)
+        grid[:, r * h:(r + 1) * h, col * w:(col + 1) * w] = image
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+@torch.no_grad()
+def evaluate(models, scheduler, unet, reward_fn, args, step):
+    """Fixed prompts and noise: a grid in samples/ and the mean reward (main process)."""
+    images = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+    score = compute_reward(reward_fn, images, args.eval_prompt_list, args)
+    save_grid(images, os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), nrow=1)
+    return score.mean().item(), images
+
+
+def plot_reward_curve(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    train = [r for r in rows if "reward_mean" in r]
+    ax.plot([r["step"] for r in train], [r["reward_mean"] for r in train], label="train reward", alpha=0.6)
+    evals = [r for r in rows if "eval_reward" in r]
+    ax.plot([r["step"] for r in evals], [r["eval_reward"] for r in evals], "o-", label="eval reward (fixed noise)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def all_reduce_grads(accelerator, params):
+    """Average the LoRA gradients over processes in one flat collective."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def library_versions():
+    import accelerate
+    import diffusers
+    import peft
+    import transformers
+    return {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft, accelerate)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm: SPO (step-by-step preference optimization)
+# ---------------------------------------------------------------------------------------------
+
+NEEDS_DIFFERENTIABLE_REWARD = False
+
+
+def step_sigma(scheduler, t, eta):
+    """sigma_t of the DDIM step (DDIM eq. 16): eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev))."""
+    abar_t, abar_prev = alphas_at(scheduler, t)
+    return eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).sqrt()
+
+
+def step_mean(scheduler, model_output, timesteps, latents, eta):
+    """The DDIM mean of x_{t-1} for a batch with one timestep per sample (B,): the scaffold's sampler_step, which
+    takes one scalar t, row by row. Differentiable in model_output."""
+    return torch.cat([sampler_step(scheduler, model_output[i:i + 1], t, latents[i:i + 1], None, eta)
+                      for i, t in enumerate(timesteps.tolist())])
+
+
+def gaussian_log_density(x, mean, sigma):
+    """log N(x; mean, sigma^2 I) averaged over all but the batch dimension (the official SPO's per-step log-prob);
+    x, mean (B, C, h, w); sigma a scalar or (B,)."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+    log_pdf = -(x - mean) ** 2 / (2 * sigma ** 2) - sigma.log() - 0.5 * math.log(2 * math.pi)
+    return log_pdf.flatten(1).mean(1)
+
+
+def draw_candidates(mean, sigma, k, generator):
+    """The pool: k candidates x_{t-1} = mean + sigma z_j around the one DDIM mean of a shared x_t; (k, B, C, h, w)."""
+    return mean.unsqueeze(0) + sigma * randn((k, *mean.shape), generator, mean.device)
+
+
+def select_pair(scores, threshold, temperature=1.0):
+    """The official compare rule. scores (k, B) -> best, worst (B,) candidate indices, gap (B,) = p_best - p_worst
+    with the softmax over the two (the official preference_score_compare), keep (B,) = gap > threshold."""
+    best, worst = scores.argmax(0), scores.argmin(0)
+    p = (torch.stack([scores.amax(0), scores.amin(0)]) / temperature).softmax(0)  # (2, B)
+    gap = p[0] - p[1]
+    return best, worst, gap, gap > threshold
+
+
+def build_preference_model(reward_fn, args):
+    """The step-aware preference model: score(images, prompts, timestep) -> (N,), images (N, 3, H, W) in [0, 1]
+    decoded from the x_0 predictions. Here a rewards.py reward, which ignores the timestep; the paper's
+    time-conditioned PickScore (SPM) would take it and plug in here."""
+    def score(images, prompts, timestep):
+        return compute_reward(reward_fn, images, prompts, args)
+    return score
+
+
+def pick(x, index):
+    """x (k B, ...) laid out candidate-major -> x[index[b] * B + b] for each prompt b; (B, ...)."""
+    B = len(index)
+    return x.view(-1, B, *x.shape[1:])[index, torch.arange(B, device=index.device)]
+
+
+@torch.no_grad()
+def sample_pairs(models, scheduler, unet, preference_model, prompts, generator, args):
+    """One SPO sampling round for B prompts (no_grad). Returns (pairs, stats):
+    pairs: latents (P, 2, C, h, w) x_t of the winner and the loser, next_latents (P, 2, C, h, w) their x_{t-1},
+    timesteps (P,), prompts (P strings); stats: final_scores (k B,) of the final x_0 of every branch, gaps (G,) of
+    the G comparisons (B per compared step), kept (how many passed the threshold)."""
+    B, k, T = len(prompts), args.num_candidates, args.num_inference_steps
+    device = unet.device
+    scheduler.set_timesteps(T, device=device)
+    timesteps = scheduler.timesteps.tolist()
+    cond = encode_prompts(models, prompts, args.resolution)  # batch 2B: the shared x_t
+    pool_prompts = list(prompts) * k  # candidate j of prompt b at row j B + b
+    pool_cond = encode_prompts(models, pool_prompts, args.resolution)  # batch 2kB: the pool
+    latents = initial_latents(models, args, B, generator, device)  # x_T (B, C, h, w)
+    for t in timesteps[: args.warm_steps]:  # warm steps: plain DDIM eta 1, never trained
+        model_output = predict_noise(unet, latents, t, cond, args.guidance_scale)
+        latents = sampler_step(scheduler, model_output, t, latents, randn(latents.shape, generator, device), args.eta)
+
+    pairs = dict(latents=[], next_latents=[], timesteps=[], prompts=[])
+    gaps, kept, final_scores = [], 0, None
+    i, model_output = args.warm_steps, None
+    while i < T:
+        t = timesteps[i]
+        if model_output is None:  # only the first branching step: later ones reuse the scoring call below
+            model_output = predict_noise(unet, latents, t, cond, args.guidance_scale)
+        mean = sampler_step(scheduler, model_output, t, latents, None, args.eta)  # one mean for the whole pool
+        branches = draw_candidates(mean, step_sigma(scheduler, t, args.eta).to(device), k, generator).flatten(0, 1)
+        path = [(latents.repeat(k, 1, 1, 1), branches, t)]  # (x_t, x_{t-1}, t) of each branch, (k B, ...) each
+        i += 1
+        for _ in range(args.num_inner_steps):  # SDXL setting: every branch goes on alone before the comparison
+            if i == T:
+                break
+            out = predict_noise(unet, branches, timesteps[i], pool_cond, args.guidance_scale)
+            next_branches = sampler_step(scheduler, out, timesteps[i], branches,
+                                         randn(branches.shape, generator, device), args.eta)
+            path.append((branches, next_branches, timesteps[i]))
+            branches, i = next_branches, i + 1
+        if i < T:  # score the x_0 predicted at each branch's x_t; the same call serves the continuation
+            model_output = predict_noise(unet, branches, timesteps[i], pool_cond, args.guidance_scale)
+            x0, score_t = predict_x0_eps(scheduler, model_output, timesteps[i], branches)[0], timesteps[i]
+        else:  # the branches reached x_0: score the images themselves
+            x0, score_t, model_output = branches, 0, None
+        scores = preference_model(decode(models.vae, x0), pool_prompts, score_t).float()  # (k B,)
+        best, worst, gap, keep = select_pair(scores.view(k, B), args.pair_threshold, args.preference_temperature)
+        gaps.append(gap)
+        kept += int(keep.sum())
+        for x_t, x_prev, t_s in path:  # every step of the two branches is a pair
+            if step_sigma(scheduler, t_s, args.eta) == 0:  # deterministic (final_alpha_cumprod = 1): no density
+                continue
+            pairs["latents"].append(torch.stack([pick(x_t, best), pick(x_t, worst)], 1)[keep])
+            pairs["next_latents"].append(torch.stack([pick(x_prev, best), pick(x_prev, worst)], 1)[keep])
+            pairs["timesteps"].append(torch.full((int(keep.sum()),), t_s, dtype=torch.long, device=device))
+            pairs["prompts"] += [p for p, keep_it in zip(prompts, keep.tolist()) if keep_it]
+        final_scores = scores
+        choice = torch.randint(k, (B,), generator=generator).to(device)  # continue from a random candidate
+        latents = pick(branches, choice)
+        if model_output is not None:
+            model_output = pick(model_output, choice)
+    pairs = {key: value if key == "prompts" else torch.cat(value) for key, value in pairs.items()}
+    return pairs, dict(final_scores=final_scores, gaps=torch.cat(gaps), kept=kept)
+
+
+def pair_loss(logp, logp_ref, beta, eps):
+    """logp, logp_ref (P, 2) step log-densities of [winner, loser] under the policy and the reference ->
+    per-pair loss -log sigmoid(beta (log r_w - log r_l)) (P,), r = clamp(exp(logp - logp_ref), 1 - eps, 1 + eps)
+    (official), and which ratios the clamp hit (P, 2). Clamping the log-ratio to [log(1 - eps), log(1 + eps)]
+    is the same value and the same zero gradient outside, without exp overflow."""
+    log_ratio = logp - logp_ref
+    clamped = log_ratio.clamp(math.log(1 - eps), math.log(1 + eps))
+    return -F.logsigmoid(beta * (clamped[:, 0] - clamped[:, 1])), clamped.detach() != log_ratio.detach()
+
+
+def spo_loss(models, scheduler, unet, pairs, args):
+    """Per-pair SPO loss of a minibatch of pairs, with gradient to the LoRA weights; returns (loss (P,),
+    clamped (P, 2) bool, log_ratio (P, 2))."""
+    x_t, x_prev, t = pairs["latents"], pairs["next_latents"], pairs["timesteps"]
+    P = len(t)
+    # one UNet row per distinct x_t: both sides of a pair drawn from one x_t (no inner steps) share the forward
+    shared = (x_t[:, 0] == x_t[:, 1]).flatten(1).all(1)
+    rows = torch.arange(P, device=t.device).repeat(2, 1).T.clone()  # (P, 2): UNet row of the winner's, loser's x_t
+    rows[~shared, 1] = P + torch.arange(int((~shared).sum()), device=t.device)
+    inputs = torch.cat([x_t[:, 0], x_t[:, 1][~shared]])
+    input_t = torch.cat([t, t[~shared]])
+    prompts = list(pairs["prompts"]) + [p for p, s in zip(pairs["prompts"], shared.tolist()) if not s]
+    cond = encode_prompts(models, prompts, args.resolution)
+    unet_t = input_t.repeat(2) if args.guidance_scale > 1 else input_t  # predict_noise doubles the batch for CFG
+    sigma = torch.stack([step_sigma(scheduler, s, args.eta) for s in t.tolist()]).repeat_interleave(2)  # (2P,)
+
+    def log_density(model_output):  # (P, 2): log p(x_{t-1} | x_t) of the winner and the loser
+        out = model_output.float()[rows.flatten()]
+        mean = step_mean(scheduler, out, t.repeat_interleave(2), x_t.flatten(0, 1), args.eta)
+        return gaussian_log_density(x_prev.flatten(0, 1), mean, sigma).view(P, 2)
+
+    with torch.no_grad():  # the reference: the same UNet without LoRA (no backward while disabled: TRAPS)
+        unet.disable_adapters()
+        try:
+            logp_ref = log_density(predict_noise(unet, inputs, unet_t, cond, args.guidance_scale))
+        finally:
+            unet.enable_adapters()
+    logp = log_density(predict_noise(unet, inputs, unet_t, cond, args.guidance_scale))
+    loss, clamped = pair_loss(logp, logp_ref, args.beta, args.clip_eps)
+    return loss, clamped, (logp - logp_ref).detach()
+
+
+def gather_pairs(accelerator, pairs):
+    """Every process's pairs, concatenated in process order, on every process (counts differ per process)."""
+    if accelerator.num_processes == 1:
+        return pairs
+    from accelerate.utils import gather_object
+    counts = accelerator.gather(torch.tensor([len(pairs["timesteps"])], device=accelerator.device)).tolist()
+    out = dict(prompts=gather_object(list(pairs["prompts"])))
+    for key in ("latents", "next_latents", "timesteps"):
+        padded = accelerator.pad_across_processes(pairs[key].contiguous(), dim=0)
+        full, m = accelerator.gather(padded), padded.shape[0]
+        out[key] = torch.cat([full[p * m:p * m + c] for p, c in enumerate(counts)])
+    return out
+
+
+def shard(pairs, index, size, start, stop):
+    """Pairs index, index + size, ... of this process, then [start:stop] of those."""
+    rows = list(range(index, len(pairs["timesteps"]), size))[start:stop]
+    return {k: [v[r] for r in rows] if k == "prompts" else v[rows] for k, v in pairs.items()}
+
+
+def main(args):
+    """Train; returns the last metrics row (with the final eval reward) so that tests can call it."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers.optimization import get_scheduler
+
+    info = check_arguments(args)  # every bad input fails here, before a large model loads
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available(),
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, "logs")))
+    device, main_process = accelerator.device, accelerator.is_main_process
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    if main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.preset:
+            print(f"preset {args.preset}: " + json.dumps(PRESETS[args.preset]))
+        with open(os.path.join(args.output_dir, "config.json"), "w") as f:
+            config = {k: v for k, v in vars(args).items() if not k.endswith("_prompt_list")}
+            json.dump(dict(config, versions=library_versions(), script=os.path.basename(__file__),
+                           num_processes=accelerator.num_processes), f, indent=2)
+
+    models = load_models(args, info, device, weight_dtype)
+    scheduler = make_scheduler(args)
+    reward_fn = rewards.build_reward(args.reward, device=device, dtype=weight_dtype, **info["reward_options"])
+    preference_model = build_preference_model(reward_fn, args)
+    set_seed(args.seed)  # the same LoRA init on every process
+    unet = models.unet
+    params = add_lora(unet, args)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                 num_training_steps=args.max_train_steps)
+    # The UNet is not wrapped in DDP (it also runs with adapters disabled for the reference, and the number of
+    # pair chunks differs per process); LoRA gradients are all-reduced by hand below.
+    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    start_step = resume_step(accelerator, unet, models, args)
+    metrics = MetricsLog(accelerator, os.path.join(args.output_dir, "metrics.jsonl"), start_step)
+    if main_process and args.report_to != "none":
+        accelerator.init_trackers(os.path.basename(__file__).removesuffix(".py"),
+                                  config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+
+    total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    accelerator.print(f"{'SDXL' if models.is_sdxl else 'SD1.5'} | {len(params)} LoRA tensors, "
+                      f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable | prompts {args.train_batch_size} x "
+                      f"accumulation {args.gradient_accumulation_steps} x {accelerator.num_processes} processes = "
+                      f"{total_batch} per update, k = {args.num_candidates} | {args.max_train_steps} steps from "
+                      f"{start_step}")
+    if main_process and start_step == 0:
+        with accelerator.autocast():
+            eval_reward, _ = evaluate(models, scheduler, unet, reward_fn, args, 0)
+        metrics.log(dict(step=0, eval_reward=eval_reward))
+
+    row, nonfinite_in_a_row = {}, 0
+    N, rank = accelerator.num_processes, accelerator.process_index
+    progress = tqdm(initial=start_step, total=args.max_train_steps, disable=not main_process, desc="steps")
+    for step in range(start_step + 1, args.max_train_steps + 1):
+        start = time.time()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        generator = step_generator(args, rank, step)
+        scores, gaps, raw = [], [], {}
+        loss_sum, trained, clamped, ratios = (torch.zeros(n, device=device) for n in (1, 1, 2, 2))  # 2: [win, lose]
+        num_pairs = kept = 0
+        for _ in range(args.gradient_accumulation_steps):
+            idx = torch.randint(len(args.train_prompt_list), (args.train_batch_size,), generator=generator)
+            prompts = [args.train_prompt_list[i] for i in idx]
+            with accelerator.autocast():
+                pairs, stats = sample_pairs(models, scheduler, unet, preference_model, prompts, generator, args)
+            scores.append(stats["final_scores"])
+            gaps.append(stats["gaps"])
+            kept += stats["kept"]
+            for name, value in reward_fn.last_raw.items():  # of the last comparison: the final images
+                raw.setdefault(name, []).append(value)
+            pairs = gather_pairs(accelerator, pairs)  # every process's pairs, then an even split
+            total = len(pairs["timesteps"])
+            num_pairs += total
+            for chunk in range(0, len(range(rank, total, N)), args.pair_batch_size):
+                batch = shard(pairs, rank, N, chunk, chunk + args.pair_batch_size)
+                with accelerator.autocast():
+                    loss, hit, log_ratio = spo_loss(models, scheduler, unet, batch, args)
+                # all_reduce_grads averages over processes: this scale makes the update the mean over all pairs
+                accelerator.backward(loss.sum() * N / (total * args.gradient_accumulation_steps))
+                loss_sum += loss.detach().sum()
+                trained += len(loss)
+                clamped += hit.float().sum(0)
+                ratios += log_ratio.clamp(math.log(1 - args.clip_eps), math.log(1 + args.clip_eps)).exp().sum(0)
+        all_reduce_grads(accelerator, params)
+        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        scores = accelerator.gather(torch.cat(scores)).float()
+        gaps = accelerator.gather(torch.cat(gaps)).float()  # one per comparison
+        loss_sum, trained, clamped, ratios = (accelerator.reduce(x, reduction="sum")
+                                              for x in (loss_sum, trained, clamped, ratios))
+        loss = (loss_sum / trained).item() if num_pairs else None  # None: no pair passed the threshold
+        finite_reward = bool(torch.isfinite(scores).all())
+        finite = finite_reward and math.isfinite(grad_norm) and (loss is None or math.isfinite(loss))
+        if finite or (accelerator.scaler is not None and finite_reward):  # the fp16 scaler skips inf grads itself
+            optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
+
+        num_prompts = args.train_batch_size * args.gradient_accumulation_steps * N
+        kept = accelerator.reduce(torch.tensor(float(kept), device=device), reduction="sum").item()
+        row = dict(step=step, loss=loss, reward_mean=scores.mean().item(),
+                   reward_std=scores.std().item() if len(scores) > 1 else 0.0, grad_norm=grad_norm,
+                   lr=lr_scheduler.get_last_lr()[0], seconds=time.time() - start, peak_memory_mb=peak_memory_mb(device),
+                   skipped=not finite, **{f"raw_{k}": accelerator.gather(torch.cat(v)).float().mean().item()
+                                           for k, v in raw.items()},
+                   pairs=num_pairs, pairs_per_prompt=num_pairs / num_prompts,
+                   kept_fraction=kept / len(gaps), score_gap=gaps.mean().item(),
+                   clamped_fraction=(clamped.sum() / (2 * trained)).item() if num_pairs else None,
+                   ratio_win=(ratios[0] / trained).item() if num_pairs else None,
+                   ratio_lose=(ratios[1] / trained).item() if num_pairs else None)
+        if step % args.validation_steps == 0 or step == args.max_train_steps:
+            if main_process:
+                with accelerator.autocast():
+                    row["eval_reward"], _ = evaluate(models, scheduler, unet, reward_fn, args, step)
+            accelerator.wait_for_everyone()
+        metrics.log(row)
+        progress.update(1)
+        progress.set_postfix(reward=f"{row['reward_mean']:.4g}", pairs=num_pairs, grad=f"{grad_norm:.3g}")
+        if step % args.logging_steps == 0 and main_process:
+            progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if nonfinite_in_a_row >= args.max_nonfinite_steps:
+            raise RuntimeError(f"{nonfinite_in_a_row} updates in a row had a NaN/inf loss, reward or gradient; "
+                               f"stopped at step {step}. The last checkpoint in {args.output_dir} is intact.")
+        if step % args.checkpointing_steps == 0 and finite:
+            save_checkpoint(accelerator, unet, models, args, step)
+    progress.close()
+
+    accelerator.wait_for_everyone()
+    if main_process:
+        save_lora(unet, models.is_sdxl, args.output_dir)
+        with accelerator.autocast():
+            after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+            unet.disable_adapters()
+            before = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+            unet.enable_adapters()
+        save_grid(torch.cat([before, after]), os.path.join(args.output_dir, "samples", "before_after.png"), nrow=2)
+        plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
+    accelerator.end_training()
+    return row
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    try:
+        main(arguments)
+    except (UsageError, rewards.RewardLoadError) as error:
+        sys.exit(f"{os.path.basename(__file__)}: error: {error}")
