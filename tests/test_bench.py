@@ -1,5 +1,4 @@
 """bench.py: the full-size configs have the published sizes, and --quick runs end to end in seconds."""
-import os
 import subprocess
 import sys
 
@@ -63,3 +62,48 @@ def test_quick_run_prints_the_table_and_writes_the_report(tmp_path):
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- begin tiny -->" in report and "| DRTune | 4 | 2 |" in report and "full_size_sdxl" in report
     assert (tmp_path / "bench_drtune.png").stat().st_size > 0
+
+
+def markdown_rows(stdout, first_header_cell):
+    """{first cell: cells} of the first table printed whose header starts with first_header_cell."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_fig7_quick_prints_grad_norms_for_each_K_and_writes_its_section(tmp_path):
+    result = subprocess.run([sys.executable, "bench.py", "--fig7", "--quick", "--output_dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = markdown_rows(result.stdout, "K")
+    assert set(rows) == {"1", "2", "4"}
+    for cells in rows.values():
+        without, with_ = float(cells[1].split()[0]), float(cells[2].split()[0])
+        assert without > 0 and with_ > 0
+    # K = 1: the one trained call's input carries no gradient, so stop-gradient changes nothing
+    assert rows["1"][1] == rows["1"][2]
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin fig7 -->" in report and "| 4 |" in report and "<!-- begin table1 -->" in report
+    assert (tmp_path / "bench_fig7.png").stat().st_size > 0
+
+
+def test_table1_quick_trains_every_method_and_writes_its_section(tmp_path):
+    result = subprocess.run([sys.executable, "bench.py", "--table1", "--quick", "--output_dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = markdown_rows(result.stdout, "method")
+    assert set(rows) == {"base model (step 0)", "DRTune", "ReFL", "DRaFT-LV", "DRaFT-K", "AlignProp"}
+    for label, cells in rows.items():
+        final = float(cells[3].split(" ± ")[0])
+        assert final == final  # a number, not NaN
+        if label != "base model (step 0)":
+            assert float(cells[1]) > 0 and int(cells[2]) >= 1
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin table1 -->" in report and "| DRTune |" in report and "held-out" in report
+    assert (tmp_path / "bench_table1.png").stat().st_size > 0
