@@ -1,0 +1,367 @@
+"""Diffusion-DPO: the loss against a hand computation, the reference (the same UNet with its adapters off), the
+Pick-a-Pic data path on a tiny parquet made here, SDXL time ids, online self-rewarding rounds and the moving
+reference, and the CLI on tiny SD and SDXL with the LoRA reloaded in diffusers."""
+import io
+import itertools
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_SD, TINY_SDXL, tiny_argv
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+
+import dpo
+
+CPU = torch.device("cpu")
+RED, GREEN, BLUE, YELLOW = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)
+
+
+def png(color, size=(48, 40)):
+    """Encoded image bytes, as Pick-a-Pic stores them; size is (width, height)."""
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    """Two pairs with a preference (one each way), a tie, an undecodable and a truncated image."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [
+        dict(jpg_0=png(RED), jpg_1=png(GREEN), label_0=1.0, caption="red beats green"),
+        dict(jpg_0=png(YELLOW), jpg_1=png(BLUE), label_0=0.0, caption="blue beats yellow"),
+        dict(jpg_0=png(RED), jpg_1=png(BLUE), label_0=0.5, caption="a tie"),
+        dict(jpg_0=b"not an image", jpg_1=png(BLUE), label_0=1.0, caption="corrupt"),
+        dict(jpg_0=png(RED), jpg_1=png(GREEN)[:60], label_0=0.0, caption="truncated"),
+    ]
+    table = pa.table({"jpg_0": pa.array([r["jpg_0"] for r in rows], pa.binary()),
+                      "jpg_1": pa.array([r["jpg_1"] for r in rows], pa.binary()),
+                      "label_0": [r["label_0"] for r in rows], "caption": [r["caption"] for r in rows],
+                      "url": ["u"] * len(rows)})  # Pick-a-Pic has more columns; they are dropped
+    path = tmp_path_factory.mktemp("pairs") / "train.parquet"
+    pq.write_table(table, path)
+    return str(path)
+
+
+def setup(model, pairs_file, **overrides):
+    args = dpo.parse_args(tiny_argv(model, "unused", **dict(dict(dataset_name=pairs_file), **overrides)))
+    info = dpo.check_arguments(args)
+    models = dpo.load_models(args, info, CPU, torch.float32)
+    dpo.add_lora(models.unet, args)
+    return args, models
+
+
+def noise_scheduler(model):
+    from diffusers import DDPMScheduler
+    return DDPMScheduler.from_pretrained(model, subfolder="scheduler")
+
+
+def lora_params(unet, adapter="default"):
+    return {n: p for n, p in unet.named_parameters() if "lora_" in n and f".{adapter}." in n}
+
+
+# --- the loss ----------------------------------------------------------------------------------------
+
+def with_mean_square(value, shape=(4, 8, 8), seed=0):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    return x / x.square().mean().sqrt() * math.sqrt(value)
+
+
+def test_loss_matches_hand_computation():
+    """Errors averaged per pixel, then -log sigmoid(-beta/2 ((L_w - L_l) - (Lref_w - Lref_l))) per pair."""
+    model = [0.30, 0.50, 0.40, 0.20]  # L_w of pairs 1, 2, then L_l of pairs 1, 2
+    ref = [0.35, 0.45, 0.38, 0.25]
+    target = torch.randn(4, 4, 8, 8)
+    model_pred = target + torch.stack([with_mean_square(v, seed=i) for i, v in enumerate(model)])
+    ref_pred = target + torch.stack([with_mean_square(v, seed=10 + i) for i, v in enumerate(ref)])
+    model_error, ref_error = dpo.per_sample_error(model_pred, target), dpo.per_sample_error(ref_pred, target)
+    torch.testing.assert_close(model_error, torch.tensor(model), atol=1e-6, rtol=1e-6)
+    beta = 10.0
+    loss, logits = dpo.dpo_loss(model_error, ref_error, beta)
+    z1 = -beta / 2 * ((0.30 - 0.40) - (0.35 - 0.38))  # +0.35: the policy prefers the winner more than the reference
+    z2 = -beta / 2 * ((0.50 - 0.20) - (0.45 - 0.25))  # -0.5
+    expected = (math.log(1 + math.exp(-z1)) + math.log(1 + math.exp(-z2))) / 2
+    assert abs(loss.item() - expected) < 1e-6
+    torch.testing.assert_close(logits, torch.tensor([z1, z2]), atol=1e-5, rtol=1e-5)
+
+
+def test_loss_is_log_2_when_policy_equals_reference(pairs_file):
+    args, models = setup(TINY_SD, pairs_file)  # peft's init: LoRA B = 0, so the policy is the base model
+    latents = torch.randn(4, 4, 8, 8)
+    loss, extra = dpo.algorithm_loss(models, noise_scheduler(TINY_SD), models.unet, latents, ["a cat", "a dog"], None,
+                                     torch.Generator().manual_seed(0), args)
+    assert abs(loss.item() - math.log(2)) < 1e-6
+    assert extra["model_error_w"] == extra["ref_error_w"] and extra["model_error_l"] == extra["ref_error_l"]
+
+
+def test_one_step_lowers_winner_error_relative_to_loser(pairs_file):
+    args, models = setup(TINY_SD, pairs_file)
+    unet, scheduler = models.unet, noise_scheduler(TINY_SD)
+    latents, prompts = torch.randn(4, 4, 8, 8), ["a cat", "a dog"]
+
+    def evaluate():  # the same noise and timesteps every call
+        return dpo.algorithm_loss(models, scheduler, unet, latents, prompts, None, torch.Generator().manual_seed(0), args)
+
+    loss, before = evaluate()
+    optimizer = torch.optim.Adam([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
+    loss.backward()
+    optimizer.step()
+    loss_after, after = evaluate()
+    assert loss_after < loss
+    gap = lambda e: (e["model_error_w"] - e["model_error_l"]).item()  # noqa: E731
+    assert gap(after) < gap(before)
+    assert after["ref_error_w"] == before["ref_error_w"] and after["ref_error_l"] == before["ref_error_l"]
+
+
+def test_reference_is_the_same_unet_with_adapters_off(pairs_file):
+    """One module, two forwards (policy with grad, reference without); the reference equals the base UNet, a
+    backward works under gradient checkpointing, and LoRA requires_grad is left as it was."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    args, models = setup(TINY_SD, pairs_file)
+    unet = models.unet
+    unet.enable_gradient_checkpointing()
+    unet.train()
+    params = lora_params(unet)
+    with torch.no_grad():
+        for name, p in params.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # the policy now differs from the base
+    frozen = next(n for n in params if "lora_A" in n)
+    params[frozen].requires_grad_(False)  # a flag that peft's enable_adapters() would turn back on
+    flags = {n: p.requires_grad for n, p in params.items()}
+    tuner = next(m for m in unet.modules() if isinstance(m, BaseTunerLayer))
+    calls = []
+    unet.register_forward_pre_hook(lambda m, a: calls.append((m, torch.is_grad_enabled(), tuner.disable_adapters)))
+    latents, prompts = torch.randn(4, 4, 8, 8), ["a cat", "a dog"]
+    loss, extra = dpo.algorithm_loss(models, noise_scheduler(TINY_SD), unet, latents, prompts, None,
+                                     torch.Generator().manual_seed(0), args)
+    assert [(m is unet, grad, off) for m, grad, off in calls] == [(True, True, False), (True, False, True)]
+    loss.backward()
+    assert {n: p.requires_grad for n, p in params.items()} == flags
+    assert all(p.grad is not None for n, p in params.items() if n != frozen)
+
+    base = UNet2DConditionModel.from_pretrained(TINY_SD, subfolder="unet").eval()
+    cond = dpo.prompt_conditioning(models, prompts, args.resolution)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
+    with torch.no_grad():
+        expected = base(x, t, **cond).sample
+        policy = unet(x, t, **cond).sample
+    with dpo.reference_unet(unet):
+        reference = unet(x, t, **cond).sample
+    torch.testing.assert_close(reference, expected, atol=1e-5, rtol=1e-5)
+    assert (policy - expected).abs().max() > 1e-3
+    assert {n: p.requires_grad for n, p in params.items()} == flags
+
+
+def test_sft_trains_on_winners_alone_without_a_reference(pairs_file):
+    args, models = setup(TINY_SD, pairs_file, sft=True)
+    batches = []
+    models.unet.register_forward_pre_hook(lambda m, a: batches.append(len(a[0])))
+    loss, extra = dpo.algorithm_loss(models, noise_scheduler(TINY_SD), models.unet, torch.randn(4, 4, 8, 8),
+                                     ["a cat", "a dog"], None, torch.Generator().manual_seed(0), args)
+    assert batches == [2] and loss.item() == pytest.approx(extra["model_error_w"].item())
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+def stream(pairs_file, n, **overrides):
+    args = dpo.parse_args(tiny_argv(TINY_SD, "unused", dataset_name=pairs_file, **overrides))
+    dpo.check_algorithm_arguments(args)
+    pairs = dpo.PickAPicPairs(dpo.open_pairs(args), args, process_index=0, num_processes=1, seed=0)
+    return list(itertools.islice(iter(pairs), n))
+
+
+def color(pixels):
+    return tuple(round((c.item() + 1) * 127.5) for c in pixels.mean(dim=(1, 2)))
+
+
+def test_ties_dropped_winner_first_corrupt_images_skipped_and_counted(pairs_file):
+    examples = stream(pairs_file, 6)  # three passes over the two usable rows
+    assert sorted(e["caption"] for e in examples) == ["blue beats yellow"] * 3 + ["red beats green"] * 3
+    for e in examples:
+        assert e["pixels"].shape == (2, 3, 32, 32) and e["pixels"].min() >= -1 and e["pixels"].max() <= 1
+        winner, loser = color(e["pixels"][0]), color(e["pixels"][1])
+        assert (winner, loser) == ((RED, GREEN) if e["caption"] == "red beats green" else (BLUE, YELLOW))
+    # each skipped row is counted once on the next usable example: passes 1-2 entirely, pass 3 in part
+    ties = sum(e["ties_skipped"] for e in examples)
+    corrupt = sum(e["corrupt_skipped"] for e in examples)
+    assert 2 <= ties <= 3 and 4 <= corrupt <= 6
+    assert dpo.collate_pairs(examples[:2])["pixels"].shape == (2, 2, 3, 32, 32)
+
+
+def test_corrupt_image_raises_in_load_pair_only():
+    import numpy as np
+    row = dict(jpg_0=b"not an image", jpg_1=png(BLUE), label_0=1.0, caption="x")
+    with pytest.raises(Exception):
+        dpo.load_pair(row, 32, False, False, np.random.default_rng(0))
+    row = dict(jpg_0={"bytes": png(RED), "path": None}, jpg_1=png(BLUE), label_0=1.0, caption=None)  # Image feature
+    example = dpo.load_pair(row, 32, True, True, np.random.default_rng(0))
+    assert example["caption"] == "" and color(example["pixels"][0]) == RED
+
+
+def test_sdxl_time_ids_from_original_size_and_crop(pairs_file):
+    """A 48 x 40 (w x h) image at resolution 32: resized to 38 x 32, center crop at (top 0, left 3)."""
+    examples = stream(pairs_file, 2)
+    assert all(e["time_ids"] == [40, 48, 0, 3, 32, 32] for e in examples)
+    for e in stream(pairs_file, 8, random_crop=True):
+        top, left = e["time_ids"][2:4]
+        assert top == 0 and 0 <= left <= 6
+    args, models = setup(TINY_SDXL, pairs_file)
+    seen = []
+    models.unet.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["added_cond_kwargs"]["time_ids"]),
+                                          with_kwargs=True)
+    batch = dpo.collate_pairs(examples)
+    latents = dpo.encode_images(models.vae, torch.cat([batch["pixels"][:, 0], batch["pixels"][:, 1]]),
+                                torch.Generator().manual_seed(0), 8)
+    assert latents.shape == (4, 4, 8, 8)
+    dpo.algorithm_loss(models, noise_scheduler(TINY_SDXL), models.unet, latents, batch["captions"], batch["time_ids"],
+                       torch.Generator().manual_seed(0), args)
+    expected = torch.tensor([[40, 48, 0, 3, 32, 32]] * 4, dtype=torch.float32)
+    assert len(seen) == 2 and all(torch.equal(ids, expected) for ids in seen)  # policy and reference, (2B, 6)
+
+
+# --- online: self-rewarding pairs and the moving reference ---------------------------------------------
+
+def test_online_pairs_winners_score_higher(pairs_file):
+    args, models = setup(TINY_SD, pairs_file, online=True, images_per_prompt=3, dataset_name=None)
+    reward_fn = dpo.rewards.build_reward("symmetry")
+    scheduler = dpo.make_scheduler(args)
+    prompts = ["a cat", "a dog", "a red car"]
+    pool, scores = dpo.sample_pairs(models, scheduler, models.unet, reward_fn, prompts, torch.Generator().manual_seed(0),
+                                    args)
+    assert scores.shape == (3, 3) and pool["prompts"] == prompts
+    with torch.no_grad():
+        winners = reward_fn(dpo.decode(models.vae, pool["winners"]), prompts)
+        losers = reward_fn(dpo.decode(models.vae, pool["losers"]), prompts)
+    assert (winners > losers).all()
+    torch.testing.assert_close(winners, scores.max(dim=1).values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(pool["gaps"], winners - losers, atol=1e-5, rtol=1e-5)
+    args.pair_margin = pool["gaps"].median().item()  # pairs at or below the margin are skipped
+    strict, _ = dpo.sample_pairs(models, scheduler, models.unet, reward_fn, prompts, torch.Generator().manual_seed(0),
+                                 args)
+    assert len(strict["prompts"]) == 1 and (strict["gaps"] > args.pair_margin).all()
+
+
+def test_ema_reference_moves_by_exactly_the_rate(pairs_file):
+    """phi <- phi + rate (theta - phi) on every LoRA tensor; phi starts as the policy's init (the base model)."""
+    args, models = setup(TINY_SD, pairs_file)
+    unet = models.unet
+    reference = dpo.ReferenceLoRA(unet, rate=0.3)
+    policy, ref = lora_params(unet, "default"), lora_params(unet, "ref")
+    assert len(policy) == len(ref) > 0
+    assert all(p.requires_grad for p in policy.values()) and not any(p.requires_grad for p in ref.values())
+    assert all(torch.equal(ref[n.replace(".default.", ".ref.")], p) for n, p in policy.items())
+    for step in range(2):
+        with torch.no_grad():
+            for p in policy.values():
+                p.add_(torch.randn_like(p) * 0.1)  # an optimizer step
+        old = {n: p.clone() for n, p in ref.items()}
+        reference.update()
+        for name, p in policy.items():
+            key = name.replace(".default.", ".ref.")
+            torch.testing.assert_close(ref[key], old[key] + 0.3 * (p - old[key]), rtol=1e-6, atol=1e-8)
+
+    cond = dpo.prompt_conditioning(models, ["a cat"], args.resolution)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
+    reference.rate = 1.0  # the reference follows the policy: the "ref" adapter then computes the policy's output
+    reference.update()
+    with torch.no_grad():
+        expected = unet(x, t, **cond).sample
+    with dpo.reference_unet(unet, reference.adapter):
+        followed = unet(x, t, **cond).sample
+    torch.testing.assert_close(followed, expected, atol=1e-5, rtol=1e-5)
+    assert unet.active_adapters() == ["default"]
+    assert all(p.requires_grad for p in policy.values()) and not any(p.requires_grad for p in ref.values())
+    state = reference.state_dict()
+    reference.load_state_dict({k: torch.zeros_like(v) for k, v in state.items()})
+    assert all(p.abs().sum() == 0 for p in ref.values())
+
+
+def test_online_rounds_log_pairs_and_resume_with_the_reference(tmp_path):
+    out = str(tmp_path / "online")
+    common = dict(online=True, images_per_prompt=2, prompts_per_round=2, steps_per_round=1, ref_update_rate=0.5,
+                  checkpointing_steps=2, num_eval_prompts=1)
+    row = dpo.main(dpo.parse_args(tiny_argv(TINY_SD, out, **common)))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    assert [r.get("round") for r in rows] == [None, 1, 2]
+    for r in rows[1:]:
+        assert r["pair_margin"] > 0 and 1 <= r["pairs_kept"] <= 2 and "eval_reward" in r and "implicit_acc" in r
+    assert row["step"] == 2
+    assert os.path.exists(os.path.join(out, "checkpoint-2", "custom_checkpoint_0.pkl"))  # the reference LoRA
+    dpo.main(dpo.parse_args(tiny_argv(TINY_SD, out, resume_from_checkpoint="latest", max_train_steps=3, **common)))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert [json.loads(line).get("round") for line in f] == [None, 1, 2, 3]
+
+
+def test_a_round_without_pairs_stops_with_a_clear_error(tmp_path):
+    args = dpo.parse_args(tiny_argv(TINY_SD, str(tmp_path / "x"), online=True, images_per_prompt=2,
+                                    prompts_per_round=1, pair_margin=1e9, num_inference_steps=1, num_eval_prompts=1))
+    with pytest.raises(RuntimeError, match="no pair with a reward gap above --pair_margin"):
+        dpo.main(args)
+
+
+# --- the CLI ------------------------------------------------------------------------------------------
+
+def test_cli_offline_writes_outputs_and_lora_loads_in_diffusers(tiny_model, pairs_file, tmp_path):
+    out = str(tmp_path / "run")
+    argv = tiny_argv(tiny_model, out, dataset_name=pairs_file, max_train_steps=2, learning_rate=0.05,
+                     validation_steps=1, checkpointing_steps=1, checkpoints_total_limit=1)
+    subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
+    for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "reward_curve.png",
+                 "samples/step-000000.png", "samples/step-000002.png", "samples/before_after.png", "checkpoint-2"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert not os.path.exists(os.path.join(out, "checkpoint-1"))
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f]
+    for key in ("step", "loss", "implicit_acc", "model_error_w", "model_error_l", "ref_error_w", "ref_error_l",
+                "grad_norm", "lr", "seconds", "peak_memory_mb", "ties_skipped", "corrupt_skipped", "eval_reward"):
+        assert key in rows[-1], key
+    assert rows[-1]["ties_skipped"] >= 1 and rows[-1]["corrupt_skipped"] >= 2
+    cls = StableDiffusionXLPipeline if tiny_model == TINY_SDXL else StableDiffusionPipeline
+    pipe = cls.from_pretrained(tiny_model)
+    kwargs = dict(num_inference_steps=4, height=32, width=32, output_type="pt")
+    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    pipe.load_lora_weights(out)
+    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    assert (after - before).abs().max() > 1e-3
+
+
+# --- bad input: one line, before any large model loads --------------------------------------------
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(dataset_name=None), "offline DPO needs pairs"),
+    (dict(dataset_name="/no/such/pairs.parquet"), "does not exist"),
+    (dict(ref_update_rate=0.5), "ref_update_rate"),
+    (dict(online=True, images_per_prompt=1), "images_per_prompt"),
+    (dict(online=True, ref_update_rate=1.5), "ref_update_rate"),
+    (dict(beta_dpo=0), "beta_dpo"),
+])
+def test_bad_input_is_one_clear_error(overrides, message, pairs_file, tmp_path):
+    args = dpo.parse_args(tiny_argv(TINY_SD, str(tmp_path), **dict(dict(dataset_name=pairs_file), **overrides)))
+    with pytest.raises(dpo.UsageError, match=message):
+        dpo.check_arguments(args)
+
+
+def test_any_reward_online_and_dataset_errors(tmp_path, monkeypatch):
+    args = dpo.parse_args(tiny_argv(TINY_SD, str(tmp_path), online=True, reward="jpeg_size"))
+    dpo.check_arguments(args)  # DPO needs no reward gradient
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    wrong = tmp_path / "wrong.parquet"
+    pq.write_table(pa.table({"image": [b"x"], "text": ["y"]}), wrong)
+    with pytest.raises(dpo.UsageError, match="no column jpg_0, jpg_1, label_0, caption"):
+        dpo.open_pairs(dpo.parse_args(tiny_argv(TINY_SD, str(tmp_path), dataset_name=str(wrong))))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    import datasets.config
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    with pytest.raises(dpo.UsageError, match="someone/not-cached-pairs.*--dataset_name /path"):
+        dpo.open_pairs(dpo.parse_args(tiny_argv(TINY_SD, str(tmp_path), dataset_name="someone/not-cached-pairs")))
