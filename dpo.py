@@ -58,7 +58,7 @@ beta, resolution, batch and step count and use the diffusers LoRA port's lr 1e-5
     accelerate launch --num_processes 8 dpo.py --preset sdxl-online
     # offline on local parquet files in the Pick-a-Pic schema
     python dpo.py --pretrained_model_name_or_path /models/sd15 --dataset_name /data/pairs/ --resolution 512
-    # the CPU demo: online self-rewarding on the tiny model toward symmetric images (a minute or two)
+    # the CPU demo: online self-rewarding rounds on the tiny model with the symmetry reward (about a minute)
     python dpo.py --preset demo
 """
 
@@ -151,11 +151,11 @@ PRESETS = {
     # at beta 5000 swings the logits by about 1 and the loss never leaves the noise. The tiny UNet has random
     # weights (its denoising error exceeds that of predicting zero), so DPO's link from a lower denoising error on
     # the winners to sampling them more often does not hold there: the demo shows the mechanics (loss and implicit
-    # accuracy within rounds, pair margins, the moving reference), not a reward gain; see the report in README.
+    # accuracy within rounds, pair margins, the moving reference), not a reward gain.
     "demo": dict(
         pretrained_model_name_or_path=os.path.join(HERE, "tiny_models", "sd15"), output_dir="outputs/dpo-demo",
         online=True, resolution=32, sampler="ddim", num_inference_steps=6, guidance_scale=7.5, reward="symmetry",
-        images_per_prompt=4, prompts_per_round=32, steps_per_round=10, ref_update_rate=0.5, train_batch_size=16,
+        images_per_prompt=4, prompts_per_round=16, steps_per_round=10, ref_update_rate=0.5, train_batch_size=16,
         learning_rate=3e-3, beta_dpo=100.0, max_grad_norm=1.0, rank=8, max_train_steps=60, validation_steps=1000,
         checkpointing_steps=1000, logging_steps=10, mixed_precision="no",
     ),
@@ -515,7 +515,10 @@ def decode(vae, latents):
         latents = latents * std / vae.config.scaling_factor + mean
     else:
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    # a VAE kept in fp32 (SDXL's overflows in fp16) must not be autocast back to half precision
+    fp32 = vae.dtype == torch.float32
+    with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -782,8 +785,9 @@ def load_pair(row, resolution, random_crop, random_flip, rng):
 
 class PickAPicPairs(torch.utils.data.IterableDataset):
     """An endless stream of this process's pairs (each DataLoader worker takes its own shard), reshuffled every
-    pass. Ties and rows with an unreadable image are skipped; each example carries how many were skipped since
-    the previous one, so that the totals add up over workers and processes."""
+    pass; it ends only if its shard holds no usable pair. Ties and rows with an unreadable image are skipped; each
+    example carries how many were skipped since the previous one, so that the totals add up over workers and
+    processes."""
 
     def __init__(self, data, args, process_index, num_processes, seed):
         self.data, self.args, self.seed = data, args, seed
@@ -793,12 +797,17 @@ class PickAPicPairs(torch.utils.data.IterableDataset):
         from datasets.distributed import split_dataset_by_node
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        rank, world = self.process_index * workers + worker, self.num_processes * workers
-        shard = split_dataset_by_node(self.data, rank=rank, world_size=world)
-        rng = np.random.default_rng([self.seed, rank])
+        if self.args.streaming:  # datasets itself splits a streamed set among DataLoader workers (by files), after
+            shard = split_dataset_by_node(self.data, rank=self.process_index, world_size=self.num_processes)
+            key = [self.seed, self.process_index]  # a file order shuffled alike in every worker of the process
+        else:
+            shard = split_dataset_by_node(self.data, rank=self.process_index * workers + worker,
+                                          world_size=self.num_processes * workers)
+            key = [self.seed, self.process_index, worker]
+        rng = np.random.default_rng([self.seed, self.process_index, worker])  # crops and flips
         ties = corrupt = 0
         for epoch in itertools.count():
-            seed = int(np.random.SeedSequence([self.seed, rank, epoch]).generate_state(1)[0])
+            seed = int(np.random.SeedSequence(key + [epoch]).generate_state(1)[0])
             kwargs = (dict(buffer_size=self.args.shuffle_buffer_size) if self.args.streaming
                       else dict(keep_in_memory=True))  # no index file in the cache per pass
             found = False
@@ -814,9 +823,8 @@ class PickAPicPairs(torch.utils.data.IterableDataset):
                 found = True
                 yield dict(example, ties_skipped=ties, corrupt_skipped=corrupt)
                 ties = corrupt = 0
-            if not found:
-                raise RuntimeError(f"--dataset_name {self.args.dataset_name}: no usable pair in shard {rank} of "
-                                   f"{world} ({ties} ties, {corrupt} unreadable)")
+            if not found:  # this shard holds no usable pair: end here, other workers' shards go on
+                return
 
 
 def collate_pairs(examples):
@@ -1110,7 +1118,10 @@ def main(args):
                 latents = torch.cat([pool["winners"][idx], pool["losers"][idx]])
                 prompts, time_ids = [pool["prompts"][i] for i in idx], None
             else:
-                batch = next(batches)
+                batch = next(batches, None)
+                if batch is None:
+                    raise RuntimeError(f"--dataset_name {args.dataset_name}: no usable pair left for process "
+                                       f"{accelerator.process_index} (every row a tie or an unreadable image)")
                 pixels = batch["pixels"].to(device)
                 latents = encode_images(models.vae, torch.cat([pixels[:, 0], pixels[:, 1]]), generator,
                                         args.vae_encode_batch_size)

@@ -50,6 +50,7 @@ Choices where the sources leave room:
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -435,7 +436,10 @@ def decode(vae, latents):
         latents = latents * std / vae.config.scaling_factor + mean
     else:
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-    images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+    # a VAE kept in fp32 (SDXL's overflows in fp16) must not be autocast back to half precision
+    fp32 = vae.dtype == torch.float32
+    with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 

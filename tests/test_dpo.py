@@ -11,8 +11,8 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_SD, TINY_SDXL, tiny_argv
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from conftest import ROOT, TINY_SD, TINY_SDXL, lora_effect, tiny_argv
+from diffusers import UNet2DConditionModel
 
 import dpo
 
@@ -181,8 +181,10 @@ def color(pixels):
     return tuple(round((c.item() + 1) * 127.5) for c in pixels.mean(dim=(1, 2)))
 
 
-def test_ties_dropped_winner_first_corrupt_images_skipped_and_counted(pairs_file):
-    examples = stream(pairs_file, 6)  # three passes over the two usable rows
+@pytest.mark.parametrize("streaming", [False, True], ids=["parquet-file", "streamed-folder"])
+def test_ties_dropped_winner_first_corrupt_images_skipped_and_counted(pairs_file, streaming):
+    source = os.path.dirname(pairs_file) if streaming else pairs_file
+    examples = stream(source, 6, streaming=streaming)  # three passes over the two usable rows
     assert sorted(e["caption"] for e in examples) == ["blue beats yellow"] * 3 + ["red beats green"] * 3
     for e in examples:
         assert e["pixels"].shape == (2, 3, 32, 32) and e["pixels"].min() >= -1 and e["pixels"].max() <= 1
@@ -311,8 +313,9 @@ def test_a_round_without_pairs_stops_with_a_clear_error(tmp_path):
 
 def test_cli_offline_writes_outputs_and_lora_loads_in_diffusers(tiny_model, pairs_file, tmp_path):
     out = str(tmp_path / "run")
+    data = dict(streaming=True, dataloader_num_workers=1, random_flip=True) if tiny_model == TINY_SD else {}
     argv = tiny_argv(tiny_model, out, dataset_name=pairs_file, max_train_steps=2, learning_rate=0.05,
-                     validation_steps=1, checkpointing_steps=1, checkpoints_total_limit=1)
+                     validation_steps=1, checkpointing_steps=1, checkpoints_total_limit=1, **data)
     subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
     for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "reward_curve.png",
                  "samples/step-000000.png", "samples/step-000002.png", "samples/before_after.png", "checkpoint-2"):
@@ -324,13 +327,7 @@ def test_cli_offline_writes_outputs_and_lora_loads_in_diffusers(tiny_model, pair
                 "grad_norm", "lr", "seconds", "peak_memory_mb", "ties_skipped", "corrupt_skipped", "eval_reward"):
         assert key in rows[-1], key
     assert rows[-1]["ties_skipped"] >= 1 and rows[-1]["corrupt_skipped"] >= 2
-    cls = StableDiffusionXLPipeline if tiny_model == TINY_SDXL else StableDiffusionPipeline
-    pipe = cls.from_pretrained(tiny_model)
-    kwargs = dict(num_inference_steps=4, height=32, width=32, output_type="pt")
-    before = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    pipe.load_lora_weights(out)
-    after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
-    assert (after - before).abs().max() > 1e-3
+    assert lora_effect(tiny_model, out) > 1e-3  # the LoRA reloads in a diffusers pipeline and changes its images
 
 
 # --- bad input: one line, before any large model loads --------------------------------------------

@@ -60,6 +60,15 @@ def test_sampling_reproduces_diffusers_pipeline(tiny_model, sampler, eta, guidan
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
+def test_vae_kept_in_fp32_is_not_autocast_to_half():
+    """SDXL's VAE stays fp32 under fp16 training because it overflows in half precision: autocast must not undo it."""
+    _, models, _ = setup(TINY_SDXL)
+    latents = torch.randn(1, 4, 8, 8)
+    expected = drtune.decode(models.vae, latents)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.testing.assert_close(drtune.decode(models.vae, latents), expected)
+
+
 # --- gradient identities (eq. 4-5) -------------------------------------------------------------------
 
 def chain(models, scheduler, args, stop_grad_input):
