@@ -46,3 +46,23 @@ def lora_effect(model, lora_dir):
     pipe.load_lora_weights(lora_dir)
     after = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).images
     return (after - before).abs().max().item()
+
+
+# What every script's run leaves in --output_dir (SPEC), for a 2-step run validated and checkpointed every step
+# with checkpoints_total_limit=1.
+RUN_OUTPUTS = ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "reward_curve.png",
+               "samples/step-000000.png", "samples/step-000002.png", "samples/before_after.png", "checkpoint-2")
+
+
+def two_process_loras(script, argv, port):
+    """Train `script` with torchrun on 2 CPU processes (gloo) and return each rank's final LoRA state dict."""
+    import subprocess
+    import sys
+
+    import torch
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           os.path.join(ROOT, "tests", "dist_worker.py"), script, *argv]
+    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300)
+    output_dir = argv[argv.index("--output_dir") + 1]
+    return [torch.load(os.path.join(output_dir, f"lora_rank{r}.pt")) for r in (0, 1)]

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_SD, TINY_SDXL, lora_effect, tiny_argv
+from conftest import ROOT, RUN_OUTPUTS, TINY_SD, TINY_SDXL, lora_effect, tiny_argv
 from diffusers import UNet2DConditionModel
 
 import dpo
@@ -317,8 +317,7 @@ def test_cli_offline_writes_outputs_and_lora_loads_in_diffusers(tiny_model, pair
     argv = tiny_argv(tiny_model, out, dataset_name=pairs_file, max_train_steps=2, learning_rate=0.05,
                      validation_steps=1, checkpointing_steps=1, checkpoints_total_limit=1, **data)
     subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
-    for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "reward_curve.png",
-                 "samples/step-000000.png", "samples/step-000002.png", "samples/before_after.png", "checkpoint-2"):
+    for name in RUN_OUTPUTS:
         assert os.path.exists(os.path.join(out, name)), name
     assert not os.path.exists(os.path.join(out, "checkpoint-1"))
     with open(os.path.join(out, "metrics.jsonl")) as f:

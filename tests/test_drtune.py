@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_SD, TINY_SDXL, lora_effect, tiny_argv
+from conftest import ROOT, RUN_OUTPUTS, TINY_SD, TINY_SDXL, lora_effect, tiny_argv, two_process_loras
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 import drtune
@@ -208,11 +208,7 @@ def test_nonfinite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_path
 def test_two_processes_end_with_identical_lora(tmp_path):
     out = str(tmp_path / "dist")
     argv = tiny_argv(TINY_SD, out, num_trained_steps=2, early_stop_max=2, max_train_steps=3)
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           os.path.join(ROOT, "tests", "dist_worker.py"), "drtune", *argv]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300)
-    w0, w1 = (torch.load(os.path.join(out, f"lora_rank{r}.pt")) for r in (0, 1))
+    w0, w1 = two_process_loras("drtune", argv, port=29517)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["num_processes"] == 2
@@ -236,8 +232,7 @@ def test_cli_writes_outputs_and_lora_loads_in_diffusers(tiny_model, tmp_path):
     argv = tiny_argv(tiny_model, out, max_train_steps=2, num_trained_steps=2, early_stop_max=2, learning_rate=0.05,
                      validation_steps=1, checkpointing_steps=1, checkpoints_total_limit=1)
     subprocess.run([sys.executable, os.path.join(ROOT, "drtune.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
-    for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "reward_curve.png",
-                 "samples/step-000000.png", "samples/step-000002.png", "samples/before_after.png", "checkpoint-2"):
+    for name in RUN_OUTPUTS:
         assert os.path.exists(os.path.join(out, name)), name
     assert not os.path.exists(os.path.join(out, "checkpoint-1"))  # checkpoints_total_limit
     with open(os.path.join(out, "metrics.jsonl")) as f:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_SD, TINY_SDXL, tiny_argv
+from conftest import ROOT, RUN_OUTPUTS, TINY_SD, TINY_SDXL, tiny_argv, two_process_loras
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 import spo
@@ -222,8 +222,7 @@ def test_cli_trains_and_lora_loads_in_diffusers(tiny_model, tmp_path):
     out = str(tmp_path / "run")
     argv = tiny_argv(tiny_model, out, **dict(SPO, learning_rate=0.05, checkpointing_steps=1, checkpoints_total_limit=1))
     subprocess.run([sys.executable, os.path.join(ROOT, "spo.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
-    for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "reward_curve.png",
-                 "samples/step-000000.png", "samples/step-000002.png", "samples/before_after.png", "checkpoint-2"):
+    for name in RUN_OUTPUTS:
         assert os.path.exists(os.path.join(out, name)), name
     assert not os.path.exists(os.path.join(out, "checkpoint-1"))
     with open(os.path.join(out, "metrics.jsonl")) as f:
@@ -277,11 +276,7 @@ def test_nonfinite_reward_skips_updates_then_stops(tmp_path, monkeypatch):
 def test_two_processes_gather_pairs_and_end_with_identical_lora(tmp_path):
     out = str(tmp_path / "dist")
     argv = tiny_argv(TINY_SD, out, **dict(SPO, max_train_steps=2, learning_rate=0.05, pair_threshold=0.3))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           os.path.join(ROOT, "tests", "dist_worker.py"), "spo", *argv]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300)
-    w0, w1 = (torch.load(os.path.join(out, f"lora_rank{r}.pt")) for r in (0, 1))
+    w0, w1 = two_process_loras("spo", argv, port=29531)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any("lora_B" in k and w0[k].abs().sum() > 0 for k in w0), "training changed nothing"
     with open(os.path.join(out, "metrics.jsonl")) as f:
