@@ -29,7 +29,8 @@ Choices, with the official code as the reference where the paper is silent:
   its own before the comparison; every step of the two branches then becomes a pair (the first with a shared
   x_t, later ones not), and the chain continues from the end of a random branch. Steps near the end shorten
   the last branch rather than skip its comparison. A step with sigma = 0 (the last one when the scheduler config
-  sets set_alpha_to_one, as diffusers' default does for a config without the key) has no density and gives no pair.
+  sets set_alpha_to_one, diffusers' default for a config without the key; SD1.5's and SDXL's set it False) has no
+  density and gives no pair.
 - Ratio clamp as in the official code: r = clamp(exp(logp - logp_ref), 1 - eps, 1 + eps) and the loss uses
   log r; the clamp's gradient is zero outside the range, so a pair whose ratio left it stops pushing that side
   (PPO's clip without the min). Log-densities are means over the latent's dimensions (official), in fp32.

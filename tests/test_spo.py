@@ -146,6 +146,20 @@ def test_gradient_vanishes_when_a_ratio_leaves_the_clamp():
     torch.testing.assert_close(loss[1], -torch.nn.functional.logsigmoid(torch.tensor(beta * (math.log(1.1) + inside))))
 
 
+def test_a_deterministic_last_step_gives_no_pair():
+    """With set_alpha_to_one (diffusers' default for a config without the key) DDIM's last step goes to abar = 1:
+    sigma 0, no density, so that step yields no pair; every other compared step does (threshold 0)."""
+    from diffusers import DDIMScheduler
+    args, models, scheduler, preference_model = setup(num_candidates=2)
+    scheduler = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True)
+    pairs, stats = sample(args, models, scheduler, preference_model)
+    last = int(scheduler.timesteps[-1])
+    assert spo.step_sigma(scheduler, last, 1.0) == 0
+    assert last not in pairs["timesteps"].tolist()
+    assert len(pairs["timesteps"]) == 2 * (args.num_inference_steps - args.warm_steps - 1)  # B = 2 prompts
+    assert len(stats["gaps"]) == 2 * (args.num_inference_steps - args.warm_steps)  # the last step is still compared
+
+
 def test_loss_matches_a_forward_per_side_with_inner_steps():
     """With inner steps the two sides of a pair start from different x_t; one UNet row per distinct x_t must give
     the log-densities of running each side on its own."""
@@ -153,9 +167,9 @@ def test_loss_matches_a_forward_per_side_with_inner_steps():
     pairs, _ = sample(args, models, scheduler, preference_model)
     shared = (pairs["latents"][:, 0] == pairs["latents"][:, 1]).flatten(1).all(1)
     assert shared.any() and not shared.all()
-    # this config lacks set_alpha_to_one, so DDIM's last step is deterministic (sigma 0): no density, no pair
-    assert spo.step_sigma(scheduler, int(scheduler.timesteps[-1]), 1.0) == 0
-    assert int(scheduler.timesteps[-1]) not in pairs["timesteps"].tolist()
+    # SDXL's config sets set_alpha_to_one False: DDIM's last step stops at abar_0 < 1 and stays stochastic, a pair
+    assert spo.step_sigma(scheduler, int(scheduler.timesteps[-1]), 1.0) > 0
+    assert int(scheduler.timesteps[-1]) in pairs["timesteps"].tolist()
     with torch.no_grad():
         for p in models.unet.parameters():
             if p.requires_grad:

@@ -21,9 +21,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
                       timestep_spacing="leading", prediction_type="epsilon")
+# SDXL's file also carries DDIM/PNDM keys that Euler ignores but a DDIM built from it reads: set_alpha_to_one=False
+# makes DDIM's last step stop at abar_0 < 1 (stochastic with eta > 0), as for SD1.5.
 SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      interpolation_type="linear", prediction_type="epsilon",
-                      steps_offset=1, timestep_spacing="leading", use_karras_sigmas=False)
+                      interpolation_type="linear", prediction_type="epsilon", steps_offset=1,
+                      timestep_spacing="leading", use_karras_sigmas=False, trained_betas=None, clip_sample=False,
+                      sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True)
 
 
 def tiny_tokenizer():
@@ -84,7 +87,7 @@ def make_sdxl(path):
                                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"))
     pipe = StableDiffusionXLPipeline(vae=tiny_vae(0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
                                      tokenizer=tokenizer, tokenizer_2=tiny_tokenizer(), unet=unet,
-                                     scheduler=EulerDiscreteScheduler(**SDXL_SCHEDULER),
+                                     scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
                                      force_zeros_for_empty_prompt=True)
     pipe.save_pretrained(path)
 
