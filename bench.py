@@ -1,4 +1,5 @@
-"""Benchmark: seconds per iteration and peak memory of DRTune against T and K, next to full backprop.
+"""Benchmark: seconds per iteration and peak memory of DRTune against T and K, next to full backprop; the other
+modes (--fig7, --table1, --dpo, --spo) are listed below.
 
 One iteration is what the training loop of drtune.py does per optimizer step for a batch of B prompts:
 `algorithm_loss`, backward, gradient clipping and the AdamW step on the LoRA weights. Each configuration runs
@@ -28,6 +29,9 @@ a configuration that a script refuses (its flags or its argument checks) is repo
     python bench.py --full_size sd15 --allow_cpu   # CPU smoke of the full-size path (64 px, T=1, K=1; prints only)
     python bench.py --fig7                         # the paper's Fig. 7 on the tiny model: LoRA grad norm vs K
     python bench.py --table1                       # a miniature Table 1: every method's main() at one CPU budget
+    python bench.py --dpo                          # offline Diffusion-DPO: s/step and memory at batch 1..8
+    python bench.py --spo                          # SPO: s/trajectory, s/training step and memory, batch 1..4
+    python bench.py --dpo --full_size sdxl         # GPU: the same at 1024 px on a random-weight SDXL
     python bench.py --fig7 --quick --output_dir /tmp/b; python bench.py --table1 --quick --output_dir /tmp/b
 """
 
@@ -52,6 +56,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 import numpy as np
 import torch
@@ -200,9 +205,22 @@ def parse_args(argv=None):
     mode.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of --table1")
     mode.add_argument("--rewards", nargs="+", default=["symmetry", "compressibility"], help="rewards of --table1")
     mode.add_argument("--jobs", type=int, default=2, help="--fig7 / --table1 processes run in parallel")
+    pref = parser.add_argument_group("--dpo and --spo (each writes its own section; with --full_size, a section of its "
+                                     "own per model)")
+    pref.add_argument("--dpo", action="store_true",
+                      help="offline Diffusion-DPO (dpo.py): seconds per step and peak memory against the batch of "
+                           "pairs, tiny SD1.5 and SDXL")
+    pref.add_argument("--spo", action="store_true",
+                      help="SPO (spo.py): seconds per trajectory and per training step, peak memory of sampling and "
+                           "of training, against the batch of prompts, tiny SD1.5 (k=4) and SDXL (k=2, 3 inner steps)")
+    pref.add_argument("--batch_sizes", type=int, nargs="+", default=None,
+                      help="B of --dpo / --spo (default: DPO 1 2 4 8, SPO 1 2 4; --quick 1 2)")
     args = parser.parse_args(argv)
-    if args.fig7 and args.table1:
-        parser.error("--fig7 and --table1 are separate runs: pass one of them")
+    if sum([args.fig7, args.table1, args.dpo, args.spo]) > 1:
+        parser.error("--fig7, --table1, --dpo and --spo are separate runs: pass one of them")
+    if (args.fig7 or args.table1) and args.full_size:
+        parser.error("--fig7 and --table1 run on the tiny model only: drop --full_size")
+    args.method = "dpo" if args.dpo else "spo" if args.spo else None
     args.command = " ".join(["python bench.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.smoke = args.full_size is not None and args.device == "cpu"
@@ -327,19 +345,10 @@ def worker(job):
                     traceback=traceback.format_exc())
 
 
-def measure(job):
-    """Build the full-size folder, or time the parts, or time the iterations of one configuration."""
-    if job.get("num_threads"):
-        torch.set_num_threads(job["num_threads"])
-    if job["kind"] == "build":
-        return dict(params=write_full_size(job["name"], job["folder"], job["device"]))
-    if job["kind"] == "fig7":
-        return fig7_grad_norms(job)
-    if job["kind"] == "train":
-        return train_run(job)
+def prepare(job):
+    """What main() of a script does before its loop: its flags parsed and checked (Skip if it refuses them),
+    accelerate, the models, LoRA (gradient checkpointing on the UNet if asked), AdamW; and this process's clock."""
     from accelerate import Accelerator
-
-    import rewards
     script = importlib.import_module(job["module"])
     stderr = io.StringIO()
     try:
@@ -351,33 +360,16 @@ def measure(job):
         raise Skip(f"{job['module']}.py rejected the flags: {message}") from None
     except script.UsageError as e:
         raise Skip(f"{job['module']}.py: {e}") from None
-
-    # --- setup, as main() of the scripts does it ---
     device = torch.device(job["device"])
     accelerator = Accelerator(mixed_precision=args.mixed_precision, cpu=device.type == "cpu")
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     models = script.load_models(args, info, device, weight_dtype)
-    scheduler = script.make_scheduler(args)
-    counts = collections.Counter()
-    reward_fn = CountCalls(rewards.build_reward(args.reward, device=device, dtype=weight_dtype,
-                                                **info["reward_options"]), counts)
-    unet, vae = models.unet, models.vae
-    params = script.add_lora(unet, args)
+    params = script.add_lora(models.unet, args)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        vae.enable_gradient_checkpointing()
+        models.unet.enable_gradient_checkpointing()
     optimizer = accelerator.prepare(torch.optim.AdamW(
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon))
-
-    def count_unet(module, inputs):  # inputs[0]: the latents (2B with CFG)
-        grad = torch.is_grad_enabled()
-        counts["unet_grad_input" if grad and inputs[0].requires_grad else "unet_grad" if grad else "unet_nograd"] += 1
-
-    unet.register_forward_pre_hook(count_unet)
-    vae.decoder.register_forward_pre_hook(lambda m, i: counts.update(
-        ["decode_grad" if torch.is_grad_enabled() else "decode_nograd"]))
-
     # With one torch thread on CPU, the process's CPU time: other processes on the cores do not inflate it as they do
     # wall-clock time (several times, on a busy 2-core machine). Otherwise wall-clock time, after a CUDA synchronize.
     cpu_time = device.type == "cpu" and torch.get_num_threads() == 1
@@ -387,10 +379,47 @@ def measure(job):
             torch.cuda.synchronize(device)
         return time.process_time() if cpu_time else time.perf_counter()
 
+    return types.SimpleNamespace(
+        script=script, args=args, info=info, device=device, accelerator=accelerator, weight_dtype=weight_dtype,
+        models=models, params=params, optimizer=optimizer, clock=clock,
+        clock_name="CPU time of the process (one torch thread)" if cpu_time else "wall-clock time")
+
+
+def measure(job):
+    """Build the full-size folder, or time the parts, or time the iterations of one configuration."""
+    if job.get("num_threads"):
+        torch.set_num_threads(job["num_threads"])
+    if job["kind"] == "build":
+        return dict(params=write_full_size(job["name"], job["folder"], job["device"]))
+    if job["kind"] == "fig7":
+        return fig7_grad_norms(job)
+    if job["kind"] == "train":
+        return train_run(job)
+    if job["kind"] in ("dpo", "spo"):
+        return (dpo_iterations if job["kind"] == "dpo" else spo_iterations)(job)
+    import rewards
+    s = prepare(job)
+    script, args, device, accelerator, models, params, optimizer, clock = (
+        s.script, s.args, s.device, s.accelerator, s.models, s.params, s.optimizer, s.clock)
+    counts = collections.Counter()
+    reward_fn = CountCalls(rewards.build_reward(args.reward, device=device, dtype=s.weight_dtype,
+                                                **s.info["reward_options"]), counts)
+    scheduler = script.make_scheduler(args)
+    unet, vae = models.unet, models.vae
+    if args.gradient_checkpointing:  # as drtune.py: the decode runs with gradient too
+        vae.enable_gradient_checkpointing()
+
+    def count_unet(module, inputs):  # inputs[0]: the latents (2B with CFG)
+        grad = torch.is_grad_enabled()
+        counts["unet_grad_input" if grad and inputs[0].requires_grad else "unet_grad" if grad else "unet_nograd"] += 1
+
+    unet.register_forward_pre_hook(count_unet)
+    vae.decoder.register_forward_pre_hook(lambda m, i: counts.update(
+        ["decode_grad" if torch.is_grad_enabled() else "decode_nograd"]))
+
     if job["kind"] == "parts":
-        return dict(clock="CPU time of the process (one torch thread)" if cpu_time else "wall-clock time",
-                    parts=measure_parts(script, args, models, scheduler, unet, reward_fn, params, optimizer,
-                                        accelerator, clock, job["repeats"]))
+        return dict(clock=s.clock_name, parts=measure_parts(script, args, models, scheduler, unet, reward_fn, params,
+                                                            optimizer, accelerator, clock, job["repeats"]))
 
     # --- iterations: the body of the training loop, one optimizer step each ---
     loss_fn = functools.partial(full_backprop_loss, script) if job["loss"] == "full_backprop" else script.algorithm_loss
@@ -733,10 +762,15 @@ Generated by `bench.py`: do not edit by hand. Each mode replaces its own section
 - **Table 1** (`--table1`): every method trained by its script's own `main()` (`--preset demo`) for the same CPU
   budget per run (max_train_steps from a probed CPU time per step), final reward on held-out prompts, several
   seeds. Sizes are scaled down to a shared 2-core CPU: see each section.
+- **DPO** (`--dpo`) and **SPO** (`--spo`): one training step of dpo.py (offline, pairs from a parquet) and of
+  spo.py (sampling the pairs, then training on them) against the batch size, timed in parts; each adds a section
+  of its own for a full-size model with `--full_size`.
 
 """
-SECTIONS = ["tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1"]
+SECTIONS = ["tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "dpo", "spo"]
 PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python bench.py --fig7`.\n",
+                "dpo": "## Offline Diffusion-DPO\n\nNot measured yet: run `python bench.py --dpo`.\n",
+                "spo": "## SPO\n\nNot measured yet: run `python bench.py --spo`.\n",
                 "table1": "## Miniature Table 1\n\nNot measured yet: run `python bench.py --table1`.\n",
                 **{f"full_size_{name}": f"## Full-size {spec['title']}, random weights\n\nNot measured yet: it needs a "
                 f"GPU. Run `python bench.py --full_size {name}` on one; it replaces this section.\n"
@@ -747,8 +781,9 @@ def write_section(path, key, body):
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else ""
     sections = {m.group(1): m.group(2) for m in re.finditer(r"<!-- begin (\w+) -->\n(.*?)<!-- end \1 -->", old, re.S)}
     sections[key] = body
+    keys = SECTIONS + [k for k in sections if k not in SECTIONS]  # e.g. dpo_full_size_sdxl, once measured
     text = HEADER + "".join(f"<!-- begin {k} -->\n{sections.get(k, PLACEHOLDERS.get(k, ''))}<!-- end {k} -->\n\n"
-                            for k in SECTIONS)
+                            for k in keys)
     with open(path, "w", encoding="utf-8") as f:
         f.write(text.rstrip() + "\n")
 
@@ -1167,18 +1202,375 @@ def main_table1(args):
 
 
 # ---------------------------------------------------------------------------------------------
+# --dpo, --spo: the preference methods' training step (dpo.py offline, spo.py), tiny or full size
+# ---------------------------------------------------------------------------------------------
+
+# (label, tiny pipeline, flags) of each model; the full-size runs take the published settings of dpo.py's and
+# spo.py's sd15-paper / sdxl-paper presets that bear on time and memory (LoRA rank, VAE batch, k, inner steps).
+PREFERENCE = {
+    "dpo": dict(batch_sizes=[1, 2, 4, 8], models=[
+        ("SD1.5", "sd15", [], ["--rank", "64"]),
+        ("SDXL", "sdxl", [], ["--rank", "64", "--vae_encode_batch_size", "4"])]),
+    "spo": dict(batch_sizes=[1, 2, 4], models=[
+        ("SD1.5, k=4", "sd15", ["--num_candidates", "4", "--num_inner_steps", "0", "--pair_batch_size", "8"],
+         ["--rank", "4"]),
+        ("SDXL, k=2, 3 inner steps", "sdxl", ["--num_candidates", "2", "--num_inner_steps", "3",
+                                              "--pair_batch_size", "4"], ["--rank", "64"])]),
+}
+
+
+def pairs_parquet(path, n, resolution, seed=0):
+    """n Pick-a-Pic rows (jpg_0, jpg_1, label_0, caption) of smooth random JPEGs, 5:4 landscape at the training
+    resolution's height (so the data path resizes and crops), label_0 alternating 1, 0 (either side wins)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+
+    def jpeg():
+        low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8))
+        buffer = io.BytesIO()
+        low.resize((resolution * 5 // 4, resolution), Image.BICUBIC).save(buffer, format="JPEG", quality=90)
+        return buffer.getvalue()
+
+    prompts = importlib.import_module("dpo").DEFAULT_PROMPTS
+    table = pa.table({"jpg_0": pa.array([jpeg() for _ in range(n)], pa.binary()),
+                      "jpg_1": pa.array([jpeg() for _ in range(n)], pa.binary()),
+                      "label_0": [float(i % 2 == 0) for i in range(n)],
+                      "caption": [prompts[i % len(prompts)] for i in range(n)]})
+    pq.write_table(table, path)
+
+
+def dpo_iterations(job):
+    """--dpo worker: one offline dpo.py training step as its main() runs it: the next batch of pairs from the
+    parquet (decode, resize, crop), the VAE encoding of winners and losers, algorithm_loss (the policy's forward
+    with gradient, the reference's, the same UNet with its LoRA off, under no_grad), backward, clipping, AdamW."""
+    from diffusers import DDPMScheduler
+    s = prepare(job)
+    dpo, args, models, accelerator, clock = s.script, s.args, s.models, s.accelerator, s.clock
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
+    stream = dpo.PickAPicPairs(dpo.open_pairs(args), args, 0, 1, args.seed)
+    batches = iter(torch.utils.data.DataLoader(stream, batch_size=args.train_batch_size,
+                                               collate_fn=dpo.collate_pairs))
+    rows = []
+    models.unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    reset_peak_memory(s.device)
+    base, out = memory_mb(s.device), []
+    for step in range(1, job["warmup"] + job["iters"] + 1):
+        rows.clear()
+        start = clock()
+        batch = next(batches)
+        loaded = clock()
+        generator = dpo.step_generator(args, 0, step)
+        pixels = batch["pixels"].to(s.device)
+        latents = dpo.encode_images(models.vae, torch.cat([pixels[:, 0], pixels[:, 1]]), generator,
+                                    args.vae_encode_batch_size)
+        encoded = clock()
+        with accelerator.autocast():
+            loss, _ = dpo.algorithm_loss(models, noise_scheduler, models.unet, latents, batch["captions"],
+                                         batch["time_ids"], generator, args)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(s.params, args.max_grad_norm)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        end = clock()
+        if step > job["warmup"]:
+            out.append(dict(data=loaded - start, encode=encoded - loaded, train=end - encoded, total=end - start,
+                            unet_rows=sum(rows)))
+    return dict(steps=out, clock=s.clock_name, memory_base_mb=base, memory_peak_mb=memory_mb(s.device, peak=True))
+
+
+def spo_iterations(job):
+    """--spo worker: one spo.py training step as its main() runs it on one process: sample_pairs for B prompts
+    (no_grad), then spo_loss + backward over all the pairs in chunks of --pair_batch_size, clipping, AdamW. Also
+    times a plain DDIM trajectory (the scaffold's rollout, same settings) for comparison, outside the step."""
+    import rewards
+    s = prepare(job)
+    spo, args, models, accelerator, clock, device = s.script, s.args, s.models, s.accelerator, s.clock, s.device
+    scheduler = spo.make_scheduler(args)
+    reward_fn = rewards.build_reward(args.reward, device=device, dtype=s.weight_dtype, **s.info["reward_options"])
+    preference_model = spo.build_preference_model(reward_fn, args)
+    rows = []
+    models.unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    cfg = 2 if args.guidance_scale > 1 else 1  # predict_noise runs the two CFG halves as one batch
+    base, out = memory_mb(device), []
+    for step in range(1, job["warmup"] + job["iters"] + 1):
+        generator = spo.step_generator(args, 0, step)
+        idx = torch.randint(len(args.train_prompt_list), (args.train_batch_size,), generator=generator)
+        prompts = [args.train_prompt_list[i] for i in idx]
+        rows.clear()
+        reset_peak_memory(device)
+        start = clock()
+        with accelerator.autocast():
+            pairs, stats = spo.sample_pairs(models, scheduler, models.unet, preference_model, prompts, generator, args)
+        sampled = clock()
+        sample_peak, sample_rows = memory_mb(device, peak=True), sum(rows)
+        rows.clear()
+        reset_peak_memory(device)
+        total = len(pairs["timesteps"])
+        for chunk in range(0, total, args.pair_batch_size):
+            batch = spo.shard(pairs, 0, 1, chunk, chunk + args.pair_batch_size)
+            with accelerator.autocast():
+                loss, _, _ = spo.spo_loss(models, scheduler, models.unet, batch, args)
+            accelerator.backward(loss.sum() / total)
+        accelerator.clip_grad_norm_(s.params, args.max_grad_norm)
+        s.optimizer.step()
+        s.optimizer.zero_grad(set_to_none=True)
+        end = clock()
+        train_peak, train_rows = memory_mb(device, peak=True), sum(rows)
+        with torch.no_grad(), accelerator.autocast():  # a plain DDIM trajectory of the same B prompts
+            plain_start = clock()
+            cond = spo.encode_prompts(models, prompts, args.resolution)
+            spo.rollout(models.unet, scheduler, cond, spo.initial_latents(models, args, len(prompts), generator,
+                                                                            device), generator, args)
+            plain = clock() - plain_start
+        if step > job["warmup"]:
+            out.append(dict(sample=sampled - start, train=end - sampled, total=end - start, plain=plain, pairs=total,
+                            comparisons=len(stats["gaps"]), sample_rows=sample_rows / cfg, train_rows=train_rows / cfg,
+                            sample_peak_mb=sample_peak, train_peak_mb=train_peak))
+    return dict(steps=out, clock=s.clock_name, memory_base_mb=base)
+
+
+def preference_plan(args, folder):
+    """Every --dpo / --spo configuration: dict(label, B, argv) per model and batch size."""
+    spec = PREFERENCE[args.method]
+    if args.full_size:
+        models = [m for m in spec["models"] if m[1] == args.full_size]
+        paper = FULL_SIZE[args.full_size]["flags"]
+        common = ["--pretrained_model_name_or_path", folder, "--gradient_checkpointing", "--resolution",
+                  "64" if args.smoke else paper[paper.index("--resolution") + 1]]
+        if args.full_size == "sdxl":  # as in bench's DRTune runs: the fp16-fix VAE's architecture, our weights
+            common += ["--pretrained_vae_model_name_or_path", os.path.join(folder, "vae")]
+    else:
+        models = spec["models"]
+        common = ["--resolution", str(args.resolution), "--rank", str(args.rank)] + \
+            (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
+    common += ["--mixed_precision", args.mixed_precision, "--report_to", "none", "--seed", "0", "--reward", "symmetry"]
+    if args.method == "dpo":
+        common += ["--dataset_name", os.path.join(folder, "pairs.parquet")]
+    else:  # the paper's sampler; threshold 0 keeps every comparison: the most pairs, the longest training step
+        T, W = (3, 1) if args.smoke else (6, 2) if args.quick else (20, 4)
+        common += ["--sampler", "ddim", "--eta", "1", "--guidance_scale", "5", "--num_inference_steps", str(T),
+                   "--warm_steps", str(W), "--pair_threshold", "0"]
+    batch_sizes = args.batch_sizes or ([1] if args.smoke else [1, 2] if args.quick else spec["batch_sizes"])
+    jobs = []
+    for label, name, flags, full_flags in models:
+        model = [] if args.full_size else ["--pretrained_model_name_or_path", os.path.join(HERE, "tiny_models", name)]
+        for B in batch_sizes:
+            argv = common + model + flags + (full_flags if args.full_size else []) + ["--train_batch_size", str(B)]
+            shape = None if args.method == "dpo" else (T, W, int(flags[flags.index("--num_candidates") + 1]))
+            jobs.append(dict(label=label, B=B, module=args.method, argv=argv, shape=shape))
+    return jobs
+
+
+def preference_summary(row):
+    """The median step (by total time; the lower one of an even count), with all its parts: they add up."""
+    if row["status"] != "ok":
+        return row
+    totals = [step["total"] for step in row["steps"]]
+    row.update(row["steps"][totals.index(statistics.median_low(totals))])
+    return row
+
+
+def dpo_table(rows, gib):
+    unit, scale = ("GiB", 2 ** 10) if gib else ("MiB", 1)
+    head = ["model", "B (pairs)", "s / step", "s / pair", "data (s)", "VAE encode (s)", "loss + backward + AdamW (s)",
+            "UNet rows / step", f"peak over loaded models ({unit})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            cells = [r["label"], str(r["B"]), f"{r['status']}: {r['reason']}".replace("|", "/")] + [""] * 6
+        else:
+            cells = [r["label"], str(r["B"]), fmt(r["total"]), fmt(r["total"] / r["B"]), fmt(r["data"]),
+                     fmt(r["encode"]), fmt(r["train"]), f"{r['unet_rows']:.0f}",
+                     fmt((r["memory_peak_mb"] - r["memory_base_mb"]) / scale)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def dpo_reading(rows):
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        ok = [r for r in rows if r["label"] == label and r["status"] == "ok"]
+        fit = slope(ok, "B", lambda r: r["total"], intercept=True)
+        if fit is None:
+            continue
+        memory = slope(ok, "B", lambda r: r["memory_peak_mb"] - r["memory_base_mb"])
+        largest = max(ok, key=lambda r: r["B"])
+        share = {k: largest[k] / largest["total"] for k in ("data", "encode", "train")}
+        out.append(f"{label}: a step costs about {fmt(fit[1])} s fixed plus {fmt(fit[0])} s per pair (least "
+                   f"squares over B = {', '.join(str(r['B']) for r in ok)}), so B={largest['B']} takes "
+                   f"{fmt(ok[0]['total'] / ok[0]['B'] / (largest['total'] / largest['B']))}x less time per pair than "
+                   f"B={ok[0]['B']}; peak memory grows {memory:+.1f} MiB per pair. At B={largest['B']}: data "
+                   f"{100 * share['data']:.0f}%, VAE encoding {100 * share['encode']:.0f}%, loss, backward and update "
+                   f"{100 * share['train']:.0f}% of the step.")
+    counted = {r["unet_rows"] == 4 * r["B"] for r in rows if r["status"] == "ok"}
+    if counted == {True}:
+        out.append("UNet rows per step = 4 B in every run (counted by a hook): 2 B with gradient (winners and losers "
+                   "under the policy) and 2 B under no_grad for the reference, the same UNet with its LoRA off: no "
+                   "second UNet is loaded.")
+    elif counted:
+        out.append("UNet rows per step differ from the expected 4 B (policy and reference, winners and losers): see "
+                   "the table.")
+    return "\n".join(f"- {s}" for s in out)
+
+
+def spo_formula(r):
+    """UNet rows of one trajectory: batch 1 for the W warm steps and the first branching step, k for each later one."""
+    T, W, k = r["shape"]
+    return (W + 1) + k * (T - W - 1)
+
+
+def spo_table(rows, gib):
+    unit, scale = ("GiB", 2 ** 10) if gib else ("MiB", 1)
+    head = ["model", "B (prompts)", "s / step", "sampling s / trajectory", "plain DDIM s / trajectory",
+            "UNet rows / trajectory (formula)", "pairs / step", "training s / pair",
+            f"peak sampling ({unit})", f"peak training ({unit})"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            cells = [r["label"], str(r["B"]), f"{r['status']}: {r['reason']}".replace("|", "/")] + [""] * 7
+        else:
+            base = r["memory_base_mb"]
+            cells = [r["label"], str(r["B"]), fmt(r["total"]), fmt(r["sample"] / r["B"]), fmt(r["plain"] / r["B"]),
+                     f"{r['sample_rows'] / r['B']:.0f} ({spo_formula(r)})", f"{r['pairs']:.0f}",
+                     fmt(r["train"] / max(r["pairs"], 1)), fmt((r["sample_peak_mb"] - base) / scale),
+                     fmt((r["train_peak_mb"] - base) / scale)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def spo_reading(rows):
+    out = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        ok = [r for r in rows if r["label"] == label and r["status"] == "ok"]
+        if not ok:
+            continue
+        T, W, k = ok[0]["shape"]
+        largest = max(ok, key=lambda r: r["B"])
+        overhead = statistics.median(r["sample"] / r["plain"] for r in ok)
+        out.append(f"{label} (T={T}, W={W}, k={k}): sampling a trajectory costs {overhead:.1f}x a plain DDIM "
+                   f"trajectory (UNet rows: {spo_formula(largest)} against {T}, "
+                   f"{spo_formula(largest) / T:.1f}x); at B={largest['B']}, sampling is "
+                   f"{100 * largest['sample'] / largest['total']:.0f}% of the step and training on its "
+                   f"{largest['pairs']:.0f} pairs {100 * largest['train'] / largest['total']:.0f}%. Per pair, training "
+                   f"runs {largest['train_rows'] / max(largest['pairs'], 1):.1f} UNet rows (policy with gradient and "
+                   f"reference under no_grad, one row per distinct x_t).")
+        out.append(f"{label}: peak memory over the loaded models at B={largest['B']}: sampling "
+                   f"{fmt(largest['sample_peak_mb'] - largest['memory_base_mb'])} MiB, training "
+                   f"{fmt(largest['train_peak_mb'] - largest['memory_base_mb'])} MiB (--pair_batch_size bounds the "
+                   f"training peak, whatever the number of pairs).")
+    mismatch = [r for r in rows if r["status"] == "ok" and round(r["sample_rows"] / r["B"]) != spo_formula(r)]
+    if not mismatch and any(r["status"] == "ok" for r in rows):
+        out.append("UNet rows per trajectory, counted by a hook, equal (W + 1) + k (T - W - 1) in every run: one call "
+                   "per step, batch B for the warm steps and the first branching step, k B after (each of those "
+                   "calls both scores the candidates' x_0 predictions and continues the chain).")
+    elif mismatch:
+        out.append("UNet rows per trajectory differ from (W + 1) + k (T - W - 1) in: " +
+                   ", ".join(f"{r['label']} B={r['B']}" for r in mismatch) + ".")
+    return "\n".join(f"- {s}" for s in out)
+
+
+def main_preference(args):
+    """--dpo / --spo: seconds per step and peak memory against the batch size, each configuration in a fresh
+    process, on the tiny pipelines (or a full-size random-weight one with --full_size)."""
+    started = time.time()
+    context = fork_context([args.method])
+    common = dict(device=args.device, num_threads=args.num_threads, warmup=args.warmup, iters=args.iters)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{args.method}-") as folder:
+        extra = ""
+        if args.full_size:
+            print(f"building random-weight full-size {args.full_size} in {folder} ...", flush=True)
+            built = run_in_fresh_process(context, dict(kind="build", name=args.full_size, folder=folder,
+                                                       device=args.device, num_threads=args.num_threads))
+            if built["status"] != "ok":
+                sys.exit(f"bench.py: error: building the full-size model failed: {built['reason']}")
+            extra = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in built["params"].items())
+        jobs = preference_plan(args, folder)
+        if args.method == "dpo":
+            pairs_parquet(os.path.join(folder, "pairs.parquet"),
+                          max(j["B"] for j in jobs) * (args.warmup + args.iters),
+                          int(jobs[0]["argv"][jobs[0]["argv"].index("--resolution") + 1]))
+        rows = []
+        for i, job in enumerate(jobs, 1):
+            row = preference_summary(dict(job, **run_in_fresh_process(context, dict(job, kind=args.method, **common))))
+            rows.append(row)
+            where = f"[{i}/{len(jobs)}] {row['label']} B={row['B']}"
+            if row["status"] != "ok":
+                print(f"{where}: {row['status']}: {row['reason']}\n{row.get('traceback', '')}", flush=True)
+            elif args.method == "dpo":
+                print(f"{where}: {row['total']:.3f} s/step, peak +{row['memory_peak_mb'] - row['memory_base_mb']:.1f} "
+                      f"MiB", flush=True)
+            else:
+                print(f"{where}: {row['total']:.3f} s/step, {row['pairs']:.0f} pairs, sampling "
+                      f"{row['sample'] / row['B']:.3f} s/trajectory", flush=True)
+    seconds = time.time() - started
+    clock = next((r["clock"] for r in rows if r["status"] == "ok"), "—")
+    if args.method == "dpo":
+        table, text = dpo_table(rows, args.full_size), dpo_reading(rows)
+    else:
+        table, text = spo_table(rows, args.full_size), spo_reading(rows)
+    print("\n" + table + "\n\n" + text + f"\n\nbenchmark time: {seconds:.0f} s")
+    if args.output_dir is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
+        key = args.method + (f"_full_size_{args.full_size}" if args.full_size else "")
+        write_section(os.path.join(args.output_dir, "BENCHMARKS.md"), key,
+                      preference_section(args, table, text, seconds, clock, extra))
+        print(f"wrote {os.path.join(args.output_dir, 'BENCHMARKS.md')}")
+    if any(r["status"] == "failed" for r in rows):
+        sys.exit(1)
+    return rows
+
+
+def preference_section(args, table, text, seconds, clock, extra):
+    size = (f"full-size {FULL_SIZE[args.full_size]['title']}, random weights ({extra}), gradient checkpointing"
+            if args.full_size else f"the tiny pipelines in tiny_models/, {args.resolution} px, LoRA rank {args.rank}")
+    if args.method == "dpo":
+        title = f"## Offline Diffusion-DPO (dpo.py): time and memory against the batch, {size.split(',')[0]}"
+        settings = (f"{size}, mixed precision {args.mixed_precision}; {args.warmup} warm-up + the median of "
+                    f"{args.iters} steps (by total time, with its parts) per configuration, each in a fresh process. "
+                    f"One step = what dpo.py's loop does per optimizer step without accumulation: the next B pairs "
+                    f"from a Pick-a-Pic parquet made by the bench (smooth random JPEGs at 5:4, decoded, resized and "
+                    f"center-cropped), the VAE encoding of the 2B images, `algorithm_loss` (winners and losers "
+                    f"through the policy with gradient and through the reference under no_grad, beta 5000), "
+                    f"backward, clipping and the AdamW step. Full size: the paper presets' LoRA rank 64 (SDXL: VAE "
+                    f"batch 4).")
+    else:
+        title = f"## SPO (spo.py): time per trajectory and per training step, {size.split(',')[0]}"
+        settings = (f"{size}, mixed precision {args.mixed_precision}, the paper's sampler (DDIM eta 1, CFG 5), T "
+                    f"and W as in the reading; the official SD1.5 (k=4) and SDXL (k=2, 3 inner steps) pools; "
+                    f"threshold 0, so every comparison yields pairs (the longest training step); symmetry reward as "
+                    f"the preference model (PickScore, the paper's, adds its own forward per compared step). "
+                    f"{args.warmup} warm-up + the median of {args.iters} steps (by total time, with its parts) per "
+                    f"configuration, each in a fresh process. One step = `sample_pairs` for B prompts, then "
+                    f"`spo_loss` + backward over all its pairs in chunks of --pair_batch_size, clipping and AdamW, as "
+                    f"spo.py on one process. Plain DDIM: the scaffold's `rollout` for the same prompts, timed apart, "
+                    f"for scale.")
+    body = [title, "", *header_lines(args, seconds, clock), "", settings, ""]
+    if args.device == "cpu":
+        body += ["**CPU figures: read the ratios, not the absolute times.**", ""]
+    body += [table, "", "Reading (computed from the numbers above):", "", text, ""]
+    if not args.full_size:
+        body += [f"Full size: `python bench.py --{args.method} --full_size sdxl` (or sd15) on a GPU adds its own "
+                 f"section with the published architectures.", ""]
+    return "\n".join(body)
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
 
 def main(args):
+    if args.full_size and args.device == "cpu" and not args.allow_cpu:
+        sys.exit(f"bench.py: error: --full_size {args.full_size} needs a GPU (a full-size UNet forward+backward takes "
+                 f"seconds on a CPU); pass --allow_cpu for a one-iteration smoke at 64 px, T=1, K=1")
     if args.fig7:
         return main_fig7(args)
     if args.table1:
         return main_table1(args)
-    if args.full_size and args.device == "cpu" and not args.allow_cpu:
-        sys.exit(f"bench.py: error: --full_size {args.full_size} needs a GPU (a full-size UNet forward+backward takes "
-                 f"seconds on a CPU); pass --allow_cpu for a one-iteration smoke at 64 px, T=1, K=1")
+    if args.method:
+        return main_preference(args)
     started = time.time()
     context = multiprocessing.get_context("forkserver")  # fresh processes without paying the imports each time
     scripts = [m for m in dict.fromkeys(e[1] for e in METHODS + [FULL_BACKPROP]) if importlib.util.find_spec(m)]

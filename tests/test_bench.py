@@ -1,4 +1,5 @@
 """bench.py: the full-size configs have the published sizes, and --quick runs end to end in seconds."""
+import itertools
 import subprocess
 import sys
 
@@ -106,3 +107,49 @@ def test_table1_quick_trains_every_method_and_writes_its_section(tmp_path):
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- begin table1 -->" in report and "| DRTune |" in report and "held-out" in report
     assert (tmp_path / "bench_table1.png").stat().st_size > 0
+
+
+def table_cells(stdout, first_header_cell):
+    """Rows (lists of cells) of the first table printed whose header starts with first_header_cell."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
+    return [[c.strip() for c in line.strip("|").split("|")] for line in
+            itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:])]
+
+
+def test_dpo_quick_times_each_batch_and_runs_policy_and_reference_on_one_unet(tmp_path):
+    result = subprocess.run([sys.executable, "bench.py", "--dpo", "--quick", "--output_dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {(cells[0], int(cells[1])): cells for cells in table_cells(result.stdout, "model")}
+    assert set(rows) == {(model, B) for model in ("SD1.5", "SDXL") for B in (1, 2)}
+    for (model, B), cells in rows.items():
+        step, per_pair, data, encode, train = map(float, cells[2:7])
+        assert min(step, data, encode, train) > 0 and per_pair == pytest.approx(step / B, rel=0.01)
+        assert data + encode + train == pytest.approx(step, rel=0.02)  # the parts make up the step
+        # a hook counts UNet rows: winners and losers through the policy, then through the reference (LoRA off)
+        assert int(cells[7]) == 4 * B
+        assert float(cells[8]) >= 0
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin dpo -->" in report and "| SDXL | 2 |" in report and "<!-- begin spo -->" in report
+
+
+def test_spo_quick_counts_unet_rows_and_pairs_per_trajectory(tmp_path):
+    result = subprocess.run([sys.executable, "bench.py", "--spo", "--quick", "--output_dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = {(cells[0], int(cells[1])): cells for cells in table_cells(result.stdout, "model")}
+    sd, xl = "SD1.5, k=4", "SDXL, k=2, 3 inner steps"
+    assert set(rows) == {(model, B) for model in (sd, xl) for B in (1, 2)}
+    T, W = 6, 2  # --quick
+    for (model, B), cells in rows.items():
+        k = 4 if model == sd else 2
+        assert cells[5] == f"{(W + 1) + k * (T - W - 1)} ({(W + 1) + k * (T - W - 1)})"  # counted (formula)
+        # threshold 0: every compared step's pair is kept, and with set_alpha_to_one False every step has a density;
+        # with 3 inner steps the T - W = 4 steps form one branch whose 4 steps are all pairs
+        assert int(cells[6]) == B * (T - W)
+        step, sampling, plain, per_pair = float(cells[2]), float(cells[3]), float(cells[4]), float(cells[7])
+        assert min(step, sampling, plain, per_pair) > 0 and sampling * B < step
+        assert float(cells[8]) >= 0 and float(cells[9]) >= 0
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin spo -->" in report and f"| {xl} | 2 |" in report
