@@ -579,6 +579,19 @@ def train_run(job):
                 train_reward_last=rows[-1].get("reward_mean"))
 
 
+def build_full_size(context, args, folder):
+    """Write the random-weight full-size pipeline of --full_size into folder; returns its parameter counts."""
+    print(f"building random-weight full-size {args.full_size} in {folder} ...", flush=True)
+    built = run_in_fresh_process(context, dict(kind="build", name=args.full_size, folder=folder, device=args.device,
+                                               num_threads=args.num_threads))
+    if built["status"] != "ok":
+        sys.exit(f"bench.py: error: building the full-size model failed: {built['reason']}\n"
+                 f"{built.get('traceback', '')}")
+    extra = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in built["params"].items())
+    print(f"parameters: {extra}", flush=True)
+    return extra
+
+
 def run_in_fresh_process(context, job):
     with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
         try:
@@ -1367,7 +1380,8 @@ def preference_plan(args, folder):
         for B in batch_sizes:
             argv = common + model + flags + (full_flags if args.full_size else []) + ["--train_batch_size", str(B)]
             shape = None if args.method == "dpo" else (T, W, int(flags[flags.index("--num_candidates") + 1]))
-            jobs.append(dict(label=label, B=B, module=args.method, argv=argv, shape=shape))
+            jobs.append(dict(label=label, B=B, module=args.method, argv=argv, shape=shape,
+                             resolution=int(common[common.index("--resolution") + 1])))
     return jobs
 
 
@@ -1490,19 +1504,11 @@ def main_preference(args):
     context = fork_context([args.method])
     common = dict(device=args.device, num_threads=args.num_threads, warmup=args.warmup, iters=args.iters)
     with tempfile.TemporaryDirectory(prefix=f"bench-{args.method}-") as folder:
-        extra = ""
-        if args.full_size:
-            print(f"building random-weight full-size {args.full_size} in {folder} ...", flush=True)
-            built = run_in_fresh_process(context, dict(kind="build", name=args.full_size, folder=folder,
-                                                       device=args.device, num_threads=args.num_threads))
-            if built["status"] != "ok":
-                sys.exit(f"bench.py: error: building the full-size model failed: {built['reason']}")
-            extra = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in built["params"].items())
+        extra = build_full_size(context, args, folder) if args.full_size else ""
         jobs = preference_plan(args, folder)
         if args.method == "dpo":
             pairs_parquet(os.path.join(folder, "pairs.parquet"),
-                          max(j["B"] for j in jobs) * (args.warmup + args.iters),
-                          int(jobs[0]["argv"][jobs[0]["argv"].index("--resolution") + 1]))
+                          max(j["B"] for j in jobs) * (args.warmup + args.iters), jobs[0]["resolution"])
         rows = []
         for i, job in enumerate(jobs, 1):
             row = preference_summary(dict(job, **run_in_fresh_process(context, dict(job, kind=args.method, **common))))
@@ -1537,9 +1543,10 @@ def main_preference(args):
 def preference_section(args, table, text, seconds, clock, extra):
     size = (f"full-size {FULL_SIZE[args.full_size]['title']}, random weights ({extra}), gradient checkpointing"
             if args.full_size else f"the tiny pipelines in tiny_models/, {args.resolution} px, LoRA rank {args.rank}")
+    first = size[0].upper() + size[1:]
     if args.method == "dpo":
         title = f"## Offline Diffusion-DPO (dpo.py): time and memory against the batch, {size.split(',')[0]}"
-        settings = (f"{size[0].upper()}{size[1:]}, mixed precision {args.mixed_precision}; {args.warmup} warm-up + the median of "
+        settings = (f"{first}, mixed precision {args.mixed_precision}; {args.warmup} warm-up + the median of "
                     f"{args.iters} steps (by total time, with its parts) per configuration, each in a fresh process. "
                     f"One step = what dpo.py's loop does per optimizer step without accumulation: the next B pairs "
                     f"from a Pick-a-Pic parquet made by the bench (smooth random JPEGs at 5:4, decoded, resized and "
@@ -1549,8 +1556,8 @@ def preference_section(args, table, text, seconds, clock, extra):
                     f"batch 4).")
     else:
         title = f"## SPO (spo.py): time per trajectory and per training step, {size.split(',')[0]}"
-        settings = (f"{size[0].upper()}{size[1:]}, mixed precision {args.mixed_precision}, the paper's sampler (DDIM eta 1, CFG 5), T "
-                    f"and W as in the reading; the official SD1.5 (k=4) and SDXL (k=2, 3 inner steps) pools; "
+        settings = (f"{first}, mixed precision {args.mixed_precision}, the paper's sampler (DDIM eta 1, CFG 5), "
+                    f"T and W as in the reading; the official SD1.5 (k=4) and SDXL (k=2, 3 inner steps) pools; "
                     f"threshold 0, so every comparison yields pairs (the longest training step); symmetry reward as "
                     f"the preference model (PickScore, the paper's, adds its own forward per compared step). "
                     f"{args.warmup} warm-up + the median of {args.iters} steps (by total time, with its parts) per "
@@ -1584,23 +1591,10 @@ def main(args):
     if args.method:
         return main_preference(args)
     started = time.time()
-    context = multiprocessing.get_context("forkserver")  # fresh processes without paying the imports each time
-    scripts = [m for m in dict.fromkeys(e[1] for e in METHODS + [FULL_BACKPROP]) if importlib.util.find_spec(m)]
-    context.set_forkserver_preload(["torch", "numpy", "accelerate", "peft", "rewards", *scripts,
-                                    "diffusers.models.unets.unet_2d_condition",
-                                    "diffusers.models.autoencoders.autoencoder_kl",
-                                    "transformers.models.clip.modeling_clip"])
+    context = fork_context([e[1] for e in METHODS + [FULL_BACKPROP]])
     common = dict(device=args.device, num_threads=args.num_threads)
     with tempfile.TemporaryDirectory(prefix="bench-full-size-") as folder:
-        extra = ""
-        if args.full_size:
-            print(f"building random-weight full-size {args.full_size} in {folder} ...", flush=True)
-            built = run_in_fresh_process(context, dict(kind="build", name=args.full_size, folder=folder, **common))
-            if built["status"] != "ok":
-                sys.exit(f"bench.py: error: building the full-size model failed: {built['reason']}\n"
-                         f"{built.get('traceback', '')}")
-            extra = ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in built["params"].items())
-            print(f"parameters: {extra}", flush=True)
+        extra = build_full_size(context, args, folder) if args.full_size else ""
         jobs = plan(args, folder)
         if not jobs:
             sys.exit(f"bench.py: error: no configuration to run (--methods {args.methods})")
