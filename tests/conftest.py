@@ -54,6 +54,26 @@ RUN_OUTPUTS = ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl
                "samples/step-000000.png", "samples/step-000002.png", "samples/before_after.png", "checkpoint-2")
 
 
+def read_metrics(output_dir):
+    """The rows of a run's metrics.jsonl."""
+    import json
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def run_cli(script, argv, cwd):
+    """Run `script` as a user would, for a 2-step run validated and checkpointed every step with
+    checkpoints_total_limit=1; check that it left RUN_OUTPUTS (and no checkpoint-1) and return its metrics rows."""
+    import subprocess
+    import sys
+    subprocess.run([sys.executable, os.path.join(ROOT, script), *argv], check=True, cwd=str(cwd), timeout=300)
+    output_dir = argv[argv.index("--output_dir") + 1]
+    for name in RUN_OUTPUTS:
+        assert os.path.exists(os.path.join(output_dir, name)), name
+    assert not os.path.exists(os.path.join(output_dir, "checkpoint-1"))  # checkpoints_total_limit
+    return read_metrics(output_dir)
+
+
 def two_process_loras(script, argv, port):
     """Train `script` with torchrun on 2 CPU processes (gloo) and return each rank's final LoRA state dict."""
     import subprocess

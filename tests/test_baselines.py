@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 import torch
-from conftest import ROOT, TINY_SD, TINY_SDXL, lora_effect, tiny_argv
+from conftest import ROOT, TINY_SD, TINY_SDXL, lora_effect, read_metrics, tiny_argv
 
 import alignprop
 import draft
@@ -299,8 +299,7 @@ def test_cli_writes_outputs_and_lora_loads_in_diffusers(key, cli_runs):
     for name in ("pytorch_lora_weights.safetensors", "config.json", "metrics.jsonl", "samples/step-000000.png",
                  "samples/step-000002.png"):
         assert os.path.exists(os.path.join(out, name)), name
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2] and "eval_reward" in rows[-1]
     assert "num_trained_steps" in rows[-1] or "t_min" in rows[-1]
     with open(os.path.join(out, "config.json")) as f:

@@ -33,17 +33,22 @@ def test_full_size_refuses_cpu_without_allow_cpu():
     assert result.returncode != 0 and "needs a GPU" in result.stderr and "--allow_cpu" in result.stderr
 
 
+def table_cells(stdout, first_header_cell):
+    """Rows (lists of cells) of the first table printed whose header starts with first_header_cell."""
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
+    return [[c.strip() for c in line.strip("|").split("|")] for line in
+            itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:])]
+
+
 def table_rows(stdout):
     """{(method, T, K): cells} of the iterations table that bench.py prints."""
-    lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0], int(cells[1]), cells[2]] = cells
-    return rows
+    return {(cells[0], int(cells[1]), cells[2]): cells for cells in table_cells(stdout, "method")}
+
+
+def markdown_rows(stdout, first_header_cell):
+    """{first cell: cells} of the first table printed whose header starts with first_header_cell."""
+    return {cells[0]: cells for cells in table_cells(stdout, first_header_cell)}
 
 
 def test_quick_run_prints_the_table_and_writes_the_report(tmp_path):
@@ -62,19 +67,6 @@ def test_quick_run_prints_the_table_and_writes_the_report(tmp_path):
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- begin tiny -->" in report and "| DRTune | 4 | 2 |" in report and "full_size_sdxl" in report
     assert (tmp_path / "bench_drtune.png").stat().st_size > 0
-
-
-def markdown_rows(stdout, first_header_cell):
-    """{first cell: cells} of the first table printed whose header starts with first_header_cell."""
-    lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
-    rows = {}
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        rows[cells[0]] = cells
-    return rows
 
 
 def test_fig7_quick_prints_grad_norms_for_each_K_and_writes_its_section(tmp_path):
@@ -107,14 +99,6 @@ def test_table1_quick_trains_every_method_and_writes_its_section(tmp_path):
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- begin table1 -->" in report and "| DRTune |" in report and "held-out" in report
     assert (tmp_path / "bench_table1.png").stat().st_size > 0
-
-
-def table_cells(stdout, first_header_cell):
-    """Rows (lists of cells) of the first table printed whose header starts with first_header_cell."""
-    lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header_cell} |"))
-    return [[c.strip() for c in line.strip("|").split("|")] for line in
-            itertools.takewhile(lambda line: line.startswith("|"), lines[start + 2:])]
 
 
 def test_dpo_quick_times_each_batch_and_runs_policy_and_reference_on_one_unet(tmp_path):

@@ -6,12 +6,10 @@ import itertools
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, RUN_OUTPUTS, TINY_SD, TINY_SDXL, lora_effect, tiny_argv
+from conftest import TINY_SD, TINY_SDXL, lora_effect, read_metrics, run_cli, tiny_argv
 from diffusers import UNet2DConditionModel
 
 import dpo
@@ -290,8 +288,7 @@ def test_online_rounds_log_pairs_and_resume_with_the_reference(tmp_path):
     common = dict(online=True, images_per_prompt=2, prompts_per_round=2, steps_per_round=1, ref_update_rate=0.5,
                   checkpointing_steps=2, num_eval_prompts=1)
     row = dpo.main(dpo.parse_args(tiny_argv(TINY_SD, out, **common)))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(out)
     assert [r.get("round") for r in rows] == [None, 1, 2]
     for r in rows[1:]:
         assert r["pair_margin"] > 0 and 1 <= r["pairs_kept"] <= 2 and "eval_reward" in r and "implicit_acc" in r
@@ -316,12 +313,7 @@ def test_cli_offline_writes_outputs_and_lora_loads_in_diffusers(tiny_model, pair
     data = dict(streaming=True, dataloader_num_workers=1, random_flip=True) if tiny_model == TINY_SD else {}
     argv = tiny_argv(tiny_model, out, dataset_name=pairs_file, max_train_steps=2, learning_rate=0.05,
                      validation_steps=1, checkpointing_steps=1, checkpoints_total_limit=1, **data)
-    subprocess.run([sys.executable, os.path.join(ROOT, "dpo.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
-    for name in RUN_OUTPUTS:
-        assert os.path.exists(os.path.join(out, name)), name
-    assert not os.path.exists(os.path.join(out, "checkpoint-1"))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = run_cli("dpo.py", argv, tmp_path)
     for key in ("step", "loss", "implicit_acc", "model_error_w", "model_error_l", "ref_error_w", "ref_error_l",
                 "grad_norm", "lr", "seconds", "peak_memory_mb", "ties_skipped", "corrupt_skipped", "eval_reward"):
         assert key in rows[-1], key

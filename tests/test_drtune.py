@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, RUN_OUTPUTS, TINY_SD, TINY_SDXL, lora_effect, tiny_argv, two_process_loras
+from conftest import ROOT, TINY_SD, TINY_SDXL, lora_effect, read_metrics, run_cli, tiny_argv, two_process_loras
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 import drtune
@@ -160,8 +160,7 @@ def test_schedule_covers_the_executed_range():
 def run(tmp_path, name, **overrides):
     out = str(tmp_path / name)
     drtune.main(drtune.parse_args(tiny_argv(TINY_SD, out, **overrides)))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(out)
     return out, [strip(r) for r in rows]
 
 
@@ -197,8 +196,7 @@ def test_nonfinite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_path
                                        **DRTUNE))
     with pytest.raises(RuntimeError, match="2 updates in a row"):
         drtune.main(args)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(out)
     assert [r.get("skipped") for r in rows[1:]] == [False, False, True, True]
     assert drtune.checkpoint_steps(out) == [2]
     lora = load_file(os.path.join(out, "checkpoint-2", "pytorch_lora_weights.safetensors"))
@@ -231,12 +229,7 @@ def test_cli_writes_outputs_and_lora_loads_in_diffusers(tiny_model, tmp_path):
     out = str(tmp_path / "run")
     argv = tiny_argv(tiny_model, out, max_train_steps=2, num_trained_steps=2, early_stop_max=2, learning_rate=0.05,
                      validation_steps=1, checkpointing_steps=1, checkpoints_total_limit=1)
-    subprocess.run([sys.executable, os.path.join(ROOT, "drtune.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
-    for name in RUN_OUTPUTS:
-        assert os.path.exists(os.path.join(out, name)), name
-    assert not os.path.exists(os.path.join(out, "checkpoint-1"))  # checkpoints_total_limit
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = run_cli("drtune.py", argv, tmp_path)
     for key in ("step", "loss", "reward_mean", "reward_std", "grad_norm", "lr", "seconds", "peak_memory_mb", "t_min"):
         assert key in rows[-1], key
     assert lora_effect(tiny_model, out) > 1e-3

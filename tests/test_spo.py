@@ -3,12 +3,10 @@ the continuation, and short runs on the tiny SD and SDXL pipelines."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, RUN_OUTPUTS, TINY_SD, TINY_SDXL, tiny_argv, two_process_loras
+from conftest import TINY_SD, TINY_SDXL, read_metrics, run_cli, tiny_argv, two_process_loras
 from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
 import spo
@@ -235,12 +233,7 @@ def test_unet_calls_per_trajectory(model, k, inner):
 def test_cli_trains_and_lora_loads_in_diffusers(tiny_model, tmp_path):
     out = str(tmp_path / "run")
     argv = tiny_argv(tiny_model, out, **dict(SPO, learning_rate=0.05, checkpointing_steps=1, checkpoints_total_limit=1))
-    subprocess.run([sys.executable, os.path.join(ROOT, "spo.py"), *argv], check=True, cwd=str(tmp_path), timeout=300)
-    for name in RUN_OUTPUTS:
-        assert os.path.exists(os.path.join(out, name)), name
-    assert not os.path.exists(os.path.join(out, "checkpoint-1"))
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = run_cli("spo.py", argv, tmp_path)
     for key in ("loss", "reward_mean", "grad_norm", "pairs", "pairs_per_prompt", "kept_fraction", "score_gap",
                 "clamped_fraction", "ratio_win", "ratio_lose", "eval_reward", "seconds", "peak_memory_mb"):
         assert key in rows[-1], key
@@ -282,8 +275,7 @@ def test_nonfinite_reward_skips_updates_then_stops(tmp_path, monkeypatch):
     args = spo.parse_args(tiny_argv(TINY_SD, out, max_train_steps=5, max_nonfinite_steps=2, **SPO))
     with pytest.raises(RuntimeError, match="2 updates in a row"):
         spo.main(args)
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(out)
     assert [r["skipped"] for r in rows[1:]] == [True, True]
 
 
@@ -293,8 +285,7 @@ def test_two_processes_gather_pairs_and_end_with_identical_lora(tmp_path):
     w0, w1 = two_process_loras("spo", argv, port=29531)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any("lora_B" in k and w0[k].abs().sum() > 0 for k in w0), "training changed nothing"
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f]
+    rows = read_metrics(out)
     # the gathered pairs are exactly those each process kept: 2 processes x 2 prompts x 4 compared steps
     for row in rows[1:]:
         assert row["pairs"] == round(row["kept_fraction"] * 16) and row["pairs_per_prompt"] == row["pairs"] / 4
