@@ -48,11 +48,11 @@ model option takes a hub id or a local path; hub files are written `owner/repo/f
 | -------------------- | ----------------------------------------------------------- | -------------------------- |
 | aesthetic_clip       | openai/clip-vit-large-patch14 (transformers CLIP)           | aesthetic                  |
 | aesthetic_mlp        | trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth        | aesthetic                  |
-| clip_model           | ViT-H-14 (open_clip architecture name)                      | clipscore, symmetry        |
+| clip_model           | ViT-H-14 (open_clip architecture name, or a local .json)    | clipscore, symmetry        |
 | clip_pretrained      | laion2b_s32b_b79k (open_clip tag, or a checkpoint file)     | clipscore, symmetry        |
 | pickscore_model      | yuvalkirstain/PickScore_v1 (transformers CLIP)              | pickscore                  |
 | pickscore_processor  | laion/CLIP-ViT-H-14-laion2B-s32B-b79K (tokenizer, mean/std) | pickscore                  |
-| hps_model            | ViT-H-14 (open_clip architecture name)                      | hpsv21                     |
+| hps_model            | ViT-H-14 (open_clip architecture name, or a local .json)    | hpsv21                     |
 | hps_checkpoint       | xswu/HPSv2/HPS_v2.1_compressed.pt ({'state_dict': ...})     | hpsv21                     |
 | symmetry_clip_weight | 0.0                                                         | symmetry                   |
 | jpeg_quality         | 50                                                          | compressibility, jpeg_size |
@@ -109,7 +109,9 @@ _OPEN_CLIP_TAG = re.compile(r"[\w-]+")  # an open_clip pretrained tag such as la
 _PATH_OPTIONS = {
     "aesthetic_clip": _HUB_ID,
     "aesthetic_mlp": _HUB_FILE,
+    "clip_model": _OPEN_CLIP_TAG,  # an open_clip architecture name, or a local .json model config
     "clip_pretrained": _OPEN_CLIP_TAG,
+    "hps_model": _OPEN_CLIP_TAG,
     "pickscore_model": _HUB_ID,
     "pickscore_processor": _HUB_ID,
     "hps_checkpoint": _HUB_FILE,
@@ -174,10 +176,29 @@ def _load_state_dict(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def _open_clip(reward, option, name, pretrained):
-    """open_clip model `name` with weights from a local checkpoint or an open_clip pretrained tag."""
+def _open_clip_config(path):
+    """Register a local open_clip model config (a JSON file, e.g. the tiny world's CLIP) under its file stem; a
+    `text_cfg.hf_tokenizer_name` relative to the file names a transformers tokenizer folder. -> (name, tokenizer)"""
     import open_clip
 
+    path = Path(path).resolve()
+    open_clip.add_model_config(path)
+    text_cfg = json.loads(path.read_text()).get("text_cfg", {})
+    tokenizer = None
+    if text_cfg.get("hf_tokenizer_name"):
+        tokenizer = open_clip.tokenizer.HFTokenizer(str(path.parent / text_cfg["hf_tokenizer_name"]),
+                                                    context_length=text_cfg.get("context_length", 77))
+    return path.stem, tokenizer
+
+
+def _open_clip(reward, option, name, pretrained):
+    """open_clip model `name` (an architecture name or a local JSON config) with weights from a local checkpoint
+    or an open_clip pretrained tag."""
+    import open_clip
+
+    tokenizer = None
+    if name.endswith(".json"):
+        name, tokenizer = _open_clip_config(name)
     if not _is_local(reward, option, pretrained):
         cfg = open_clip.get_pretrained_cfg(name, pretrained)
         if not cfg:
@@ -189,7 +210,7 @@ def _open_clip(reward, option, name, pretrained):
             source = cfg.get("hf_hub", "").rstrip("/") or cfg.get("url")
             what = f"open_clip {name} {pretrained!r} from {source!r}"
             raise _unreachable(reward, option, what, "/path/open_clip_model.safetensors") from e
-    return open_clip.create_model(name, pretrained=pretrained), open_clip.get_tokenizer(name)
+    return open_clip.create_model(name, pretrained=pretrained), tokenizer or open_clip.get_tokenizer(name)
 
 
 def _frozen(model, device, dtype):
@@ -412,9 +433,9 @@ REWARDS = {
 # Path options each reward loads, for check_options (symmetry adds clipscore's when its weight is > 0).
 _REWARD_PATHS = {
     "aesthetic": ("aesthetic_clip", "aesthetic_mlp"),
-    "clipscore": ("clip_pretrained",),
+    "clipscore": ("clip_model", "clip_pretrained"),
     "pickscore": ("pickscore_model", "pickscore_processor"),
-    "hpsv21": ("hps_checkpoint",),
+    "hpsv21": ("hps_model", "hps_checkpoint"),
     "objectness": ("owlvit_model",),
 }
 
