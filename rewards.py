@@ -1,4 +1,5 @@
-"""Rewards for text-to-image fine-tuning: the seven of DRTune's Table 1 (and DDPO's JPEG size), one signature.
+"""Rewards for text-to-image fine-tuning: the seven of DRTune's Table 1 (and DDPO's JPEG size), ReFL's ImageReward,
+one signature.
 
     reward_fn = rewards.build_reward("symmetry:1,clipscore:0.1", device="cuda", dtype=torch.float16)
     scores = reward_fn(images, prompts)  # images (B, 3, H, W) in [0, 1], prompts list[str] -> (B,) float32
@@ -18,6 +19,7 @@ scored against prompt i. Gradients flow to the images for every reward but `jpeg
 | compressibility | eq. 7: mean (I - d(c(I)))^2                     | -raw                   | kornia JPEG            |
 | objectness      | max over boxes of sigmoid(logit) for the query  | -raw                   | OWL-ViT                |
 | jpeg_size       | JPEG file size in kB (DDPO), not differentiable | -raw                   | PIL encoder            |
+| imagereward     | ImageReward: (MLP(BLIP) - mean) / std           | raw                    | BLIP ViT-L + BERT      |
 
 Choices the paper leaves open:
 - aesthetic: the CLIP image embedding is L2-normalized before the MLP 768-1024-128-64-16-1 (no activations),
@@ -37,6 +39,18 @@ Choices the paper leaves open:
 - Model inputs: on tensors, bicubic with antialias to the model's input size (shorter side, then center crop),
   clamped to [0, 1] as an 8-bit image would be, then the model's mean/std. Size and mean/std come from the
   model's config / processor config. Models are frozen, in eval mode, on the given device and dtype.
+- imagereward (ReFL's reward; the `image-reward` package does not import with transformers 5): the published
+  ImageReward.pt on transformers' BLIP parts, which hold its weights under other names: BLIP's ViT (the file's
+  blip.visual_encoder.*: cls_token, pos_embed, patch_embed.proj, blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp},
+  norm) is BlipVisionModel after a key mapping, BLIP's BERT with cross-attention (blip.text_encoder.*) is
+  BlipTextModel under its own names, and the head (mlp.layers.0/2/4/6/7, 768-1024-128-64-16-1, no activations)
+  is the aesthetic head's. The file's blip.vision_proj / blip.text_proj are loaded (strictly) but unused by the
+  score. Sizes come from the tensors' shapes; head counts are width / 64 (ViT-L 16, BERT-base 12) and LayerNorm
+  eps 1e-6 / 1e-12, as in the official code. Score: the text encoder's [CLS] state, the prompt attending to every
+  image token, through the MLP, then (raw - 0.16717362830052426) / 1.0333394966054072 (the published mean/std);
+  prompts as the official tokenizer (bert-base-uncased plus BLIP's [DEC] and [ENC]) pads and truncates them, to
+  35 tokens, [CLS] first. Images: 224 px, bicubic shorter side + center crop (the published PIL transform, here
+  on tensors with antialias), OpenAI CLIP mean/std.
 - random_shift (FDXL, Sec. 5): before resizing to the model's input size r_in, crop m = ceil(max(H, W) / r_in)
   pixels off each axis, split at random between the two sides and per image, i.e. the sampling grid moves by
   0..m pixels.
@@ -59,6 +73,8 @@ model option takes a hub id or a local path; hub files are written `owner/repo/f
 | owlvit_model         | google/owlvit-base-patch32                                  | objectness                 |
 | objectness_query     | book                                                        | objectness                 |
 | random_shift         | False                                                       | every model reward         |
+| imagereward_checkpoint | THUDM/ImageReward/ImageReward.pt (the published state dict) | imagereward              |
+| imagereward_tokenizer | google-bert/bert-base-uncased                              | imagereward                |
 
 Checkpoints are read with safetensors or torch.load(weights_only=True), never with remote code. A hub
 reference that cannot be fetched (offline, not cached) or a local path that does not exist raises
@@ -100,6 +116,8 @@ OPTIONS = {
     "owlvit_model": "google/owlvit-base-patch32",
     "objectness_query": "book",
     "random_shift": False,
+    "imagereward_checkpoint": "THUDM/ImageReward/ImageReward.pt",
+    "imagereward_tokenizer": "google-bert/bert-base-uncased",
 }
 
 # How each path option may name a hub object when it is not an existing local path.
@@ -114,6 +132,8 @@ _PATH_OPTIONS = {
     "pickscore_processor": _HUB_ID,
     "hps_checkpoint": _HUB_FILE,
     "owlvit_model": _HUB_ID,
+    "imagereward_checkpoint": _HUB_FILE,
+    "imagereward_tokenizer": _HUB_ID,
 }
 _STD_EPS = 1e-8  # eq. 6: std = sqrt(var + eps), finite value and gradient for a constant image
 
@@ -172,6 +192,28 @@ def _load_state_dict(path):
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_into_empty(build, state_dict, reward, path):
+    """build() constructed without allocating its parameters, then every parameter taken from state_dict,
+    strictly. Non-persistent buffers are built normally; `*.position_ids` entries that older transformers
+    versions wrote into checkpoints are accepted when they equal the buffer (as the official loaders accept them)
+    and dropped."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    buffers = dict(model.named_buffers())
+    state_dict = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith("position_ids")]:
+        value = state_dict.pop(key)
+        if key not in buffers or not torch.equal(value.to(buffers[key].dtype), buffers[key]):
+            raise RuntimeError(f"{reward}: {path}: unexpected key {key!r}")
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"{reward}: {path} is not in the expected layout: missing keys "
+                           f"{result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    return model
 
 
 def _open_clip(reward, option, name, pretrained):
@@ -392,6 +434,124 @@ def _jpeg_size(device, dtype, o):
     return score
 
 
+# ---------------------------------------------------------------------------------------------------------
+# ImageReward: BLIP (ViT image encoder, BERT text encoder with cross-attention) + MLP head
+# ---------------------------------------------------------------------------------------------------------
+
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # published: reward = (raw - mean) / std
+_IMAGEREWARD_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the published transform: OpenAI CLIP's mean/std
+_IMAGEREWARD_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+_IMAGEREWARD_MAX_TOKENS = 35
+# The published visual encoder is BLIP's timm-style ViT; transformers' BlipVisionModel is the same network under
+# other names (the text encoder's names are already transformers' BlipTextModel's). Published suffix -> ours.
+_IMAGEREWARD_VIT_KEYS = [
+    (r"cls_token", "embeddings.class_embedding"),
+    (r"pos_embed", "embeddings.position_embedding"),
+    (r"patch_embed\.proj\.", "embeddings.patch_embedding."),
+    (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
+    (r"blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
+    (r"blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+    (r"norm\.", "post_layernorm."),
+]
+_IMAGEREWARD_VIT = "blip.visual_encoder."
+
+
+def _imagereward_keys(state_dict):
+    """Published ImageReward.pt keys -> the module below (only blip.visual_encoder.* is renamed)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(_IMAGEREWARD_VIT):
+            suffix = key[len(_IMAGEREWARD_VIT):]
+            for pattern, replacement in _IMAGEREWARD_VIT_KEYS:
+                renamed, n = re.subn(f"^{pattern}", replacement, suffix)
+                if n:
+                    key = _IMAGEREWARD_VIT + renamed
+                    break
+        out[key] = value
+    return out
+
+
+def _imagereward_configs(state_dict, path):
+    """BlipVisionConfig and BlipTextConfig read off the published tensors' shapes (ViT-L/16 at 224 and BERT-base
+    for the released file). Not in the shapes: the head counts, taken as width / 64 (ViT-L: 16, BERT-base: 12),
+    and the constants of the official code: LayerNorm eps 1e-6 (ViT) and 1e-12 (BERT), exact GELU."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+
+    try:
+        width = state_dict["blip.visual_encoder.cls_token"].shape[-1]
+        patch = state_dict["blip.visual_encoder.patch_embed.proj.weight"].shape[-1]
+        positions = state_dict["blip.visual_encoder.pos_embed"].shape[1]
+        vision_depth = len({k.split(".")[3] for k in state_dict if k.startswith("blip.visual_encoder.blocks.")})
+        vision_mlp = state_dict["blip.visual_encoder.blocks.0.mlp.fc1.weight"].shape[0]
+        vocab, hidden = state_dict["blip.text_encoder.embeddings.word_embeddings.weight"].shape
+        max_positions = state_dict["blip.text_encoder.embeddings.position_embeddings.weight"].shape[0]
+        text_depth = len({k.split(".")[4] for k in state_dict if k.startswith("blip.text_encoder.encoder.layer.")})
+        text_mlp = state_dict["blip.text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0]
+        proj = state_dict["blip.vision_proj.weight"].shape[0]
+    except KeyError as e:
+        raise RuntimeError(f"imagereward: {path} is not in the published ImageReward layout: no {e}") from None
+    vision = BlipVisionConfig(hidden_size=width, intermediate_size=vision_mlp, num_hidden_layers=vision_depth,
+                              num_attention_heads=width // 64, patch_size=patch,
+                              image_size=patch * math.isqrt(positions - 1), layer_norm_eps=1e-6, hidden_act="gelu")
+    # is_decoder builds the cross-attention layers; the forward runs as an encoder (bidirectional self-attention)
+    text = BlipTextConfig(vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=width, intermediate_size=text_mlp,
+                          num_hidden_layers=text_depth, num_attention_heads=hidden // 64,
+                          max_position_embeddings=max_positions, layer_norm_eps=1e-12, hidden_act="gelu",
+                          pad_token_id=0, bos_token_id=None, eos_token_id=None, sep_token_id=None, is_decoder=True)
+    return vision, text, proj
+
+
+class _ImageReward(nn.Module):
+    """The published layout: blip.visual_encoder (ViT), blip.text_encoder (BERT, cross-attention in every layer),
+    blip.vision_proj and blip.text_proj (in the file, unused by the score), mlp (the aesthetic head's layout)."""
+
+    def __init__(self, vision_config, text_config, proj_dim):
+        from transformers import BlipTextModel, BlipVisionModel
+
+        super().__init__()
+        self.blip = nn.Module()
+        self.blip.visual_encoder = BlipVisionModel(vision_config)
+        self.blip.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
+        self.blip.vision_proj = nn.Linear(vision_config.hidden_size, proj_dim)
+        self.blip.text_proj = nn.Linear(text_config.hidden_size, proj_dim)
+        self.mlp = _AestheticMLP(text_config.hidden_size)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        """-> (B,) raw scores: the [CLS] state of the text encoder attending to the image, through the MLP."""
+        image_embeds = self.blip.visual_encoder(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, Dv)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        text = self.blip.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                      encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
+        return self.mlp(text.last_hidden_state[:, 0])
+
+
+def _imagereward(device, dtype, o):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, "imagereward", "imagereward_tokenizer", o.imagereward_tokenizer)
+    # the official tokenizer adds BLIP's two special tokens (ids 30522, 30523 of the 30524 rows); prompts never use them
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    path = _checkpoint_file("imagereward", "imagereward_checkpoint", o.imagereward_checkpoint)
+    state_dict = _load_state_dict(path)
+    vision, text, proj = _imagereward_configs(state_dict, path)
+    model = _load_into_empty(lambda: _ImageReward(vision, text, proj), _imagereward_keys(state_dict),
+                             "imagereward", path)
+    model = _frozen(model, device, dtype)
+
+    def score(images, prompts):
+        x = _preprocess(images, vision.image_size, _IMAGEREWARD_PIXEL_MEAN, _IMAGEREWARD_PIXEL_STD,
+                        random_shift=o.random_shift, device=device, dtype=dtype)
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=_IMAGEREWARD_MAX_TOKENS,
+                           return_tensors="pt").to(device)
+        raw = model(x, tokens.input_ids, tokens.attention_mask).float()
+        value = (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+        return value, value
+
+    return score
+
+
 class RewardInfo(NamedTuple):
     factory: Callable  # factory(device, dtype, options) -> score(images, prompts) -> (reward, raw)
     differentiable: bool
@@ -408,6 +568,7 @@ REWARDS = {
     "compressibility": RewardInfo(_compressibility, True, True, "eq. 7 ||I - jpeg(I)||_2^2, differentiable JPEG"),
     "objectness": RewardInfo(_objectness, True, True, "OWL-ViT max sigmoid(logit) of the query over boxes"),
     "jpeg_size": RewardInfo(_jpeg_size, False, True, "JPEG file size in kB (DDPO's compressibility)"),
+    "imagereward": RewardInfo(_imagereward, True, False, "ImageReward (BLIP + MLP), normalized as published"),
 }
 # Path options each reward loads, for check_options (symmetry adds clipscore's when its weight is > 0).
 _REWARD_PATHS = {
@@ -416,6 +577,7 @@ _REWARD_PATHS = {
     "pickscore": ("pickscore_model", "pickscore_processor"),
     "hpsv21": ("hps_checkpoint",),
     "objectness": ("owlvit_model",),
+    "imagereward": ("imagereward_checkpoint", "imagereward_tokenizer"),
 }
 
 
