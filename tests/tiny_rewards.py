@@ -118,6 +118,44 @@ def build_owlvit(directory):
     return Path(directory)
 
 
+def build_spo_pm(path, clip_directory, identity=False, legacy_position_ids=True):
+    """SPO step-aware preference model checkpoint in the official layout (a torch.save'd state dict of the
+    official wrapper: every key under `model.`): the CLIP weights of `clip_directory` (a build_clip folder, which
+    then serves as spo_pm_model and spo_pm_processor), a timestep embedder model.t_embedder.mlp.{0,2} (256 -> D -> D),
+    model.vision_model.encoder.layers.N.adaLN_modulation.1 (D -> 6D) and model.vision_model.adaLN_modulation.1
+    (D -> 2D), D the vision width. Random modulation by default; identity=True makes every adaLN the identity (zero
+    weights; zero shift and scale, unit gates), so the model is plain CLIP. legacy_position_ids adds the
+    embeddings' position_ids, which checkpoints written by transformers < 4.31 hold."""
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(clip_directory)
+    config = clip.config
+    width = config.vision_config.hidden_size
+    state_dict = {f"model.{k}": v for k, v in clip.state_dict().items()}
+    if legacy_position_ids:
+        for tower, n in (("text", config.text_config.max_position_embeddings),
+                         ("vision", (config.vision_config.image_size // config.vision_config.patch_size) ** 2 + 1)):
+            state_dict[f"model.{tower}_model.embeddings.position_ids"] = torch.arange(n)[None]
+    gates = torch.zeros(6, width)
+    gates[[2, 5]] = 1  # shift, scale, gate of the attention branch, then of the MLP branch
+    with torch.random.fork_rng():
+        torch.manual_seed(1)
+        modules = {"t_embedder.mlp.0": torch.nn.Linear(256, width), "t_embedder.mlp.2": torch.nn.Linear(width, width),
+                   "vision_model.adaLN_modulation.1": torch.nn.Linear(width, 2 * width)}
+        for i in range(config.vision_config.num_hidden_layers):
+            modules[f"vision_model.encoder.layers.{i}.adaLN_modulation.1"] = torch.nn.Linear(width, 6 * width)
+    for name, linear in modules.items():
+        weight, bias = linear.weight.detach(), linear.bias.detach()
+        if "adaLN" in name:
+            if identity:
+                weight, bias = torch.zeros_like(weight), torch.zeros_like(bias)
+            if bias.numel() == 6 * width:
+                bias = bias + gates.flatten()
+        state_dict[f"model.{name}.weight"], state_dict[f"model.{name}.bias"] = weight, bias
+    torch.save(state_dict, path)
+    return Path(path)
+
+
 def bert_tokenizer():
     """A small lowercase WordPiece tokenizer (special tokens, characters and their ## continuations): any prompt
     tokenizes, with BERT's [CLS] ... [SEP] [PAD] framing."""
@@ -213,4 +251,7 @@ def reward_options(directory):
         "owlvit_model": str(build_owlvit(directory / "owlvit")),
         "imagereward_checkpoint": str(imagereward_checkpoint),
         "imagereward_tokenizer": str(bert),
+        "spo_pm_checkpoint": str(build_spo_pm(directory / "spo_pm.bin", clip)),
+        "spo_pm_model": str(clip),
+        "spo_pm_processor": str(clip),
     }
