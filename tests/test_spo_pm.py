@@ -1,11 +1,14 @@
-"""rewards.py's spo_pm (SPO's step-aware preference model) on tiny random checkpoints in the official layout:
-strict loading, the timestep's effect, the identity adaLN against plain PickScore, the official preprocessing."""
+"""rewards.py's spo_pm (SPO's step-aware preference model) on tiny random checkpoints in the official layout, and
+spo.py with it: strict loading, the timestep's effect, the identity adaLN against plain PickScore, the official
+preprocessing, and a short spo.py run on the tiny SD pipeline."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_SD, read_metrics, tiny_argv
 
 import rewards
+import spo
 import tiny_rewards
 
 PROMPTS = ["a red cube", "two dogs playing in the snow"]
@@ -149,3 +152,49 @@ def test_hub_reference_offline(tiny, monkeypatch, tmp_path):
     options = {k: v for k, v in tiny.items() if k != "spo_pm_checkpoint"}
     with pytest.raises(rewards.RewardLoadError, match="Step-Aware_Preference_Models.*spo_pm_checkpoint=/path/"):
         rewards.build_reward("spo_pm", **options)
+
+
+# --- spo.py ----------------------------------------------------------------------------------------------
+
+
+def test_paper_presets_use_the_spm():
+    sd15, sdxl = spo.parse_args(["--preset", "sd15-paper"]), spo.parse_args(["--preset", "sdxl-paper"])
+    assert sd15.reward == sdxl.reward == "spo_pm" and sd15.reward_options == ""  # the SD1.5 checkpoint: the default
+    assert rewards.parse_options(sdxl.reward_options) == {
+        "spo_pm_checkpoint": "SPO-Diffusion-Models/Step-Aware_Preference_Models/sdxl_step-aware_preference_model.bin"}
+    plain = spo.parse_args(["--preset", "sd15-paper", "--reward", "pickscore"])  # plain-reward scoring
+    assert plain.reward == "pickscore" and spo.parse_args([]).reward == "pickscore"
+
+
+def test_preference_model_gives_the_timestep(tiny):
+    args = spo.parse_args(tiny_argv(TINY_SD, "unused", reward="spo_pm"))
+    reward_fn = rewards.build_reward("spo_pm", **tiny)
+    score = spo.build_preference_model(reward_fn, args)
+    x = images()
+    torch.testing.assert_close(score(x, PROMPTS, 801), reward_fn(x, PROMPTS, timesteps=801))
+    torch.testing.assert_close(score(x, PROMPTS, 0), reward_fn(x, PROMPTS))
+    plain = spo.build_preference_model(rewards.build_reward("symmetry"), args)  # a plain reward ignores t
+    torch.testing.assert_close(plain(x, PROMPTS, 801), plain(x, PROMPTS, 0))
+
+
+def test_spo_runs_with_the_spm(tiny, tmp_path, monkeypatch):
+    """Two SPO steps on the tiny SD pipeline with the tiny SPM as the preference model; every scoring call gets
+    the candidates' timestep (that of their x_t, 0 for the final images)."""
+    options = ",".join(f"{k}={tiny[k]}" for k in ("spo_pm_checkpoint", "spo_pm_model", "spo_pm_processor"))
+    argv = tiny_argv(TINY_SD, str(tmp_path / "run"), reward="spo_pm", reward_options=options, num_inference_steps=4,
+                     warm_steps=1, num_candidates=2, pair_threshold=0.0, validation_steps=2)
+    seen = []
+    original = rewards.Reward.__call__
+
+    def spy(self, images, prompts, timesteps=None):
+        seen.append(timesteps)
+        return original(self, images, prompts, timesteps)
+
+    monkeypatch.setattr(rewards.Reward, "__call__", spy)
+    row = spo.main(spo.parse_args(argv))
+    rows = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in rows] == [0, 1, 2] and row["pairs"] > 0 and "raw_spo_pm" in row
+    scheduler = spo.make_scheduler(spo.parse_args(argv))
+    scheduler.set_timesteps(4)
+    compared = {int(t) for t in scheduler.timesteps[2:]} | {0}  # after W = 1 and the first branching step
+    assert {t for t in seen if t is not None} == compared
