@@ -13,19 +13,19 @@ DRTune paper's t = T - i that is t_min uniform in [1, stop_range] (Alg. 1 l.9 wi
 
 Knobs that matter: --stop_range (the DRTune paper's ReFL-10 and ReFL-20: 10 or 20 of 50 steps; the official code:
 10 of 40), --loss (`linear`: -r, the paper's unified objective; `relu`: the official relu(margin - r)),
---relu_margin, --loss_scale, --reward, --learning_rate.
+--relu_margin, --loss_scale, --reward (ImageReward for ReFL's own recipe), --learning_rate.
 
 Choices where the sources leave room:
 - `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,
   batch 32, lr 2e-5, clip 0.1, LoRA rank 128, fp16 frozen weights, HPS v2.1), with stop_range 10 (ReFL-10).
 - `--preset refl-official` follows the official ImageReward code (scripts/train_refl.sh, ImageReward/ReFL.py):
   DDPM 40 steps, stop index in [30, 39] (stop_range 10 of 40), no classifier-free guidance, loss
-  relu(2 - r) * 1e-3, lr 1e-5, clip 1, batch 64 (8 GPUs x 2 x accumulation 4), 100 steps. It differs in three ways,
-  each forced or deliberate: LoRA on SD1.5 (the official code fine-tunes all of SD1.4's UNet, with EMA); no
-  pre-training loss (the ReFL paper's Alg. 2 adds a denoising loss on a dataset; the public ReFL.py and the DRTune
-  paper's baseline have none); and HPS v2.1 as the reward: ImageReward itself does not run with transformers 5 and
-  is not in rewards.py. With HPS's cosine (about 0.2-0.4) the margin 2 never binds, so relu(2 - r) = 2 - r and the
-  official loss is -r * 1e-3; the scale then matters only against the clip threshold and Adam's epsilon.
+  relu(2 - r) * 1e-3, lr 1e-5, clip 1, batch 64 (8 GPUs x 2 x accumulation 4), 100 steps, and its reward,
+  ImageReward (rewards.py `imagereward`: the published ImageReward.pt, normalized by its published mean/std, so
+  relu(2 - r) stops pushing only images scored above 2, two published standard deviations above its mean). It differs
+  in two ways: LoRA on SD1.5 (the official code fine-tunes all of SD1.4's UNet, with EMA), and no pre-training
+  loss (the ReFL paper's Alg. 2 adds a denoising loss on a dataset; the public ReFL.py and the DRTune paper's
+  baseline have none).
 - The public ReFL.py (commit 1beb4e4) calls the UNet at the stop step with the integer index mid_timestep (30..39)
   as its timestep and takes pred_original_sample with the previous step's t. We read that as a bug: the stop step
   uses its own timestep for both, as the paper describes and later forks of the code do.
@@ -111,10 +111,11 @@ PRESETS = {
     "paper": dict(SD15_PAPER, stop_range=10),
     # The official ImageReward ReFL (scripts/train_refl.sh and refl.py): 40 DDPM steps, stop index random in [30, 39],
     # no guidance, loss relu(2 - r) * 1e-3, lr 1e-5 constant, clip 1, batch 2 x accumulation 4 x 8 GPUs = 64 (here
-    # 2 x 32 on one GPU: pass --gradient_accumulation_steps 4 on 8 GPUs), 100 steps, fp16, gradient checkpointing.
-    # HPS v2.1 stands in for ImageReward (see the module docstring).
+    # 2 x 32 on one GPU: pass --gradient_accumulation_steps 4 on 8 GPUs), 100 steps, fp16, gradient checkpointing,
+    # ImageReward as the reward.
     "refl-official": dict(
-        SD15_PAPER, num_inference_steps=40, guidance_scale=1.0, train_batch_size=2, gradient_accumulation_steps=32,
+        SD15_PAPER, reward="imagereward", num_inference_steps=40, guidance_scale=1.0, train_batch_size=2,
+        gradient_accumulation_steps=32,
         learning_rate=1e-5, max_grad_norm=1.0, max_train_steps=100, stop_range=10, loss="relu", relu_margin=2.0,
         loss_scale=1e-3,
     ),
