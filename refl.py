@@ -13,23 +13,35 @@ DRTune paper's t = T - i that is t_min uniform in [1, stop_range] (Alg. 1 l.9 wi
 
 Knobs that matter: --stop_range (the DRTune paper's ReFL-10 and ReFL-20: 10 or 20 of 50 steps; the official code:
 10 of 40), --loss (`linear`: -r, the paper's unified objective; `relu`: the official relu(margin - r)),
---relu_margin, --loss_scale, --reward, --learning_rate.
+--relu_margin, --loss_scale, --reward (ImageReward for ReFL's own recipe), --learning_rate, --pretrain_dataset and
+--pretrain_loss_weight (Alg. 2's regularizer).
 
 Choices where the sources leave room:
 - `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,
   batch 32, lr 2e-5, clip 0.1, LoRA rank 128, fp16 frozen weights, HPS v2.1), with stop_range 10 (ReFL-10).
 - `--preset refl-official` follows the official ImageReward code (scripts/train_refl.sh, ImageReward/ReFL.py):
   DDPM 40 steps, stop index in [30, 39] (stop_range 10 of 40), no classifier-free guidance, loss
-  relu(2 - r) * 1e-3, lr 1e-5, clip 1, batch 64 (8 GPUs x 2 x accumulation 4), 100 steps. It differs in three ways,
-  each forced or deliberate: LoRA on SD1.5 (the official code fine-tunes all of SD1.4's UNet, with EMA); no
-  pre-training loss (the ReFL paper's Alg. 2 adds a denoising loss on a dataset; the public ReFL.py and the DRTune
-  paper's baseline have none); and HPS v2.1 as the reward: ImageReward itself does not run with transformers 5 and
-  is not in rewards.py. With HPS's cosine (about 0.2-0.4) the margin 2 never binds, so relu(2 - r) = 2 - r and the
-  official loss is -r * 1e-3; the scale then matters only against the clip threshold and Adam's epsilon.
+  relu(2 - r) * 1e-3, lr 1e-5, clip 1, batch 64 (8 GPUs x 2 x accumulation 4), 100 steps, and its reward,
+  ImageReward (rewards.py `imagereward`: the published ImageReward.pt, normalized by its published mean/std, so
+  relu(2 - r) stops pushing only images scored above 2, two published standard deviations above its mean). It differs
+  in one way: LoRA on SD1.5 (the official code fine-tunes all of SD1.4's UNet, with EMA). Like the public ReFL.py
+  it has no pre-training loss; add --pretrain_dataset for the paper's Alg. 2.
+- Pre-training loss (ImageReward paper, Alg. 2; the public ReFL.py and the DRTune paper's baseline leave it out, so
+  it is off unless --pretrain_dataset is given): each micro-batch also draws a batch of real image-caption pairs
+  (train_batch_size of them, uniformly with replacement), encodes the images with the VAE and adds
+  --pretrain_loss_weight times the latent diffusion training loss (MSE of the UNet's noise or v prediction at a
+  uniform training timestep, with the caption, no guidance) to the reward loss. Alg. 2 takes two updates per
+  iteration, first on L_pre, then on L_reward; here both losses of an iteration enter one update, because the four
+  gradient scripts share one training loop with one optimizer step per iteration. For plain gradient steps the two
+  orders agree to first order in the learning rate; with Adam the pre-training gradient shares the update's
+  normalization and clipping instead of getting its own step. Images are resized (shorter side, bilinear) and
+  center-cropped to --resolution, as diffusers' text-to-image examples do; SDXL gets each image's original size
+  and crop as its time ids. A hub id is downloaded in full (datasets, no streaming).
 - The public ReFL.py (commit 1beb4e4) calls the UNet at the stop step with the integer index mid_timestep (30..39)
   as its timestep and takes pred_original_sample with the previous step's t. We read that as a bug: the stop step
   uses its own timestep for both, as the paper describes and later forks of the code do.
-- --loss_scale multiplies both losses (default 1: `linear` is the plain -r of DRTune and the other baselines).
+- --loss_scale multiplies the reward loss in either form (Alg. 2's lambda; default 1: `linear` is the plain -r
+  of DRTune and the other baselines); it does not touch the pre-training loss.
 - No --stop_grad_unet_input here (DRaFT and AlignProp have it): the one trained call's input comes out of no-grad
   sampling and carries no gradient either way.
 - The x_0 at the stop step is the sampler's own prediction (scheduler.step's pred_original_sample, which the
@@ -41,6 +53,9 @@ Choices where the sources leave room:
     accelerate launch --num_processes 8 refl.py --preset paper --gradient_accumulation_steps 1
     # the official ImageReward recipe (40 DDPM steps, stop in [30, 39], relu(2 - r) * 1e-3, no guidance), 8 GPUs
     accelerate launch --num_processes 8 refl.py --preset refl-official --gradient_accumulation_steps 4
+    # ... with the paper's pre-training loss (Alg. 2) on local image-caption pairs
+    accelerate launch --num_processes 8 refl.py --preset refl-official --gradient_accumulation_steps 4 \
+        --pretrain_dataset /data/pairs/ --pretrain_loss_weight 1
     # the CPU demo on the tiny model shipped in tiny_models/ (symmetry improves)
     python refl.py --preset demo
 """
@@ -78,7 +93,14 @@ def add_algorithm_arguments(parser):
                        help="linear: -r (the DRTune paper's unified objective); relu: relu(margin - r) (official ReFL)")
     group.add_argument("--relu_margin", type=float, default=2.0, help="the margin of --loss relu (official: 2)")
     group.add_argument("--loss_scale", type=float, default=1.0,
-                       help="multiplies the loss (official ReFL: 1e-3, its --grad_scale)")
+                       help="multiplies the reward loss (official ReFL: 1e-3, its --grad_scale; Alg. 2's lambda)")
+    group.add_argument("--pretrain_dataset", default=None,
+                       help="image-caption pairs for ReFL's pre-training loss (ImageReward Alg. 2): a local folder "
+                            "(images + metadata.jsonl/csv, or parquet files), a .parquet file or a hub dataset id; "
+                            "off when not given (the DRTune paper's unified setting and the official code)")
+    group.add_argument("--pretrain_loss_weight", type=float, default=1.0,
+                       help="weight of the denoising loss on --pretrain_dataset (Alg. 2: 1, the reward loss "
+                            "weighted by --loss_scale)")
 
 
 def check_algorithm_arguments(args):
@@ -88,6 +110,11 @@ def check_algorithm_arguments(args):
                          f"of T={T} steps, so it must be in [1, {T}] (T = --num_inference_steps)")
     if not args.loss_scale > 0:
         raise UsageError(f"--loss_scale {args.loss_scale} must be > 0")
+    if not args.pretrain_loss_weight > 0:
+        raise UsageError(f"--pretrain_loss_weight {args.pretrain_loss_weight} must be > 0 (leave out "
+                         f"--pretrain_dataset to train without the pre-training loss)")
+    if args.pretrain_dataset is not None:
+        pretrain_pairs(args.pretrain_dataset)  # a missing path, no network or no usable column fails here
 
 
 # The DRTune paper's unified SD1.5 setting (Sec. 4.1), as drtune.py's sd15-paper without its own K and m: DDPM 50
@@ -111,10 +138,11 @@ PRESETS = {
     "paper": dict(SD15_PAPER, stop_range=10),
     # The official ImageReward ReFL (scripts/train_refl.sh and refl.py): 40 DDPM steps, stop index random in [30, 39],
     # no guidance, loss relu(2 - r) * 1e-3, lr 1e-5 constant, clip 1, batch 2 x accumulation 4 x 8 GPUs = 64 (here
-    # 2 x 32 on one GPU: pass --gradient_accumulation_steps 4 on 8 GPUs), 100 steps, fp16, gradient checkpointing.
-    # HPS v2.1 stands in for ImageReward (see the module docstring).
+    # 2 x 32 on one GPU: pass --gradient_accumulation_steps 4 on 8 GPUs), 100 steps, fp16, gradient checkpointing,
+    # ImageReward as the reward.
     "refl-official": dict(
-        SD15_PAPER, num_inference_steps=40, guidance_scale=1.0, train_batch_size=2, gradient_accumulation_steps=32,
+        SD15_PAPER, reward="imagereward", num_inference_steps=40, guidance_scale=1.0, train_batch_size=2,
+        gradient_accumulation_steps=32,
         learning_rate=1e-5, max_grad_norm=1.0, max_train_steps=100, stop_range=10, loss="relu", relu_margin=2.0,
         loss_scale=1e-3,
     ),
@@ -774,9 +802,123 @@ def refl_loss(reward, args):
     return -reward.mean() * args.loss_scale
 
 
+# --- the pre-training loss of ImageReward's Alg. 2 (--pretrain_dataset) ----------------------------------
+
+PRETRAIN_IMAGE_COLUMNS = ("image", "jpg", "img", "png")
+PRETRAIN_CAPTION_COLUMNS = ("caption", "text", "prompt", "txt")
+_PRETRAIN_PAIRS = {}  # --pretrain_dataset -> (dataset, image column, caption column), opened once per process
+
+
+def pretrain_pairs(source):
+    """The image-caption pairs of --pretrain_dataset, opened once: (dataset, image column, caption column), the
+    image column left undecoded. Images: a datasets Image column, else one named as PRETRAIN_IMAGE_COLUMNS
+    (encoded bytes); captions: the first of PRETRAIN_CAPTION_COLUMNS."""
+    if source in _PRETRAIN_PAIRS:
+        return _PRETRAIN_PAIRS[source]
+    import datasets
+    if not os.path.exists(source) and not is_hub_id(source):
+        raise UsageError(f"--pretrain_dataset: local path '{source}' does not exist")
+    try:
+        if os.path.isfile(source):
+            data = datasets.load_dataset("parquet", data_files=source, split="train")
+        else:
+            data = datasets.load_dataset(source, split="train")
+    except Exception as e:  # offline, not cached, not a dataset
+        raise UsageError(f"--pretrain_dataset: could not load '{source}' ({type(e).__name__}); without network pass "
+                         f"a local folder (images with a metadata.jsonl or parquet files): --pretrain_dataset "
+                         f"/path/to/folder") from e
+    columns = data.column_names
+    image = next((c for c in columns if isinstance(data.features[c], datasets.Image)), None)
+    image = image or next((c for c in PRETRAIN_IMAGE_COLUMNS if c in columns), None)
+    caption = next((c for c in PRETRAIN_CAPTION_COLUMNS if c in columns), None)
+    if image is None or caption is None or len(data) == 0:
+        raise UsageError(f"--pretrain_dataset {source}: need image-caption pairs, an image column "
+                         f"({'/'.join(PRETRAIN_IMAGE_COLUMNS)}) and a caption column "
+                         f"({'/'.join(PRETRAIN_CAPTION_COLUMNS)}); found {len(data)} rows of {', '.join(columns)}")
+    if isinstance(data.features[image], datasets.Image):
+        data = data.cast_column(image, datasets.Image(decode=False))
+    _PRETRAIN_PAIRS[source] = data, image, caption
+    return _PRETRAIN_PAIRS[source]
+
+
+def read_image(value):
+    """Encoded image bytes, or a datasets Image dict (bytes or a path) -> RGB PIL image."""
+    import io
+
+    from PIL import Image
+    if isinstance(value, dict):
+        if value.get("bytes") is None:
+            return Image.open(value["path"]).convert("RGB")
+        value = value["bytes"]
+    return Image.open(io.BytesIO(value)).convert("RGB")
+
+
+def load_pretrain_batch(args, batch_size, generator):
+    """batch_size pairs drawn at random with the step's generator (a resumed run draws the same ones) ->
+    pixels (B, 3, R, R) in [-1, 1], captions, SDXL time ids (B, 6): the original (height, width), the crop's
+    (top, left), the target size. Shorter side to R (bilinear) and a center crop, as diffusers' text-to-image
+    examples prepare their training images."""
+    from PIL import Image
+    data, image_column, caption_column = pretrain_pairs(args.pretrain_dataset)
+    R = args.resolution
+    pixels, captions, time_ids = [], [], []
+    for i in torch.randint(len(data), (batch_size,), generator=generator).tolist():
+        row = data[i]
+        image = read_image(row[image_column])
+        scale = R / min(image.size)
+        width, height = max(R, round(image.width * scale)), max(R, round(image.height * scale))
+        top, left = int(round((height - R) / 2)), int(round((width - R) / 2))  # torchvision's CenterCrop
+        crop = image.resize((width, height), Image.BILINEAR).crop((left, top, left + R, top + R))
+        pixels.append(torch.from_numpy(np.array(crop, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1)
+        captions.append(row[caption_column] or "")
+        time_ids.append([image.height, image.width, top, left, R, R])
+    return torch.stack(pixels), captions, torch.tensor(time_ids, dtype=torch.float32)
+
+
+@torch.no_grad()
+def encode_images(vae, pixels, generator):
+    """Images (B, 3, H, W) in [-1, 1] -> latents as the UNet sees them (the inverse of decode())."""
+    fp32 = vae.dtype == torch.float32  # a VAE kept in fp32 (SDXL's) stays out of autocast, as in decode()
+    with torch.autocast(vae.device.type, enabled=False) if fp32 else contextlib.nullcontext():
+        latents = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.sample(generator).float()
+    config = vae.config
+    if getattr(config, "latents_mean", None) is not None and getattr(config, "latents_std", None) is not None:
+        mean = torch.tensor(config.latents_mean, device=latents.device).view(1, -1, 1, 1)
+        std = torch.tensor(config.latents_std, device=latents.device).view(1, -1, 1, 1)
+        return (latents - mean) * config.scaling_factor / std
+    return (latents - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+
+
+def forward_process(scheduler, latents, noise, t):
+    """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise for per-sample t (B,), and the model's regression target:
+    the noise, or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0 for v-prediction."""
+    abar = scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    return noisy, noise
+
+
+def pretrain_loss(models, scheduler, unet, args, generator):
+    """Alg. 2's L_pre: the latent diffusion training loss on a batch of real image-caption pairs, the UNet's
+    prediction against its target (the noise, or v) at a timestep uniform over the training schedule, mean
+    squared error, no guidance. Computed from alphas_cumprod, so any --sampler's scheduler serves."""
+    pixels, captions, time_ids = load_pretrain_batch(args, args.train_batch_size, generator)
+    device = unet.device
+    latents = encode_images(models.vae, pixels, generator)  # (B, C, h, w)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator).to(device)
+    noisy, target = forward_process(scheduler, latents, randn(latents.shape, generator, device), t)
+    cond = encode_prompts(models, captions, args.resolution)
+    if models.is_sdxl:  # the real images' own size and crop, as SDXL was trained
+        cond["added_cond_kwargs"]["time_ids"] = time_ids.repeat(2, 1).to(device, models.unet.dtype)
+    model_output = predict_noise(unet, noisy, t, cond, guidance_scale=1.0)  # the caption half of cond
+    return F.mse_loss(model_output.float(), target.float())
+
+
 def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args):
     """One ReFL trajectory per prompt: no-grad sampling down to the stop step, one UNet call with gradient there,
-    the x_0 predicted at that step, decoded and scored."""
+    the x_0 predicted at that step, decoded and scored. With --pretrain_dataset, plus the pre-training loss of a
+    batch of real pairs (Alg. 2; one update for both, see the module docstring)."""
     T = args.num_inference_steps
     stop_index = refl_stop_index(T, args.stop_range, generator)
     cond = encode_prompts(models, prompts, args.resolution)
@@ -785,7 +927,12 @@ def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args)
     x0 = rollout(unet, scheduler, cond, latents, generator, args, grad_steps={stop_index}, stop_index=stop_index,
                  stop_grad_input=True)
     reward = compute_reward(reward_fn, decode(models.vae, x0), prompts, args)
-    return refl_loss(reward, args), reward, dict(t_min=T - stop_index, stop_index=stop_index)
+    loss, extra = refl_loss(reward, args), dict(t_min=T - stop_index, stop_index=stop_index)
+    if args.pretrain_dataset is not None:  # drawn after the trajectory: with or without it, the same trajectories
+        pre = pretrain_loss(models, scheduler, unet, args, generator)
+        extra.update(reward_loss=loss.item(), pretrain_loss=pre.item())
+        loss = loss + args.pretrain_loss_weight * pre
+    return loss, reward, extra
 
 
 if __name__ == "__main__":

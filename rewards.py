@@ -1,8 +1,12 @@
-"""Rewards for text-to-image fine-tuning: the seven of DRTune's Table 1 (and DDPO's JPEG size), one signature.
+"""Rewards for text-to-image fine-tuning: the seven of DRTune's Table 1 (and DDPO's JPEG size), ReFL's ImageReward
+and SPO's step-aware preference model, one signature.
 
     reward_fn = rewards.build_reward("symmetry:1,clipscore:0.1", device="cuda", dtype=torch.float16)
     scores = reward_fn(images, prompts)  # images (B, 3, H, W) in [0, 1], prompts list[str] -> (B,) float32
     reward_fn.last_raw                   # {"symmetry": eq. 6 values, "clipscore": cosines}, detached (B,) each
+    spm = rewards.build_reward("spo_pm")
+    spm(images, prompts, timesteps=t)    # a step-aware reward also takes the timestep (an int or (B,)) that the
+                                         # images (x_0 predictions) were made at; None (or 0): final images
 
 A spec is a weighted sum `name[:weight],...` (weight 1 by default). Higher is always better: rewards the paper
 minimizes enter the sum with a minus sign, while `last_raw` keeps the paper's own value for logging. Image i is
@@ -18,6 +22,8 @@ scored against prompt i. Gradients flow to the images for every reward but `jpeg
 | compressibility | eq. 7: mean (I - d(c(I)))^2                     | -raw                   | kornia JPEG            |
 | objectness      | max over boxes of sigmoid(logit) for the query  | -raw                   | OWL-ViT                |
 | jpeg_size       | JPEG file size in kB (DDPO), not differentiable | -raw                   | PIL encoder            |
+| imagereward     | ImageReward: (MLP(BLIP) - mean) / std           | raw                    | BLIP ViT-L + BERT      |
+| spo_pm          | logit_scale.exp() * cos(image at t, prompt)     | raw                    | PickScore + adaLN(t)   |
 
 Choices the paper leaves open:
 - aesthetic: the CLIP image embedding is L2-normalized before the MLP 768-1024-128-64-16-1 (no activations),
@@ -37,6 +43,30 @@ Choices the paper leaves open:
 - Model inputs: on tensors, bicubic with antialias to the model's input size (shorter side, then center crop),
   clamped to [0, 1] as an 8-bit image would be, then the model's mean/std. Size and mean/std come from the
   model's config / processor config. Models are frozen, in eval mode, on the given device and dtype.
+- imagereward (ReFL's reward; the `image-reward` package does not import with transformers 5): the published
+  ImageReward.pt on transformers' BLIP parts, which hold its weights under other names: BLIP's ViT (the file's
+  blip.visual_encoder.*: cls_token, pos_embed, patch_embed.proj, blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp},
+  norm) is BlipVisionModel after a key mapping, BLIP's BERT with cross-attention (blip.text_encoder.*) is
+  BlipTextModel under its own names, and the head (mlp.layers.0/2/4/6/7, 768-1024-128-64-16-1, no activations)
+  is the aesthetic head's. The file's blip.vision_proj / blip.text_proj are loaded (strictly) but unused by the
+  score. Sizes come from the tensors' shapes; head counts are width / 64 (ViT-L 16, BERT-base 12) and LayerNorm
+  eps 1e-6 / 1e-12, as in the official code. Score: the text encoder's [CLS] state, the prompt attending to every
+  image token, through the MLP, then (raw - 0.16717362830052426) / 1.0333394966054072 (the published mean/std);
+  prompts as the official tokenizer (bert-base-uncased plus BLIP's [DEC] and [ENC]) pads and truncates them, to
+  35 tokens, [CLS] first. Images: 224 px, bicubic shorter side + center crop (the published PIL transform, here
+  on tensors with antialias), OpenAI CLIP mean/std.
+- spo_pm (SPO's step-aware preference model, SPM): a transformers CLIPModel with PickScore's configuration
+  (spo_pm_model; only its config is read) whose vision tower is conditioned on the timestep t: a sinusoidal
+  embedding of t (256 features) through an MLP gives c; in every vision encoder layer a Linear on SiLU(c) gives
+  shift, scale and gate for the attention and the MLP branch (x * (1 + scale) + shift after each LayerNorm, the
+  branch output times its gate), and one more modulates the pooled output (after post_layernorm, before the
+  projection). Weights: the released file (a torch.save'd state dict, every key under `model.`, as the official
+  loader wants); spo_pm_checkpoint names the SD1.5 one by default, sdxl_step-aware_preference_model.bin is the
+  SDXL one. Score as PickScore: logit_scale.exp() * cosine. Preprocessing is the official SPO code's (not the
+  CLIP processor's): bicubic without antialias to the processor's shortest edge (sizes rounded half up),
+  torchvision's center crop, clamp, CLIP mean/std; prompts padded to the full context, no attention mask (CLIP's
+  causal mask makes that the same). Called without timesteps it scores at t = 0, as the official code scores the
+  final images.
 - random_shift (FDXL, Sec. 5): before resizing to the model's input size r_in, crop m = ceil(max(H, W) / r_in)
   pixels off each axis, split at random between the two sides and per image, i.e. the sampling grid moves by
   0..m pixels.
@@ -59,6 +89,13 @@ model option takes a hub id or a local path; hub files are written `owner/repo/f
 | owlvit_model         | google/owlvit-base-patch32                                  | objectness                 |
 | objectness_query     | book                                                        | objectness                 |
 | random_shift         | False                                                       | every model reward         |
+| imagereward_checkpoint | THUDM/ImageReward/ImageReward.pt (the published state dict) | imagereward              |
+| imagereward_tokenizer | google-bert/bert-base-uncased                              | imagereward                |
+| spo_pm_checkpoint    | SPO-Diffusion-Models/Step-Aware_Preference_Models/SD15_SPM  | spo_pm                     |
+| spo_pm_model         | yuvalkirstain/PickScore_v1 (only its CLIPConfig)            | spo_pm                     |
+| spo_pm_processor     | laion/CLIP-ViT-H-14-laion2B-s32B-b79K (tokenizer, mean/std) | spo_pm                     |
+
+SD15_SPM is sd-v1-5_step-aware_preference_model.bin; the SDXL model is sdxl_step-aware_preference_model.bin.
 
 Checkpoints are read with safetensors or torch.load(weights_only=True), never with remote code. A hub
 reference that cannot be fetched (offline, not cached) or a local path that does not exist raises
@@ -100,6 +137,11 @@ OPTIONS = {
     "owlvit_model": "google/owlvit-base-patch32",
     "objectness_query": "book",
     "random_shift": False,
+    "imagereward_checkpoint": "THUDM/ImageReward/ImageReward.pt",
+    "imagereward_tokenizer": "google-bert/bert-base-uncased",
+    "spo_pm_checkpoint": "SPO-Diffusion-Models/Step-Aware_Preference_Models/sd-v1-5_step-aware_preference_model.bin",
+    "spo_pm_model": "yuvalkirstain/PickScore_v1",
+    "spo_pm_processor": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
 }
 
 # How each path option may name a hub object when it is not an existing local path.
@@ -116,6 +158,11 @@ _PATH_OPTIONS = {
     "pickscore_processor": _HUB_ID,
     "hps_checkpoint": _HUB_FILE,
     "owlvit_model": _HUB_ID,
+    "imagereward_checkpoint": _HUB_FILE,
+    "imagereward_tokenizer": _HUB_ID,
+    "spo_pm_checkpoint": _HUB_FILE,
+    "spo_pm_model": _HUB_ID,
+    "spo_pm_processor": _HUB_ID,
 }
 _STD_EPS = 1e-8  # eq. 6: std = sqrt(var + eps), finite value and gradient for a constant image
 
@@ -174,6 +221,28 @@ def _load_state_dict(path):
 
         return load_file(path)
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load_into_empty(build, state_dict, reward, path):
+    """build() constructed without allocating its parameters, then every parameter taken from state_dict,
+    strictly. Non-persistent buffers are built normally; `*.position_ids` entries that older transformers
+    versions wrote into checkpoints are accepted when they equal the buffer (as the official loaders accept them)
+    and dropped."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        model = build()
+    buffers = dict(model.named_buffers())
+    state_dict = dict(state_dict)
+    for key in [k for k in state_dict if k.endswith("position_ids")]:
+        value = state_dict.pop(key)
+        if key not in buffers or not torch.equal(value.to(buffers[key].dtype), buffers[key]):
+            raise RuntimeError(f"{reward}: {path}: unexpected key {key!r}")
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"{reward}: {path} is not in the expected layout: missing keys "
+                           f"{result.missing_keys[:5]}, unexpected keys {result.unexpected_keys[:5]}")
+    return model
 
 
 def _open_clip_config(path):
@@ -413,11 +482,234 @@ def _jpeg_size(device, dtype, o):
     return score
 
 
+# ---------------------------------------------------------------------------------------------------------
+# SPO's step-aware preference model (spo_pm): PickScore's CLIP with a timestep-conditioned vision tower
+# ---------------------------------------------------------------------------------------------------------
+
+
+class _TimestepEmbedder(nn.Module):
+    """t (B,) -> (B, width): 256 sinusoidal features (cosines of the 128 frequencies 10000^(-i/128), then their
+    sines), then Linear-SiLU-Linear; keys mlp.0 and mlp.2 as in the SPM checkpoints."""
+
+    def __init__(self, width, frequencies=256):
+        super().__init__()
+        self.frequencies = frequencies
+        self.mlp = nn.Sequential(nn.Linear(frequencies, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, timesteps):
+        half = self.frequencies // 2
+        freqs = torch.exp(-math.log(10000) * torch.arange(half, device=timesteps.device) / half)
+        angles = timesteps.float()[:, None] * freqs[None]
+        features = torch.cat([angles.cos(), angles.sin()], dim=-1)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class _StepAwareCLIP(nn.Module):
+    """The SPM checkpoint layout: `model.` + a transformers CLIPModel state dict (PickScore's architecture) + the
+    modules below, with the names of the official code so that the released files load strictly:
+        model.t_embedder.mlp.{0,2}                          timestep embedding c (B, D), D the vision width
+        model.vision_model.encoder.layers.N.adaLN_modulation.1   Linear(D, 6D) on SiLU(c): shift, scale, gate of
+                                                            the attention branch, then of the MLP branch
+        model.vision_model.adaLN_modulation.1               Linear(D, 2D) on SiLU(c): shift, scale of the pooled
+                                                            output (after post_layernorm, before the projection)
+    The text tower is PickScore's, untouched."""
+
+    def __init__(self, config):
+        from transformers import CLIPModel
+
+        super().__init__()
+        self.model = CLIPModel(config)
+        width = config.vision_config.hidden_size
+        for layer in self.model.vision_model.encoder.layers:
+            layer.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+        self.model.vision_model.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+        self.model.t_embedder = _TimestepEmbedder(width)
+
+    def image_features(self, pixel_values, timesteps):
+        """(B, 3, S, S) normalized pixels, (B,) timesteps -> (B, projection_dim) unnormalized image embeddings."""
+        vision = self.model.vision_model
+        cond = self.model.t_embedder(timesteps)  # (B, D)
+        hidden = vision.pre_layrnorm(vision.embeddings(pixel_values))  # (B, 1 + patches, D)
+        for layer in vision.encoder.layers:
+            # DiT-style adaLN: x * (1 + scale) + shift after each pre-norm, the branch output times its gate
+            shift1, scale1, gate1, shift2, scale2, gate2 = layer.adaLN_modulation(cond)[:, None].chunk(6, dim=-1)
+            attn_out = layer.self_attn(hidden_states=layer.layer_norm1(hidden) * (1 + scale1) + shift1)[0]
+            hidden = hidden + gate1 * attn_out
+            hidden = hidden + gate2 * layer.mlp(layer.layer_norm2(hidden) * (1 + scale2) + shift2)
+        shift, scale = vision.adaLN_modulation(cond).chunk(2, dim=-1)
+        pooled = vision.post_layernorm(hidden[:, 0]) * (1 + scale) + shift  # the class token
+        return self.model.visual_projection(pooled)
+
+
+def _spo_pm_inputs(images, size, mean, std, *, random_shift, device, dtype):
+    """The official SPO preprocessing of the decoded x_0 predictions: bicubic without antialiasing to a shorter
+    side of `size` (sizes rounded half up), center crop as torchvision's CenterCrop, clamp, CLIP mean/std."""
+    if random_shift:
+        images = _random_shift(images, size)
+    h, w = images.shape[-2:]
+    scale = size / min(h, w)
+    resized = (int(h * scale + 0.5), int(w * scale + 0.5))
+    x = F.interpolate(images, size=resized, mode="bicubic", align_corners=False)
+    top, left = int(round((resized[0] - size) / 2)), int(round((resized[1] - size) / 2))
+    x = x[..., top : top + size, left : left + size].clamp(0, 1)
+    mean = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(device=device, dtype=dtype)
+
+
+def _spo_pm(device, dtype, o):
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor
+
+    config = _from_pretrained(CLIPConfig, "spo_pm", "spo_pm_model", o.spo_pm_model)
+    tokenizer = _from_pretrained(AutoTokenizer, "spo_pm", "spo_pm_processor", o.spo_pm_processor)
+    processor = _from_pretrained(CLIPImageProcessor, "spo_pm", "spo_pm_processor", o.spo_pm_processor)
+    path = _checkpoint_file("spo_pm", "spo_pm_checkpoint", o.spo_pm_checkpoint)
+    model = _load_into_empty(lambda: _StepAwareCLIP(config), _load_state_dict(path), "spo_pm", path)
+    model = _frozen(model, device, dtype)
+    size = processor.size["shortest_edge"]
+    max_length = config.text_config.max_position_embeddings
+
+    def score(images, prompts, timesteps=None):
+        x = _spo_pm_inputs(images, size, processor.image_mean, processor.image_std, random_shift=o.random_shift,
+                           device=device, dtype=dtype)
+        t = torch.zeros(len(x)) if timesteps is None else torch.as_tensor(timesteps, dtype=torch.float32)
+        t = t.reshape(-1).expand(len(x)).to(device)
+        # padded to the full context and no attention mask, as the official code; CLIP's causal mask makes the
+        # pooled EOS state independent of the padding anyway
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=max_length,
+                           return_tensors="pt").input_ids.to(device)
+        image_embeds = F.normalize(model.image_features(x, t), dim=-1)
+        text_embeds = F.normalize(_features(model.model.get_text_features(input_ids=tokens)), dim=-1)
+        value = (model.model.logit_scale.exp() * (image_embeds * text_embeds).sum(-1)).float()
+        return value, value
+
+    return score
+
+
+# ---------------------------------------------------------------------------------------------------------
+# ImageReward: BLIP (ViT image encoder, BERT text encoder with cross-attention) + MLP head
+# ---------------------------------------------------------------------------------------------------------
+
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # published: reward = (raw - mean) / std
+_IMAGEREWARD_PIXEL_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the published transform: OpenAI CLIP's mean/std
+_IMAGEREWARD_PIXEL_STD = (0.26862954, 0.26130258, 0.27577711)
+_IMAGEREWARD_MAX_TOKENS = 35
+# The published visual encoder is BLIP's timm-style ViT; transformers' BlipVisionModel is the same network under
+# other names (the text encoder's names are already transformers' BlipTextModel's). Published suffix -> ours.
+_IMAGEREWARD_VIT_KEYS = [
+    (r"cls_token", "embeddings.class_embedding"),
+    (r"pos_embed", "embeddings.position_embedding"),
+    (r"patch_embed\.proj\.", "embeddings.patch_embedding."),
+    (r"blocks\.(\d+)\.norm1\.", r"encoder.layers.\1.layer_norm1."),
+    (r"blocks\.(\d+)\.norm2\.", r"encoder.layers.\1.layer_norm2."),
+    (r"blocks\.(\d+)\.attn\.qkv\.", r"encoder.layers.\1.self_attn.qkv."),
+    (r"blocks\.(\d+)\.attn\.proj\.", r"encoder.layers.\1.self_attn.projection."),
+    (r"blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
+    (r"norm\.", "post_layernorm."),
+]
+_IMAGEREWARD_VIT = "blip.visual_encoder."
+
+
+def _imagereward_keys(state_dict):
+    """Published ImageReward.pt keys -> the module below (only blip.visual_encoder.* is renamed)."""
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith(_IMAGEREWARD_VIT):
+            suffix = key[len(_IMAGEREWARD_VIT):]
+            for pattern, replacement in _IMAGEREWARD_VIT_KEYS:
+                renamed, n = re.subn(f"^{pattern}", replacement, suffix)
+                if n:
+                    key = _IMAGEREWARD_VIT + renamed
+                    break
+        out[key] = value
+    return out
+
+
+def _imagereward_configs(state_dict, path):
+    """BlipVisionConfig and BlipTextConfig read off the published tensors' shapes (ViT-L/16 at 224 and BERT-base
+    for the released file). Not in the shapes: the head counts, taken as width / 64 (ViT-L: 16, BERT-base: 12),
+    and the constants of the official code: LayerNorm eps 1e-6 (ViT) and 1e-12 (BERT), exact GELU."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+
+    try:
+        width = state_dict["blip.visual_encoder.cls_token"].shape[-1]
+        patch = state_dict["blip.visual_encoder.patch_embed.proj.weight"].shape[-1]
+        positions = state_dict["blip.visual_encoder.pos_embed"].shape[1]
+        vision_depth = len({k.split(".")[3] for k in state_dict if k.startswith("blip.visual_encoder.blocks.")})
+        vision_mlp = state_dict["blip.visual_encoder.blocks.0.mlp.fc1.weight"].shape[0]
+        vocab, hidden = state_dict["blip.text_encoder.embeddings.word_embeddings.weight"].shape
+        max_positions = state_dict["blip.text_encoder.embeddings.position_embeddings.weight"].shape[0]
+        text_depth = len({k.split(".")[4] for k in state_dict if k.startswith("blip.text_encoder.encoder.layer.")})
+        text_mlp = state_dict["blip.text_encoder.encoder.layer.0.intermediate.dense.weight"].shape[0]
+        proj = state_dict["blip.vision_proj.weight"].shape[0]
+    except KeyError as e:
+        raise RuntimeError(f"imagereward: {path} is not in the published ImageReward layout: no {e}") from None
+    vision = BlipVisionConfig(hidden_size=width, intermediate_size=vision_mlp, num_hidden_layers=vision_depth,
+                              num_attention_heads=width // 64, patch_size=patch,
+                              image_size=patch * math.isqrt(positions - 1), layer_norm_eps=1e-6, hidden_act="gelu")
+    # is_decoder builds the cross-attention layers; the forward runs as an encoder (bidirectional self-attention)
+    text = BlipTextConfig(vocab_size=vocab, hidden_size=hidden, encoder_hidden_size=width, intermediate_size=text_mlp,
+                          num_hidden_layers=text_depth, num_attention_heads=hidden // 64,
+                          max_position_embeddings=max_positions, layer_norm_eps=1e-12, hidden_act="gelu",
+                          pad_token_id=0, bos_token_id=None, eos_token_id=None, sep_token_id=None, is_decoder=True)
+    return vision, text, proj
+
+
+class _ImageReward(nn.Module):
+    """The published layout: blip.visual_encoder (ViT), blip.text_encoder (BERT, cross-attention in every layer),
+    blip.vision_proj and blip.text_proj (in the file, unused by the score), mlp (the aesthetic head's layout)."""
+
+    def __init__(self, vision_config, text_config, proj_dim):
+        from transformers import BlipTextModel, BlipVisionModel
+
+        super().__init__()
+        self.blip = nn.Module()
+        self.blip.visual_encoder = BlipVisionModel(vision_config)
+        self.blip.text_encoder = BlipTextModel(text_config, add_pooling_layer=False)
+        self.blip.vision_proj = nn.Linear(vision_config.hidden_size, proj_dim)
+        self.blip.text_proj = nn.Linear(text_config.hidden_size, proj_dim)
+        self.mlp = _AestheticMLP(text_config.hidden_size)
+
+    def forward(self, pixel_values, input_ids, attention_mask):
+        """-> (B,) raw scores: the [CLS] state of the text encoder attending to the image, through the MLP."""
+        image_embeds = self.blip.visual_encoder(pixel_values=pixel_values).last_hidden_state  # (B, 1 + patches, Dv)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        text = self.blip.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                      encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask)
+        return self.mlp(text.last_hidden_state[:, 0])
+
+
+def _imagereward(device, dtype, o):
+    from transformers import AutoTokenizer
+
+    tokenizer = _from_pretrained(AutoTokenizer, "imagereward", "imagereward_tokenizer", o.imagereward_tokenizer)
+    # the official tokenizer adds BLIP's two special tokens (ids 30522, 30523 of the 30524 rows); prompts never use them
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    path = _checkpoint_file("imagereward", "imagereward_checkpoint", o.imagereward_checkpoint)
+    state_dict = _load_state_dict(path)
+    vision, text, proj = _imagereward_configs(state_dict, path)
+    model = _load_into_empty(lambda: _ImageReward(vision, text, proj), _imagereward_keys(state_dict),
+                             "imagereward", path)
+    model = _frozen(model, device, dtype)
+
+    def score(images, prompts):
+        x = _preprocess(images, vision.image_size, _IMAGEREWARD_PIXEL_MEAN, _IMAGEREWARD_PIXEL_STD,
+                        random_shift=o.random_shift, device=device, dtype=dtype)
+        tokens = tokenizer(prompts, padding="max_length", truncation=True, max_length=_IMAGEREWARD_MAX_TOKENS,
+                           return_tensors="pt").to(device)
+        raw = model(x, tokens.input_ids, tokens.attention_mask).float()
+        value = (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+        return value, value
+
+    return score
+
+
 class RewardInfo(NamedTuple):
     factory: Callable  # factory(device, dtype, options) -> score(images, prompts) -> (reward, raw)
     differentiable: bool
     minimized: bool  # the paper minimizes the raw value; the reward is its negative
     doc: str
+    step_aware: bool = False  # the factory's score also takes timesteps: score(images, prompts, timesteps)
 
 
 REWARDS = {
@@ -429,6 +721,8 @@ REWARDS = {
     "compressibility": RewardInfo(_compressibility, True, True, "eq. 7 ||I - jpeg(I)||_2^2, differentiable JPEG"),
     "objectness": RewardInfo(_objectness, True, True, "OWL-ViT max sigmoid(logit) of the query over boxes"),
     "jpeg_size": RewardInfo(_jpeg_size, False, True, "JPEG file size in kB (DDPO's compressibility)"),
+    "imagereward": RewardInfo(_imagereward, True, False, "ImageReward (BLIP + MLP), normalized as published"),
+    "spo_pm": RewardInfo(_spo_pm, True, False, "SPO's step-aware preference model (PickScore + adaLN on t)", True),
 }
 # Path options each reward loads, for check_options (symmetry adds clipscore's when its weight is > 0).
 _REWARD_PATHS = {
@@ -437,6 +731,8 @@ _REWARD_PATHS = {
     "pickscore": ("pickscore_model", "pickscore_processor"),
     "hpsv21": ("hps_model", "hps_checkpoint"),
     "objectness": ("owlvit_model",),
+    "imagereward": ("imagereward_checkpoint", "imagereward_tokenizer"),
+    "spo_pm": ("spo_pm_checkpoint", "spo_pm_model", "spo_pm_processor"),
 }
 
 
@@ -514,21 +810,27 @@ def is_differentiable(spec):
 
 
 class Reward:
-    """Weighted sum of rewards: reward_fn(images, prompts) -> (B,) float32; see the module docstring."""
+    """Weighted sum of rewards: reward_fn(images, prompts, timesteps=None) -> (B,) float32; see the module
+    docstring. `timesteps` (an int or (B,)) reaches the step-aware rewards only (`step_aware` says if there is
+    one); None scores final images (t = 0)."""
 
     def __init__(self, components):
         self.components = components  # [(name, weight, score)]
         self.differentiable = all(REWARDS[name].differentiable for name, _, _ in components)
+        self.step_aware = any(REWARDS[name].step_aware for name, _, _ in components)
         self.last_raw = {}
 
-    def __call__(self, images, prompts):
+    def __call__(self, images, prompts, timesteps=None):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
         total, raw = 0.0, {}
         for name, weight, score in self.components:
-            reward, raw[name] = score(images, list(prompts))
+            if REWARDS[name].step_aware:
+                reward, raw[name] = score(images, list(prompts), timesteps)
+            else:
+                reward, raw[name] = score(images, list(prompts))
             total = total + weight * reward
         self.last_raw = {name: value.detach().float() for name, value in raw.items()}
         return total.float()

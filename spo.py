@@ -15,10 +15,17 @@ Knobs that matter: --num_candidates (k: 4 SD1.5, 2 SDXL), --pair_threshold (0.3 
 --beta (10), --clip_eps (0.1), --num_inner_steps (0 SD1.5, 3 SDXL), --reward (the preference model).
 
 Choices, with the official code as the reference where the paper is silent:
-- Step-aware preference model: any rewards.py reward (PickScore by default) applied to the decoded x_0
-  prediction of each candidate, made at the candidate's own timestep; the last comparison scores the final x_0
-  itself. `preference_model` takes (images, prompts, timestep), so the paper's time-conditioned PickScore (SPM)
-  can replace it without touching the loop. That x_0 prediction needs a UNet call at every candidate, and the
+- Step-aware preference model (SPM): the paper presets use SPO's own, rewards.py `spo_pm`: PickScore's CLIP whose
+  vision tower is conditioned on the timestep (adaLN in every encoder layer and on the pooled output, a
+  sinusoidal timestep embedder), with the released checkpoints of SPO-Diffusion-Models/Step-Aware_Preference_Models
+  (sd-v1-5_... for SD1.5, sdxl_... for SDXL, chosen by the preset's --reward_options; another SDXL run must pass
+  spo_pm_checkpoint itself) and the official preprocessing. As in the official code it scores the decoded x_0
+  prediction of each candidate made at the candidate's x_t and is told that x_t's timestep t; the last comparison
+  scores the final images with t = 0. The thresholds 0.3 / 0.4 were tuned on it. Plain-reward scoring is kept:
+  any other --reward (the script's default `pickscore`, or `--preset sd15-paper --reward pickscore`) scores the
+  same decoded x_0 predictions and ignores the timestep, the setup before the SPM existed here. Only rewards.py
+  rewards flagged step_aware receive the timestep (`reward_fn(images, prompts, timesteps=t)`), so a weighted sum
+  such as spo_pm:1,aesthetic:0.1 works too. That x_0 prediction needs a UNet call at every candidate, and the
   continuation reuses the call of the candidate it continues from, so every step is exactly one UNet call:
   batch B for the warm steps and the first branching step, batch k B after it. Per trajectory that is
   (W + 1) + k (T - W - 1) model evaluations (a CFG pair counted once) in T calls, with W = --warm_steps.
@@ -49,9 +56,11 @@ Choices, with the official code as the reference where the paper is silent:
   many pairs per update as the official updates use.
 
     # the paper's SD1.5 recipe (official: 4 GPUs, fp16, 10 epochs of the 4k prompts in the official repo's
-    # assets/prompts/4k_training_prompts.json, one per line in prompts.txt)
+    # assets/prompts/4k_training_prompts.json, one per line in prompts.txt), with the SD1.5 SPM
     accelerate launch --num_processes 4 spo.py --preset sd15-paper --train_prompts prompts.txt
-    # SDXL (k = 2, threshold 0.4, 3 inner steps, LoRA rank 64)
+    # the same with plain PickScore on the x_0 predictions instead of the SPM
+    accelerate launch --num_processes 4 spo.py --preset sd15-paper --train_prompts prompts.txt --reward pickscore
+    # SDXL (k = 2, threshold 0.4, 3 inner steps, LoRA rank 64, the SDXL SPM)
     accelerate launch --num_processes 4 spo.py --preset sdxl-paper --train_prompts prompts.txt
     # the CPU demo on the tiny model shipped in tiny_models/ (symmetry reward, no download)
     python spo.py --preset demo
@@ -124,6 +133,7 @@ def check_algorithm_arguments(args):
         raise UsageError(f"--clip_eps {args.clip_eps} must be in (0, 1)")
 
 
+SDXL_SPM = "spo_pm_checkpoint=SPO-Diffusion-Models/Step-Aware_Preference_Models/sdxl_step-aware_preference_model.bin"
 PRESETS = {
     # Symmetry scores of candidates differ by about 0.01, hence the temperature: 0.3 is then a gap of about 0.006.
     "demo": dict(
@@ -135,20 +145,21 @@ PRESETS = {
     ),
     # Official SD1.5 config (basic_config.py + num-sam-4): DDIM eta 1, 20 steps, CFG 5, k 4, threshold 0.3, warm 4,
     # beta 10, eps 0.1, LoRA rank 4, lr 6e-5, AdamW weight decay 1e-4, clip 1.0, fp16, 4 GPUs, 4k prompts x 10
-    # epochs, PickScore-based step-aware preference model. One prompt per process per update (see the docstring).
+    # epochs, the SD1.5 step-aware preference model (rewards.py spo_pm, its default checkpoint). One prompt per
+    # process per update (see the docstring).
     "sd15-paper": dict(
         pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
-        num_inference_steps=20, guidance_scale=5.0, reward="pickscore", train_batch_size=1,
+        num_inference_steps=20, guidance_scale=5.0, reward="spo_pm", train_batch_size=1,
         learning_rate=6e-5, lr_scheduler="constant", adam_weight_decay=1e-4, max_grad_norm=1.0, rank=4,
         max_train_steps=10000, mixed_precision="fp16", num_candidates=4, pair_threshold=0.3, warm_steps=4,
         beta=10.0, clip_eps=0.1, num_inner_steps=0,
     ),
     # Official SDXL config (num-sam-2_3-is_10ep_bs2_gradacc2): SDXL 1.0 with the fp16-fix VAE, 1024 px, k 2,
-    # threshold 0.4, 3 inner steps, LoRA rank 64, lr 1e-5, otherwise as SD1.5.
+    # threshold 0.4, 3 inner steps, LoRA rank 64, lr 1e-5, the SDXL step-aware preference model, otherwise as SD1.5.
     "sdxl-paper": dict(
         pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0",
         pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix", resolution=1024,
-        num_inference_steps=20, guidance_scale=5.0, reward="pickscore", train_batch_size=1,
+        num_inference_steps=20, guidance_scale=5.0, reward="spo_pm", reward_options=SDXL_SPM, train_batch_size=1,
         learning_rate=1e-5, lr_scheduler="constant", adam_weight_decay=1e-4, max_grad_norm=1.0, rank=64,
         max_train_steps=10000, mixed_precision="fp16", gradient_checkpointing=True, num_candidates=2,
         pair_threshold=0.4, warm_steps=4, beta=10.0, clip_eps=0.1, num_inner_steps=3, pair_batch_size=4,
@@ -709,9 +720,11 @@ def select_pair(scores, threshold, temperature=1.0):
 
 def build_preference_model(reward_fn, args):
     """The step-aware preference model: score(images, prompts, timestep) -> (N,), images (N, 3, H, W) in [0, 1]
-    decoded from the x_0 predictions. Here a rewards.py reward, which ignores the timestep; the paper's
-    time-conditioned PickScore (SPM) would take it and plug in here."""
+    decoded from the x_0 predictions made at x_t, timestep that t (0 for final images). A step-aware reward (the
+    SPM, rewards.py spo_pm) is given the timestep; any other reward scores the images alone."""
     def score(images, prompts, timestep):
+        if getattr(reward_fn, "step_aware", False):
+            return compute_reward(lambda x, p: reward_fn(x, p, timesteps=timestep), images, prompts, args)
         return compute_reward(reward_fn, images, prompts, args)
     return score
 
