@@ -266,6 +266,19 @@ def check(image, text, min_pixels=20):
     return result
 
 
+def demo_prompts():
+    """(train, eval) prompt lists of the demos: 256 captions of training scenes, and 8 held-out captions for the
+    evaluation grid (four single shapes, two with a position word, two pairs of shapes)."""
+    train = [caption(sample_scene(seed)) for seed in range(256)]
+    held = [caption(sample_scene(seed, held_out="any")) for seed in range(10**8, 10**8 + 200)]
+    kinds = [(False, False)] * 4 + [(False, True)] * 2 + [(True, None)] * 2  # (two shapes, position word)
+    chosen = []
+    for two, position in kinds:
+        chosen.append(next(c for c in held if c not in chosen and (" and " in c) == two
+                           and (position is None or (" on the " in c) == position)))
+    return train, chosen
+
+
 def write_json(path=os.path.join(HERE, "world.json")):
     with open(path, "w") as f:
         json.dump(vocabulary(), f, indent=2)
@@ -275,11 +288,15 @@ def write_json(path=os.path.join(HERE, "world.json")):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write_json", action="store_true", help="write tiny_models/world.json")
+    parser.add_argument("--write_json", action="store_true",
+                        help="write tiny_models/world.json and the demos' world-train-prompts.txt, world-eval-prompts.txt")
     parser.add_argument("--show", nargs=2, metavar=("N", "PNG"), help="save a grid of N scenes, print captions")
     args = parser.parse_args()
     if args.write_json:
         print(write_json())
+        for name, prompts in zip(("world-train-prompts.txt", "world-eval-prompts.txt"), demo_prompts()):
+            with open(os.path.join(HERE, name), "w") as f:
+                f.write("\n".join(prompts) + "\n")
     if args.show:
         n, path = int(args.show[0]), args.show[1]
         images, captions, _ = dataset(range(n))
