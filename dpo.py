@@ -107,8 +107,11 @@ def add_algorithm_arguments(parser):
     group.add_argument("--random_flip", action="store_true", help="horizontal flip with probability 0.5 (same for the pair)")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encode call")
-    group.add_argument("--online", action="store_true",
-                       help="self-rewarding rounds: sample from the policy, rank with --reward, train on best vs worst")
+    mode = group.add_mutually_exclusive_group()
+    mode.add_argument("--online", action="store_true",
+                      help="self-rewarding rounds: sample from the policy, rank with --reward, train on best vs worst")
+    mode.add_argument("--offline", dest="online", action="store_false",
+                      help="offline DPO on the pairs of --dataset_name (the default; turns off a preset's --online)")
     group.add_argument("--images_per_prompt", type=int, default=4, help="online: samples per prompt and round")
     group.add_argument("--prompts_per_round", type=int, default=32, help="online: prompts per round and process")
     group.add_argument("--steps_per_round", type=int, default=10, help="online: optimizer steps per round")
@@ -127,6 +130,12 @@ def check_algorithm_arguments(args):
     if args.vae_encode_batch_size < 1 or args.shuffle_buffer_size < 1 or args.dataloader_num_workers < 0:
         raise UsageError("--vae_encode_batch_size and --shuffle_buffer_size must be >= 1, "
                          "--dataloader_num_workers >= 0")
+    if args.online and args.dataset_name is not None:
+        if args.dataset_name != PRESETS.get(args.preset, {}).get("dataset_name"):
+            raise UsageError(f"--dataset_name {args.dataset_name} holds offline pairs, but online self-rewarding is on"
+                             f"{f' (--preset {args.preset})' if args.preset else ''}: pass --offline to train on the "
+                             f"pairs, or leave out --dataset_name")
+        args.dataset_name = None  # the preset's offline data, not used by the --online asked for explicitly
     if args.online:
         if args.images_per_prompt < 2:
             raise UsageError(f"--images_per_prompt must be >= 2 to make a pair, got {args.images_per_prompt}")
@@ -737,13 +746,29 @@ def open_pairs(args):
         if missing:
             raise UsageError(f"--dataset_name {source}: no column {', '.join(missing)}; the Pick-a-Pic schema is "
                              f"{', '.join(PAIR_COLUMNS)} (found {', '.join(features)})")
+        label = features["label_0"]
+        if not (isinstance(label, datasets.Value) and re.fullmatch(r"bool|u?int\d+|float\d+", label.dtype)):
+            raise UsageError(f"--dataset_name {source}: label_0 holds {getattr(label, 'dtype', label)} values; the "
+                             f"Pick-a-Pic schema has numbers: 1 (jpg_0 preferred), 0 (jpg_1 preferred), 0.5 (a tie)")
     data = data.select_columns(PAIR_COLUMNS)
     for column in ("jpg_0", "jpg_1"):
         if features is not None and isinstance(features[column], datasets.Image):
             data = data.cast_column(column, datasets.Image(decode=False))
-    if not args.streaming and not any(label in (0, 1) for label in data["label_0"]):
-        raise UsageError(f"--dataset_name {source}: no pair with a preference (every label_0 is a tie)")
+    if not args.streaming:  # a stream is checked as it is read: a process with no usable pair stops the run
+        if not any(label in (0, 1) for label in data["label_0"]):
+            raise UsageError(f"--dataset_name {source}: no pair with a preference (every label_0 is a tie)")
+        if not any(usable_pair(row, args) for row in data if row["label_0"] in (0, 1)):  # stops at the first
+            raise UsageError(f"--dataset_name {source}: no readable pair (every row with a preference has an "
+                             f"unreadable jpg_0 or jpg_1)")
     return data
+
+
+def usable_pair(row, args):
+    try:
+        load_pair(row, args.resolution, False, False, np.random.default_rng(0))
+        return True
+    except Exception:  # noqa: BLE001 - any undecodable image
+        return False
 
 
 def read_image(value):

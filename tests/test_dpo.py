@@ -327,8 +327,10 @@ def test_cli_offline_writes_outputs_and_lora_loads_in_diffusers(tiny_model, pair
     (dict(dataset_name=None), "offline DPO needs pairs"),
     (dict(dataset_name="/no/such/pairs.parquet"), "does not exist"),
     (dict(ref_update_rate=0.5), "ref_update_rate"),
-    (dict(online=True, images_per_prompt=1), "images_per_prompt"),
-    (dict(online=True, ref_update_rate=1.5), "ref_update_rate"),
+    (dict(online=True, images_per_prompt=1, dataset_name=None), "images_per_prompt"),
+    (dict(online=True, ref_update_rate=1.5, dataset_name=None), "ref_update_rate"),
+    (dict(online=True), "pass --offline to train on the pairs"),
+    (dict(preset="demo"), r"online self-rewarding is on \(--preset demo\): pass --offline"),
     (dict(beta_dpo=0), "beta_dpo"),
 ])
 def test_bad_input_is_one_clear_error(overrides, message, pairs_file, tmp_path):
