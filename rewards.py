@@ -501,7 +501,8 @@ def check_options(spec, options=None):
     if not math.isfinite(o.symmetry_clip_weight) or o.symmetry_clip_weight < 0:
         raise ValueError(f"reward option symmetry_clip_weight={o.symmetry_clip_weight}: must be a number >= 0")
     if o.aesthetic_head not in _AestheticMLP.KEYS:
-        raise ValueError(f"reward option aesthetic_head={o.aesthetic_head!r}: must be one of {', '.join(_AestheticMLP.KEYS)}")
+        raise ValueError(f"reward option aesthetic_head={o.aesthetic_head!r}: must be one of "
+                         f"{', '.join(_AestheticMLP.KEYS)}")
     for name, _ in parse_spec(spec):
         uses = [name] + (["clipscore"] if name == "symmetry" and o.symmetry_clip_weight > 0 else [])
         for reward in uses:

@@ -232,7 +232,8 @@ def test_aesthetic_relu_head_needs_the_option_and_matches_hand_computation(tiny,
     clip = CLIPModel.from_pretrained(tiny["aesthetic_clip"]).eval()
     state_dict = torch.load(mlp, weights_only=True)
     with torch.no_grad():
-        hidden = F.normalize(clip.get_image_features(pixel_values=(images - CLIP_MEAN) / CLIP_STD).pooler_output, dim=-1)
+        embeds = clip.get_image_features(pixel_values=(images - CLIP_MEAN) / CLIP_STD).pooler_output
+        hidden = F.normalize(embeds, dim=-1)
         for i in (0, 3, 6, 9, 11):
             hidden = hidden @ state_dict[f"layers.{i}.weight"].T + state_dict[f"layers.{i}.bias"]
             hidden = hidden.relu() if i != 11 else hidden
@@ -472,7 +473,8 @@ def test_cli_skips_unreadable_images_before_loading_a_model(tmp_path, capsys, mo
     with pytest.raises(SystemExit) as exit_info:
         rewards.main(["--reward", "symmetry", "--images", str(tmp_path)])
     err = capsys.readouterr().err.splitlines()
-    assert exit_info.value.code == 2 and err[-1] == f"rewards.py: error: --images {tmp_path}: no readable image (see --help)"
+    assert exit_info.value.code == 2
+    assert err[-1] == f"rewards.py: error: --images {tmp_path}: no readable image (see --help)"
     assert sorted(line.split()[3] for line in err[:-1]) == ["a_truncated.png:", "b_fake.jpg:", "c_corrupt.jpg:"]
     Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "d_good.png")
     (tmp_path / "prompts.txt").write_text("p1\np2\np3\np4\n")
