@@ -133,12 +133,22 @@ DEFAULT_PROMPTS = [
 
 
 class UsageError(ValueError):
-    """Bad input, reported as one line before any large model is loaded."""
+    """Bad input, reported as one line before any large model is loaded (exit code 2)."""
+
+
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on (NaN/inf updates in a row, no training data left), reported as one line (exit code 1)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other bad input (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("experiment")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="named overrides of the defaults (printed and saved); explicit flags win")
@@ -164,7 +174,8 @@ def build_parser():
     g.add_argument("--reward_resolution", type=int, default=None,
                    help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
     g.add_argument("--train_prompts", default=None,
-                   help="a .txt file (one prompt per line) or a dataset id / folder with a 'prompt' or 'caption' column")
+                   help="a .txt file (one prompt per line), a .csv/.json/.jsonl/.parquet file, or a dataset id / "
+                        "folder, with a 'prompt', 'caption' or 'text' column")
     g.add_argument("--eval_prompts", default=None, help="as --train_prompts; the fixed evaluation grid")
     g.add_argument("--num_eval_prompts", type=int, default=8)
     g = parser.add_argument_group("optimization")
@@ -172,7 +183,9 @@ def build_parser():
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--lr_scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="diffusers.optimization.get_scheduler name: linear, cosine, cosine_with_restarts, polynomial, "
+                        "constant, constant_with_warmup")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
@@ -222,24 +235,89 @@ def load_config_or_fail(cls, path, what, flag, **kwargs):
                          f"diffusers folder with {flag} /path/to/model") from e
 
 
-def read_prompts(source, default):
+PROMPT_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def read_prompts(source, default, flag="--train_prompts"):
+    """Prompts from a .txt file (one per line), a .csv/.json/.jsonl/.parquet file, or a dataset folder or hub id,
+    with a 'prompt', 'caption' or 'text' column; `default` without a source."""
     if source is None:
         return list(default)
-    if os.path.isfile(source) and source.endswith(".txt"):
+    suffix = os.path.splitext(source)[1].lower()
+    if os.path.isdir(source) and not os.listdir(source):
+        raise UsageError(f"{flag} {source} is an empty folder")
+    if os.path.isfile(source) and suffix not in (".txt", *PROMPT_FILE_TYPES):
+        raise UsageError(f"{flag} {source}: give a .txt file (one prompt per line), a "
+                         f"{'/'.join(PROMPT_FILE_TYPES)} file or a dataset folder")
+    if not os.path.exists(source) and (suffix in (".txt", *PROMPT_FILE_TYPES) or not is_hub_id(source)):
+        raise UsageError(f"{flag} {source}: no such file or folder")
+    if suffix == ".txt":
         with open(source, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     else:
         import datasets
-        if not os.path.exists(source) and not is_hub_id(source):
-            raise UsageError(f"prompt file '{source}' does not exist")
-        data = datasets.load_dataset(source, split="train")
+        try:
+            if suffix in PROMPT_FILE_TYPES:
+                data = datasets.load_dataset(PROMPT_FILE_TYPES[suffix], data_files=source, split="train")
+            else:
+                data = datasets.load_dataset(source, split="train")
+        except Exception as e:  # offline, not cached, unreadable, no train split
+            message = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"{flag} {source}: could not read prompts ({type(e).__name__}: {message}); without "
+                             f"network give a local .txt file, one prompt per line") from e
         column = next((c for c in ("prompt", "caption", "text") if c in data.column_names), None)
         if column is None:
-            raise UsageError(f"prompts '{source}': no 'prompt', 'caption' or 'text' column in {data.column_names}")
-        prompts = [p.strip() for p in data[column] if p and p.strip()]
+            raise UsageError(f"{flag} {source}: no 'prompt', 'caption' or 'text' column in {data.column_names}")
+        prompts = [str(p).strip() for p in data[column] if p is not None and str(p).strip()]
     if not prompts:
-        raise UsageError(f"prompt file '{source}' holds no prompts")
+        raise UsageError(f"{flag} {source} holds no prompts")
     return prompts
+
+
+def check_numbers(args):
+    """Every number in range, before anything is loaded: nan, 0 or a negative value would fail late or train wrong."""
+    for name, value in vars(args).items():  # nan and inf pass every comparison below: refuse them first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number, got {value}")
+    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                 "num_inference_steps", "rank", "validation_steps", "checkpointing_steps", "logging_steps",
+                 "num_eval_prompts", "max_nonfinite_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("reward_resolution", "checkpoints_total_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1 (or left out), got {getattr(args, flag)}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.lr_warmup_steps < 0:
+        raise UsageError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    for flag in ("learning_rate", "max_grad_norm", "adam_epsilon"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.adam_weight_decay < 0:
+        raise UsageError(f"--adam_weight_decay must be >= 0, got {args.adam_weight_decay}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if not 0 <= args.eta <= 1:
+        raise UsageError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
+    from diffusers.optimization import SchedulerType
+    schedulers = [s.value for s in SchedulerType if s.value != "piecewise_constant"]  # that one needs step rules
+    if args.lr_scheduler not in schedulers:
+        raise UsageError(f"--lr_scheduler {args.lr_scheduler} is not one of {', '.join(schedulers)}")
+
+
+def check_output_dir(args):
+    """--output_dir: a folder (or one we can create) that we can write to."""
+    path = os.path.abspath(args.output_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output_dir {args.output_dir}: {existing} is a file, not a folder; choose another "
+                         f"--output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {args.output_dir}: {existing} is not writable; choose another --output_dir")
 
 
 def check_arguments(args):
@@ -249,6 +327,8 @@ def check_arguments(args):
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a GPU (no fp16 autocast on CPU); use bf16 or no")
+    check_numbers(args)
+    check_output_dir(args)
     try:
         reward_parts = rewards.parse_spec(args.reward)
         reward_options = rewards.parse_options(args.reward_options)
@@ -259,10 +339,6 @@ def check_arguments(args):
         names = [n for n, _ in reward_parts if not rewards.REWARDS[n].differentiable]
         raise UsageError(f"--reward: {', '.join(names)} is not differentiable, and this method backpropagates "
                          f"through the reward")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps",
-                 "rank", "validation_steps", "checkpointing_steps", "logging_steps"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1")
     kwargs = dict(revision=args.revision)
     model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                       "--pretrained_model_name_or_path", **kwargs)
@@ -275,8 +351,8 @@ def check_arguments(args):
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     if args.resolution % vae_scale_factor:
         raise UsageError(f"--resolution {args.resolution} is not divisible by the VAE factor {vae_scale_factor}")
-    args.train_prompt_list = read_prompts(args.train_prompts, DEFAULT_PROMPTS)
-    args.eval_prompt_list = read_prompts(args.eval_prompts, DEFAULT_PROMPTS)[: args.num_eval_prompts]
+    args.train_prompt_list = read_prompts(args.train_prompts, DEFAULT_PROMPTS, "--train_prompts")
+    args.eval_prompt_list = read_prompts(args.eval_prompts, DEFAULT_PROMPTS, "--eval_prompts")[: args.num_eval_prompts]
     check_algorithm_arguments(args)
     is_sdxl = "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time"
     return dict(is_sdxl=is_sdxl, model_index=model_index, reward_options=reward_options)
@@ -745,6 +821,20 @@ def all_reduce_grads(accelerator, params):
         p.grad = g.view_as(p)
 
 
+def cli(argv=None):
+    """The command line: bad input (UsageError, RewardLoadError) is one line on stderr and exit code 2, a run that
+    stops (TrainingStopped) one line and exit code 1; returns the exit code."""
+    try:
+        main(parse_args(argv))
+    except (UsageError, rewards.RewardLoadError) as error:
+        print(f"{os.path.basename(__file__)}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except TrainingStopped as error:
+        print(f"{os.path.basename(__file__)}: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def library_versions():
     import accelerate
     import diffusers
@@ -783,8 +873,4 @@ def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args)
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (UsageError, rewards.RewardLoadError) as error:
-        sys.exit(f"{os.path.basename(__file__)}: error: {error}")
+    sys.exit(cli())
