@@ -1269,9 +1269,7 @@ def dpo_iterations(job):
     s = prepare(job)
     dpo, args, models, accelerator, clock = s.script, s.args, s.models, s.accelerator, s.clock
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler")
-    stream = dpo.PickAPicPairs(dpo.open_pairs(args), args, 0, 1, args.seed)
-    batches = iter(torch.utils.data.DataLoader(stream, batch_size=args.train_batch_size,
-                                               collate_fn=dpo.collate_pairs))
+    batches = dpo.PairBatches(dpo.open_pairs(args), args, 0, 1)
     rows = []
     models.unet.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
     reset_peak_memory(s.device)
@@ -1279,7 +1277,7 @@ def dpo_iterations(job):
     for step in range(1, job["warmup"] + job["iters"] + 1):
         rows.clear()
         start = clock()
-        batch = next(batches)
+        batch = batches.next(args.train_batch_size)
         loaded = clock()
         generator = dpo.step_generator(args, 0, step)
         pixels = batch["pixels"].to(s.device)

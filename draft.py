@@ -51,6 +51,7 @@ Choices where the sources leave room:
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -126,15 +127,35 @@ DEFAULT_PROMPTS = [
     "a red sports car on a coastal road", "a portrait of an old fisherman, studio lighting",
     "an anime girl with a blue umbrella in the rain",
 ]
+# A resume may change how long the run goes and what it logs, evaluates and saves, and the memory and speed switches
+# that leave the updates as they are. Every other flag defines the run and must match the checkpoint's, except the
+# RESUME_CHANGES flags when --resume_changes names them.
+RESUME_MAY_CHANGE = {"max_train_steps", "logging_steps", "validation_steps", "checkpointing_steps",
+                     "checkpoints_total_limit", "resume_from_checkpoint", "resume_changes", "report_to",
+                     "max_nonfinite_steps", "output_dir", "preset", "eval_prompts", "num_eval_prompts",
+                     "gradient_checkpointing", "allow_tf32", "run_id"}
+RESUME_CHANGES = ("learning_rate", "max_grad_norm")
+CHECKPOINT_MARKER = "checkpoint.json"  # written last: a checkpoint-N folder without it is incomplete or not ours
 
 
 class UsageError(ValueError):
-    """Bad input, reported as one line before any large model is loaded."""
+    """Bad input, reported as one line before any large model is loaded (exit code 2)."""
+
+
+class TrainingStopped(RuntimeError):
+    """A run that cannot go on (NaN/inf updates in a row, no training data left), reported as one line (exit code 1)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other bad input (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = OneLineParser(prog=os.path.basename(__file__), description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("experiment")
     g.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="named overrides of the defaults (printed and saved); explicit flags win")
@@ -160,7 +181,8 @@ def build_parser():
     g.add_argument("--reward_resolution", type=int, default=None,
                    help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
     g.add_argument("--train_prompts", default=None,
-                   help="a .txt file (one prompt per line) or a dataset id / folder with a 'prompt' or 'caption' column")
+                   help="a .txt file (one prompt per line), a .csv/.json/.jsonl/.parquet file, or a dataset id / "
+                        "folder, with a 'prompt', 'caption' or 'text' column")
     g.add_argument("--eval_prompts", default=None, help="as --train_prompts; the fixed evaluation grid")
     g.add_argument("--num_eval_prompts", type=int, default=8)
     g = parser.add_argument_group("optimization")
@@ -168,7 +190,9 @@ def build_parser():
     g.add_argument("--gradient_accumulation_steps", type=int, default=1)
     g.add_argument("--max_train_steps", type=int, default=1000, help="optimizer steps")
     g.add_argument("--learning_rate", type=float, default=1e-4)
-    g.add_argument("--lr_scheduler", default="constant", help="diffusers.optimization.get_scheduler name")
+    g.add_argument("--lr_scheduler", default="constant",
+                   help="diffusers.optimization.get_scheduler name: linear, cosine, cosine_with_restarts, polynomial, "
+                        "constant, constant_with_warmup")
     g.add_argument("--lr_warmup_steps", type=int, default=0)
     g.add_argument("--adam_beta1", type=float, default=0.9)
     g.add_argument("--adam_beta2", type=float, default=0.999)
@@ -189,7 +213,12 @@ def build_parser():
     g.add_argument("--validation_steps", type=int, default=100, help="evaluation grid every N steps")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint-N folder or 'latest'")
+    g.add_argument("--resume_from_checkpoint", default=None,
+                   help="a checkpoint-N folder or 'latest'; the run's flags must match the checkpoint's, except those "
+                        "of how long it runs and what it logs, evaluates and saves (README: Resuming and checkpoints)")
+    g.add_argument("--resume_changes", default="",
+                   help=f"on resume, let these flags differ from the checkpoint's and apply them from there on "
+                        f"(comma-separated, of: {', '.join(RESUME_CHANGES)})")
     return parser
 
 
@@ -218,24 +247,98 @@ def load_config_or_fail(cls, path, what, flag, **kwargs):
                          f"diffusers folder with {flag} /path/to/model") from e
 
 
-def read_prompts(source, default):
+PROMPT_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def read_prompts(source, default, flag="--train_prompts"):
+    """Prompts from a .txt file (one per line), a .csv/.json/.jsonl/.parquet file, or a dataset folder or hub id,
+    with a 'prompt', 'caption' or 'text' column; `default` without a source."""
     if source is None:
         return list(default)
-    if os.path.isfile(source) and source.endswith(".txt"):
+    suffix = os.path.splitext(source)[1].lower()
+    if os.path.isdir(source) and not os.listdir(source):
+        raise UsageError(f"{flag} {source} is an empty folder")
+    if os.path.isfile(source) and suffix not in (".txt", *PROMPT_FILE_TYPES):
+        raise UsageError(f"{flag} {source}: give a .txt file (one prompt per line), a "
+                         f"{'/'.join(PROMPT_FILE_TYPES)} file or a dataset folder")
+    if not os.path.exists(source) and (suffix in (".txt", *PROMPT_FILE_TYPES) or not is_hub_id(source)):
+        raise UsageError(f"{flag} {source}: no such file or folder")
+    if suffix == ".txt":
         with open(source, encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     else:
         import datasets
-        if not os.path.exists(source) and not is_hub_id(source):
-            raise UsageError(f"prompt file '{source}' does not exist")
-        data = datasets.load_dataset(source, split="train")
+        try:
+            if suffix in PROMPT_FILE_TYPES:
+                data = datasets.load_dataset(PROMPT_FILE_TYPES[suffix], data_files=source, split="train")
+            else:
+                data = datasets.load_dataset(source, split="train")
+        except Exception as e:  # offline, not cached, unreadable, no train split
+            message = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"{flag} {source}: could not read prompts ({type(e).__name__}: {message}); without "
+                             f"network give a local .txt file, one prompt per line") from e
         column = next((c for c in ("prompt", "caption", "text") if c in data.column_names), None)
         if column is None:
-            raise UsageError(f"prompts '{source}': no 'prompt', 'caption' or 'text' column in {data.column_names}")
-        prompts = [p.strip() for p in data[column] if p and p.strip()]
+            raise UsageError(f"{flag} {source}: no 'prompt', 'caption' or 'text' column in {data.column_names}")
+        prompts = [str(p).strip() for p in data[column] if p is not None and str(p).strip()]
     if not prompts:
-        raise UsageError(f"prompt file '{source}' holds no prompts")
+        raise UsageError(f"{flag} {source} holds no prompts")
     return prompts
+
+
+def check_numbers(args):
+    """Every number in range, before anything is loaded: nan, 0 or a negative value would fail late or train wrong."""
+    for name, value in vars(args).items():  # nan and inf pass every comparison below: refuse them first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"--{name} must be a finite number, got {value}")
+    for flag in ("resolution", "train_batch_size", "gradient_accumulation_steps", "max_train_steps",
+                 "num_inference_steps", "rank", "validation_steps", "checkpointing_steps", "logging_steps",
+                 "num_eval_prompts", "max_nonfinite_steps"):
+        if getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    for flag in ("reward_resolution", "checkpoints_total_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1 (or left out), got {getattr(args, flag)}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.lr_warmup_steps < 0:
+        raise UsageError(f"--lr_warmup_steps must be >= 0, got {args.lr_warmup_steps}")
+    for flag in ("learning_rate", "max_grad_norm", "adam_epsilon"):
+        if getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be > 0, got {getattr(args, flag)}")
+    if args.adam_weight_decay < 0:
+        raise UsageError(f"--adam_weight_decay must be >= 0, got {args.adam_weight_decay}")
+    for flag in ("adam_beta1", "adam_beta2"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
+    if not 0 <= args.eta <= 1:
+        raise UsageError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
+    from diffusers.optimization import SchedulerType
+    schedulers = [s.value for s in SchedulerType if s.value != "piecewise_constant"]  # that one needs step rules
+    if args.lr_scheduler not in schedulers:
+        raise UsageError(f"--lr_scheduler {args.lr_scheduler} is not one of {', '.join(schedulers)}")
+    changes = resume_changes(args)
+    if any(c not in RESUME_CHANGES for c in changes):
+        raise UsageError(f"--resume_changes {args.resume_changes}: only {', '.join(RESUME_CHANGES)} may change on "
+                         f"resume")
+
+
+def check_output_dir(args):
+    """--output_dir: a folder (or one we can create) that we can write to, holding no earlier run's checkpoint unless
+    we resume (a fresh run there would mix its checkpoints with the old ones)."""
+    path = os.path.abspath(args.output_dir)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--output_dir {args.output_dir}: {existing} is a file, not a folder; choose another "
+                         f"--output_dir")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {args.output_dir}: {existing} is not writable; choose another --output_dir")
+    found = complete_checkpoints(path)
+    if found and args.resume_from_checkpoint is None:
+        raise UsageError(f"--output_dir {args.output_dir} already holds checkpoint-{max(found)} of an earlier run: "
+                         f"continue it with --resume_from_checkpoint latest, or choose a new --output_dir")
 
 
 def check_arguments(args):
@@ -245,6 +348,8 @@ def check_arguments(args):
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a GPU (no fp16 autocast on CPU); use bf16 or no")
+    check_numbers(args)
+    check_output_dir(args)
     try:
         reward_parts = rewards.parse_spec(args.reward)
         reward_options = rewards.parse_options(args.reward_options)
@@ -255,10 +360,6 @@ def check_arguments(args):
         names = [n for n, _ in reward_parts if not rewards.REWARDS[n].differentiable]
         raise UsageError(f"--reward: {', '.join(names)} is not differentiable, and this method backpropagates "
                          f"through the reward")
-    for flag in ("train_batch_size", "gradient_accumulation_steps", "max_train_steps", "num_inference_steps",
-                 "rank", "validation_steps", "checkpointing_steps", "logging_steps"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag} must be >= 1")
     kwargs = dict(revision=args.revision)
     model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                       "--pretrained_model_name_or_path", **kwargs)
@@ -271,9 +372,15 @@ def check_arguments(args):
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     if args.resolution % vae_scale_factor:
         raise UsageError(f"--resolution {args.resolution} is not divisible by the VAE factor {vae_scale_factor}")
-    args.train_prompt_list = read_prompts(args.train_prompts, DEFAULT_PROMPTS)
-    args.eval_prompt_list = read_prompts(args.eval_prompts, DEFAULT_PROMPTS)[: args.num_eval_prompts]
+    args.train_prompt_list = read_prompts(args.train_prompts, DEFAULT_PROMPTS, "--train_prompts")
+    args.eval_prompt_list = read_prompts(args.eval_prompts, DEFAULT_PROMPTS, "--eval_prompts")[: args.num_eval_prompts]
     check_algorithm_arguments(args)
+    path, marker = resume_checkpoint(args)
+    if marker is not None:
+        check_resume(args, path, marker)
+    # Which checkpoints are this run's (kept through resumes; the same on every process): pruning touches no other.
+    fresh = hashlib.sha256(json.dumps(run_fingerprint(args), sort_keys=True).encode()).hexdigest()[:16]
+    args.run_id = marker["run_id"] if marker is not None else fresh
     is_sdxl = "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time"
     return dict(is_sdxl=is_sdxl, model_index=model_index, reward_options=reward_options)
 
@@ -480,57 +587,270 @@ def save_lora(unet, is_sdxl, output_dir):
 
 
 def load_lora(unet, is_sdxl, path):
+    """The LoRA weights save_lora wrote in folder `path`, read with safetensors (never pickle)."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
     pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    state_dict = pipeline_class.lora_state_dict(path)[0]
+    state_dict = pipeline_class.lora_state_dict(load_file(os.path.join(path, "pytorch_lora_weights.safetensors")))[0]
     state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items()}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state_dict), adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")
 
 
-def checkpoint_steps(output_dir):
+# --- checkpoints: safetensors and JSON only, a marker written last, renamed into place ------------------------
+
+
+def read_marker(path):
+    """The marker of a complete checkpoint folder (checkpoint.json, written last), or None."""
+    try:
+        with open(os.path.join(path, CHECKPOINT_MARKER), encoding="utf-8") as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(marker, dict) or marker.get("format") != 1:
+        return None
+    if not all(os.path.isfile(os.path.join(path, name)) for name in marker.get("files", [])):
+        return None
+    return marker
+
+
+def complete_checkpoints(output_dir):
+    """{step: (folder, marker)} of the complete checkpoints in output_dir, oldest first. checkpoint-N.old (an older
+    checkpoint-N moved aside while being replaced) stands in for checkpoint-N when the replacement was cut short."""
+    found = {}
     if not os.path.isdir(output_dir):
-        return []
-    return sorted(int(m.group(1)) for d in os.listdir(output_dir) if (m := re.fullmatch(r"checkpoint-(\d+)", d)))
+        return found
+    for name in sorted(os.listdir(output_dir), key=lambda n: n.endswith(".old")):  # checkpoint-N before its .old
+        match = re.fullmatch(r"checkpoint-(\d+)(\.old)?", name)
+        if match and int(match.group(1)) not in found:
+            marker = read_marker(os.path.join(output_dir, name))
+            if marker is not None and marker.get("step") == int(match.group(1)):
+                found[int(match.group(1))] = (os.path.join(output_dir, name), marker)
+    return dict(sorted(found.items()))
 
 
-def save_checkpoint(accelerator, unet, models, args, step):
-    """checkpoint-N/: optimizer, LR scheduler, grad scaler and RNG states (accelerate) and the LoRA weights,
-    written to a temporary folder and renamed, so a crash never leaves a half-written checkpoint."""
+def checkpoint_steps(output_dir):
+    return list(complete_checkpoints(output_dir))
+
+
+def resume_changes(args):
+    return [c.strip().removeprefix("--") for c in args.resume_changes.split(",") if c.strip()]
+
+
+def run_fingerprint(args):
+    """What defines a run, which a checkpoint and the run resuming it must share: every flag but RESUME_MAY_CHANGE,
+    the training prompts themselves and the number of processes."""
+    flags = {k: v for k, v in vars(args).items() if k not in RESUME_MAY_CHANGE and not k.endswith("_prompt_list")}
+    prompts = hashlib.sha256("\n".join(args.train_prompt_list).encode()).hexdigest()[:16]
+    processes = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun and accelerate launch
+    return json.loads(json.dumps(dict(flags, train_prompts_content=prompts, num_processes=processes)))
+
+
+def resume_checkpoint(args):
+    """(folder, marker) of the checkpoint --resume_from_checkpoint names ('latest': the newest complete one in
+    --output_dir), or (None, None) to start from scratch."""
+    if args.resume_from_checkpoint is None:
+        return None, None
+    if args.resume_from_checkpoint == "latest":
+        found = complete_checkpoints(args.output_dir)
+        return found[max(found)] if found else (None, None)
+    path = args.resume_from_checkpoint.rstrip("/\\") or "/"
+    if not os.path.isdir(path):
+        raise UsageError(f"--resume_from_checkpoint {path}: no such folder; give a checkpoint-N folder or 'latest'")
+    marker = read_marker(path)
+    if marker is None:
+        raise UsageError(f"--resume_from_checkpoint {path}: not a complete checkpoint of these scripts (no valid "
+                         f"{CHECKPOINT_MARKER}, or a file it lists is missing); give a checkpoint-N folder or 'latest'")
+    return path, marker
+
+
+def check_resume(args, path, marker):
+    """Refuse a resume that would mix two runs: another script, or any run-defining flag that differs."""
+    script = os.path.basename(__file__)
+    if marker.get("script") != script:
+        raise UsageError(f"--resume_from_checkpoint {path}: a checkpoint of {marker.get('script')}, not of {script}")
+    ours, theirs, changes = run_fingerprint(args), marker.get("run", {}), resume_changes(args)
+    differ = [k for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k) and k not in changes]
+    if differ:
+        described = ", ".join(f"{'--' if k in vars(args) else ''}{k} {ours.get(k)} (checkpoint: {theirs.get(k)})"
+                              for k in differ)
+        allowed = [k for k in differ if k in RESUME_CHANGES]
+        hint = (f"; or apply the new value from here with --resume_changes {','.join(allowed)}"
+                if allowed == differ else "")
+        raise UsageError(f"--resume_from_checkpoint {path}: this run differs from the checkpoint's in {described}; "
+                         f"resume with the checkpoint's values (its {CHECKPOINT_MARKER} lists them) or choose a new "
+                         f"--output_dir{hint}")
+
+
+def fsync_path(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint_state(path, name):
+    """The tensors save_checkpoint wrote as `state[name]` (name.safetensors in the folder), or None."""
+    from safetensors.torch import load_file
+    file = os.path.join(path, f"{name}.safetensors")
+    return load_file(file) if os.path.isfile(file) else None
+
+
+def save_checkpoint(accelerator, unet, models, optimizer, lr_scheduler, args, step, guard, state=None):
+    """checkpoint-N/: the LoRA weights (diffusers format), the optimizer's tensors, each process's RNG state and the
+    `state` tensors (name -> tensors; each process writes the names it is given) in safetensors; the step, the run's
+    flags and the optimizer, LR scheduler and grad scaler settings in checkpoint.json, written last. Nothing is
+    pickled. Written to checkpoint-N.tmp, flushed to disk and renamed into place; an existing checkpoint-N is moved to
+    checkpoint-N.old first and deleted last, so that a crash at any point leaves a complete checkpoint-N (or its .old).
+    Skipped after a non-finite update or with a non-finite LoRA weight."""
+    from safetensors.torch import save_file
+    lora = [p for name, p in unet.named_parameters() if "lora_" in name]
+    if not guard.last_finite or not all(bool(torch.isfinite(p).all()) for p in lora):
+        accelerator.print(f"step {step}: no checkpoint, the update or a LoRA weight is not finite")
+        return
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
-    tmp = final + ".tmp"
+    tmp, old = final + ".tmp", final + ".old"
     if accelerator.is_main_process:
+        finish_replacements(args.output_dir)
         shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
+    rng = {"cpu": torch.get_rng_state()}  # the global RNG: only rewards' random_shift draws from it
+    if torch.cuda.is_available():
+        rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    files = dict(state or {}, **{f"rng_state_{accelerator.process_index}": rng})
+    optimizer_state = optimizer.state_dict()
+    if accelerator.is_main_process:
+        files["optimizer"] = {f"{i}.{k}": v for i, values in optimizer_state["state"].items()
+                              for k, v in values.items() if torch.is_tensor(v)}
+    for name, tensors in files.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                  os.path.join(tmp, f"{name}.safetensors"))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_lora(unet, models.is_sdxl, tmp)
-        shutil.rmtree(final, ignore_errors=True)
+        scalars = {f"{i}.{k}": v for i, values in optimizer_state["state"].items()
+                   for k, v in values.items() if not torch.is_tensor(v)}
+        marker = dict(format=1, script=os.path.basename(__file__), step=step, run_id=args.run_id,
+                      clean=guard.since_checkpoint == 0, run=run_fingerprint(args), files=sorted(os.listdir(tmp)),
+                      optimizer=dict(param_groups=optimizer_state["param_groups"], scalars=scalars),
+                      lr_scheduler=lr_scheduler.state_dict(),
+                      grad_scaler=accelerator.scaler.state_dict() if accelerator.scaler is not None else None)
+        with open(os.path.join(tmp, CHECKPOINT_MARKER), "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=1)
+        for name in os.listdir(tmp):
+            fsync_path(os.path.join(tmp, name))
+        fsync_path(tmp)
+        if os.path.isdir(final):
+            if read_marker(final) is None:  # not ours: set aside, never deleted
+                os.replace(final, f"{final}.unknown-{int(time.time())}")
+            else:
+                shutil.rmtree(old, ignore_errors=True)  # a checkpoint-N exists, so an .old is a stale copy
+                os.replace(final, old)
         os.replace(tmp, final)
-        if args.checkpoints_total_limit is not None:
-            for old in checkpoint_steps(args.output_dir)[: -args.checkpoints_total_limit]:
-                shutil.rmtree(os.path.join(args.output_dir, f"checkpoint-{old}"))
+        fsync_path(args.output_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(args)
+    guard.since_checkpoint = 0
     accelerator.wait_for_everyone()
 
 
-def resume_step(accelerator, unet, models, args):
-    """Load checkpoint-N (or the latest) and return N; 0 without --resume_from_checkpoint."""
-    if args.resume_from_checkpoint is None:
-        return 0
-    if args.resume_from_checkpoint == "latest":
-        steps = checkpoint_steps(args.output_dir)
-        if not steps:
+def finish_replacements(output_dir):
+    """Finish the replacements of a checkpoint-N that a crash cut short: its .old copy goes back in place if
+    checkpoint-N is missing; .old and .tmp copies (ours by their names) are deleted, even half deleted already, once
+    a complete checkpoint-N is there."""
+    for name in sorted(os.listdir(output_dir), key=lambda n: n.endswith(".tmp")):  # every .old first
+        match = re.fullmatch(r"(checkpoint-\d+)\.(old|tmp)", name)
+        if match:
+            path, final = os.path.join(output_dir, name), os.path.join(output_dir, match.group(1))
+            if match.group(2) == "old" and not os.path.exists(final) and read_marker(path) is not None:
+                os.replace(path, final)
+            elif read_marker(final) is not None:
+                shutil.rmtree(path)
+
+
+def prune_checkpoints(args):
+    """Keep this run's newest --checkpoints_total_limit checkpoints and its newest clean one (no skipped update since
+    the one before); never touch a folder without our marker or of another run."""
+    if args.checkpoints_total_limit is None:
+        return
+    ours = {step: found for step, found in complete_checkpoints(args.output_dir).items()
+            if found[1].get("run_id") == args.run_id}
+    clean = [step for step, (_, marker) in ours.items() if marker.get("clean")]
+    keep = set(sorted(ours)[-args.checkpoints_total_limit:]) | set(clean[-1:])
+    for step, (path, _) in ours.items():
+        if step not in keep:
+            shutil.rmtree(path)
+
+
+def resume_step(accelerator, unet, models, optimizer, lr_scheduler, args):
+    """Restore checkpoint-N (or the latest) and return N; 0 without --resume_from_checkpoint. check_arguments has
+    already refused a checkpoint of another run."""
+    from safetensors.torch import load_file
+    path, marker = resume_checkpoint(args)
+    if path is None:
+        if args.resume_from_checkpoint is not None:
             accelerator.print(f"no checkpoint in {args.output_dir}; starting from scratch")
-            return 0
-        path = os.path.join(args.output_dir, f"checkpoint-{steps[-1]}")
-    else:
-        path = args.resume_from_checkpoint
-    accelerator.load_state(path)
+        return 0
     load_lora(unet, models.is_sdxl, path)
-    return int(re.search(r"checkpoint-(\d+)", path.rstrip("/")).group(1))
+    saved = dict(marker["optimizer"]["scalars"], **load_file(os.path.join(path, "optimizer.safetensors")))
+    optimizer_state = {}
+    for key, value in saved.items():
+        index, name = key.split(".", 1)
+        optimizer_state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict(dict(state=optimizer_state, param_groups=marker["optimizer"]["param_groups"]))
+    lr_scheduler.load_state_dict(marker["lr_scheduler"])
+    if "learning_rate" in resume_changes(args):  # LambdaLR: lr = base lr x its factor at the current step
+        scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the scheduler
+        scheduler.base_lrs = [args.learning_rate] * len(scheduler.base_lrs)
+        scheduler._last_lr = [base * factor(scheduler.last_epoch)
+                              for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+            group["lr"], group["initial_lr"] = lr, args.learning_rate
+    if accelerator.scaler is not None and marker["grad_scaler"] is not None:
+        accelerator.scaler.load_state_dict(marker["grad_scaler"])
+    rng = read_checkpoint_state(path, f"rng_state_{accelerator.process_index}")
+    if rng is not None:
+        torch.set_rng_state(rng["cpu"])
+        if torch.cuda.is_available() and "cuda_0" in rng:
+            torch.cuda.set_rng_state_all([rng[f"cuda_{i}"] for i in range(torch.cuda.device_count())])
+    accelerator.print(f"resuming from {path} at step {marker['step']}")
+    return marker["step"]
+
+
+class NonfiniteGuard:
+    """Updates skipped for a NaN/inf loss, reward or gradient. A checkpoint is written only after a finite update with
+    finite LoRA weights; it is clean if no update was skipped since the checkpoint before. --max_nonfinite_steps
+    skipped in a row stop the run, naming the newest clean checkpoint written before them."""
+
+    def __init__(self, args):
+        self.args, self.in_a_row, self.since_checkpoint = args, 0, 0
+
+    @property
+    def last_finite(self):
+        return self.in_a_row == 0
+
+    def update(self, step, finite):
+        """Count this step's update; raise TrainingStopped after --max_nonfinite_steps skipped in a row."""
+        self.in_a_row = 0 if finite else self.in_a_row + 1
+        self.since_checkpoint += not finite
+        if self.in_a_row < self.args.max_nonfinite_steps:
+            return
+        first = step - self.in_a_row + 1
+        clean = [found for s, found in complete_checkpoints(self.args.output_dir).items()
+                 if s < first and found[1].get("run_id") == self.args.run_id and found[1].get("clean")]
+        if clean:
+            where = (f"resume from {clean[-1][0]}, the newest checkpoint written before them after finite updates "
+                     f"only, with a lower learning rate: --resume_from_checkpoint {clean[-1][0]} --learning_rate LR "
+                     f"--resume_changes learning_rate")
+        else:
+            where = "no checkpoint was written before them: start again with a lower --learning_rate"
+        raise TrainingStopped(f"stopped at step {step}: {self.in_a_row} updates in a row (from step {first}) had a "
+                              f"NaN/inf loss, reward or gradient and were skipped; {where}")
 
 
 def peak_memory_mb(device):
@@ -540,15 +860,28 @@ def peak_memory_mb(device):
 
 
 class MetricsLog:
-    """metrics.jsonl (one JSON object per optimizer step) plus the tracker; main process only."""
+    """metrics.jsonl (one JSON object per optimizer step) plus the tracker; main process only. A run resumed from
+    step N keeps exactly one row per step up to N (the rows after N are run again; a line cut short by a crash is
+    dropped); a fresh run starts an empty file. The file is rewritten atomically."""
 
     def __init__(self, accelerator, path, resume_step):
         self.accelerator, self.path, self.rows = accelerator, path, []
-        if accelerator.is_main_process and os.path.exists(path):
-            with open(path) as f:  # on resume, drop the steps after the checkpoint: they are run again
-                self.rows = [r for r in map(json.loads, f) if resume_step and r["step"] <= resume_step]
-            with open(path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        if not accelerator.is_main_process:
+            return
+        if resume_step and os.path.exists(path):
+            rows = {}
+            with open(path, encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    try:
+                        row = json.loads(line)
+                    except ValueError:  # cut short by a crash
+                        continue
+                    if isinstance(row, dict) and isinstance(row.get("step"), int) and 0 <= row["step"] <= resume_step:
+                        rows[row["step"]] = row
+            self.rows = [rows[step] for step in sorted(rows)]
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in self.rows)
+        os.replace(path + ".tmp", path)
 
     def log(self, row):
         if not self.accelerator.is_main_process:
@@ -648,7 +981,7 @@ def main(args):
     # The UNet is not wrapped in DDP: one update runs it several times with gradient, which DDP's hooks refuse;
     # LoRA gradients are all-reduced by hand below. accelerate still owns the optimizer, scaler and autocast.
     optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
-    start_step = resume_step(accelerator, unet, models, args)
+    start_step = resume_step(accelerator, unet, models, optimizer, lr_scheduler, args)
     metrics = MetricsLog(accelerator, os.path.join(args.output_dir, "metrics.jsonl"), start_step)
     if main_process and args.report_to != "none":
         accelerator.init_trackers(os.path.basename(__file__).removesuffix(".py"),
@@ -664,7 +997,7 @@ def main(args):
             eval_reward, _ = evaluate(models, scheduler, unet, reward_fn, args, 0)
         metrics.log(dict(step=0, eval_reward=eval_reward))
 
-    row, nonfinite_in_a_row = {}, 0
+    row, guard = {}, NonfiniteGuard(args)
     progress = tqdm(initial=start_step, total=args.max_train_steps, disable=not main_process, desc="steps")
     for step in range(start_step + 1, args.max_train_steps + 1):
         start = time.time()
@@ -691,7 +1024,6 @@ def main(args):
             optimizer.step()
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        nonfinite_in_a_row = 0 if finite else nonfinite_in_a_row + 1
 
         scores = accelerator.gather(torch.cat(scores)).float()
         row = dict(step=step, loss=accelerator.gather(torch.cat(losses)).mean().item(), reward_mean=scores.mean().item(),
@@ -710,11 +1042,9 @@ def main(args):
         progress.set_postfix(reward=f"{row['reward_mean']:.4g}", grad=f"{grad_norm:.3g}")
         if step % args.logging_steps == 0 and main_process:
             progress.write(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-        if nonfinite_in_a_row >= args.max_nonfinite_steps:
-            raise RuntimeError(f"{nonfinite_in_a_row} updates in a row had a NaN/inf loss or gradient; stopped at "
-                               f"step {step}. The last checkpoint in {args.output_dir} is intact.")
-        if step % args.checkpointing_steps == 0 and finite:
-            save_checkpoint(accelerator, unet, models, args, step)
+        guard.update(step, finite)  # --max_nonfinite_steps skipped in a row: TrainingStopped
+        if step % args.checkpointing_steps == 0:
+            save_checkpoint(accelerator, unet, models, optimizer, lr_scheduler, args, step, guard)
     progress.close()
 
     accelerator.wait_for_everyone()
@@ -739,6 +1069,22 @@ def all_reduce_grads(accelerator, params):
     flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p)
+
+
+def cli(argv=None):
+    """The command line: bad input (UsageError, RewardLoadError) is one line on stderr and exit code 2, a run that
+    stops (TrainingStopped) one line and exit code 1; returns the exit code."""
+    try:
+        main(parse_args(argv))
+    except (UsageError, rewards.RewardLoadError) as error:
+        print(f"{os.path.basename(__file__)}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    except TrainingStopped as error:
+        for bar in list(getattr(tqdm, "_instances", ())):  # the progress bar ends above the message, not below
+            bar.close()
+        print(f"{os.path.basename(__file__)}: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def library_versions():
@@ -798,8 +1144,4 @@ def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args)
 
 
 if __name__ == "__main__":
-    arguments = parse_args()
-    try:
-        main(arguments)
-    except (UsageError, rewards.RewardLoadError) as error:
-        sys.exit(f"{os.path.basename(__file__)}: error: {error}")
+    sys.exit(cli())

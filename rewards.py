@@ -78,6 +78,7 @@ model option takes a hub id or a local path; hub files are written `owner/repo/f
 | -------------------- | ----------------------------------------------------------- | -------------------------- |
 | aesthetic_clip       | openai/clip-vit-large-patch14 (transformers CLIP)           | aesthetic                  |
 | aesthetic_mlp        | trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth        | aesthetic                  |
+| aesthetic_head       | linear (`relu`: LAION's ava+logos-l14-reluMSE.pth head)     | aesthetic                  |
 | clip_model           | ViT-H-14 (open_clip architecture name, or a local .json)    | clipscore, symmetry        |
 | clip_pretrained      | laion2b_s32b_b79k (open_clip tag, or a checkpoint file)     | clipscore, symmetry        |
 | pickscore_model      | yuvalkirstain/PickScore_v1 (transformers CLIP)              | pickscore                  |
@@ -85,7 +86,7 @@ model option takes a hub id or a local path; hub files are written `owner/repo/f
 | hps_model            | ViT-H-14 (open_clip architecture name, or a local .json)    | hpsv21                     |
 | hps_checkpoint       | xswu/HPSv2/HPS_v2.1_compressed.pt ({'state_dict': ...})     | hpsv21                     |
 | symmetry_clip_weight | 0.0                                                         | symmetry                   |
-| jpeg_quality         | 50                                                          | compressibility, jpeg_size |
+| jpeg_quality         | 50 (1..100)                                                 | compressibility, jpeg_size |
 | owlvit_model         | google/owlvit-base-patch32                                  | objectness                 |
 | objectness_query     | book                                                        | objectness                 |
 | random_shift         | False                                                       | every model reward         |
@@ -126,6 +127,7 @@ import torch.nn.functional as F
 OPTIONS = {
     "aesthetic_clip": "openai/clip-vit-large-patch14",
     "aesthetic_mlp": "trl-lib/ddpo-aesthetic-predictor/aesthetic-model.pth",
+    "aesthetic_head": "linear",
     "clip_model": "ViT-H-14",
     "clip_pretrained": "laion2b_s32b_b79k",
     "pickscore_model": "yuvalkirstain/PickScore_v1",
@@ -329,20 +331,21 @@ def _preprocess(images, size, mean, std, *, random_shift, crop=True, device, dty
 
 
 class _AestheticMLP(nn.Module):
-    """LAION improved aesthetic predictor head; state-dict keys layers.0/2/4/6/7 as published."""
+    """LAION improved aesthetic predictor head, state-dict keys as published: layers.0/2/4/6/7 for the linear head
+    (sac+logos+ava1-l14-linearMSE.pth), layers.0/3/6/9/11 for the one with a ReLU after each hidden layer
+    (ava+logos-l14-reluMSE.pth)."""
 
-    def __init__(self, in_features):
+    KEYS = {"linear": (0, 2, 4, 6, 7), "relu": (0, 3, 6, 9, 11)}
+
+    def __init__(self, in_features, head="linear"):
         super().__init__()
-        self.layers = nn.Sequential(
-            nn.Linear(in_features, 1024),
-            nn.Dropout(0.2),
-            nn.Linear(1024, 128),
-            nn.Dropout(0.2),
-            nn.Linear(128, 64),
-            nn.Dropout(0.1),
-            nn.Linear(64, 16),
-            nn.Linear(16, 1),
-        )
+        sizes, dropouts = [in_features, 1024, 128, 64, 16], [0.2, 0.2, 0.1]
+        modules = []
+        for i in range(4):
+            modules.append(nn.Linear(sizes[i], sizes[i + 1]))
+            modules += [nn.ReLU()] if head == "relu" else []
+            modules += [nn.Dropout(dropouts[i])] if i < 3 else []
+        self.layers = nn.Sequential(*modules, nn.Linear(16, 1))
 
     def forward(self, embeds):
         return self.layers(embeds).squeeze(-1)
@@ -353,8 +356,21 @@ def _aesthetic(device, dtype, o):
 
     clip = _from_pretrained(CLIPModel, "aesthetic", "aesthetic_clip", o.aesthetic_clip)
     processor = _from_pretrained(CLIPImageProcessor, "aesthetic", "aesthetic_clip", o.aesthetic_clip)
-    mlp = _AestheticMLP(clip.config.projection_dim)
-    mlp.load_state_dict(_load_state_dict(_checkpoint_file("aesthetic", "aesthetic_mlp", o.aesthetic_mlp)))
+    mlp = _AestheticMLP(clip.config.projection_dim, o.aesthetic_head)
+    state_dict = _load_state_dict(_checkpoint_file("aesthetic", "aesthetic_mlp", o.aesthetic_mlp))
+    layers = tuple(sorted({int(k.split(".")[1]) for k in state_dict if re.fullmatch(r"layers\.\d+\.(weight|bias)", k)}))
+    head = next((name for name, keys in _AestheticMLP.KEYS.items() if keys == layers), None)
+    if head is None or len(state_dict) != 2 * len(layers):
+        raise RewardLoadError(f"aesthetic: aesthetic_mlp={o.aesthetic_mlp!r} is not a LAION aesthetic head (keys "
+                              f"{', '.join(sorted(state_dict))[:120]}; expected layers.0/2/4/6/7 or layers.0/3/6/9/11)")
+    if head != o.aesthetic_head:
+        raise RewardLoadError(f"aesthetic: aesthetic_mlp={o.aesthetic_mlp!r} is the {head} head (keys layers."
+                              f"{'/'.join(map(str, layers))}); pass --reward_options aesthetic_head={head}")
+    try:
+        mlp.load_state_dict(state_dict)
+    except RuntimeError as e:  # the right keys, the wrong shapes
+        raise RewardLoadError(f"aesthetic: aesthetic_mlp={o.aesthetic_mlp!r} does not fit CLIP "
+                              f"{o.aesthetic_clip!r}: {' '.join(str(e).split())[:200]}") from e
     clip, mlp = _frozen(clip, device, dtype), _frozen(mlp, device, dtype)
     size = clip.config.vision_config.image_size
 
@@ -797,6 +813,13 @@ def _resolve(options):
 def check_options(spec, options=None):
     """Validate the spec, option names and values, and that local paths exist, without loading anything."""
     o = _resolve(options or {})
+    if not 1 <= o.jpeg_quality <= 100:
+        raise ValueError(f"reward option jpeg_quality={o.jpeg_quality}: must be in 1..100")
+    if not math.isfinite(o.symmetry_clip_weight) or o.symmetry_clip_weight < 0:
+        raise ValueError(f"reward option symmetry_clip_weight={o.symmetry_clip_weight}: must be a number >= 0")
+    if o.aesthetic_head not in _AestheticMLP.KEYS:
+        raise ValueError(f"reward option aesthetic_head={o.aesthetic_head!r}: must be one of "
+                         f"{', '.join(_AestheticMLP.KEYS)}")
     for name, _ in parse_spec(spec):
         uses = [name] + (["clipscore"] if name == "symmetry" and o.symmetry_clip_weight > 0 else [])
         for reward in uses:
@@ -858,8 +881,38 @@ def _read_image(path):
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
 
 
+def _image_size(path):
+    """(width, height) of an image file that decodes in full; None for a corrupt, truncated or fake one."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.convert("RGB")  # decodes every pixel: a truncated file fails here
+            return image.size
+    except Exception:  # noqa: BLE001 - PIL raises many kinds for bad files
+        return None
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _check_device(parser, name):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps)")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        parser.error(f"--device {name}: no such CUDA GPU on this machine; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        parser.error(f"--device {name}: MPS is not available on this machine; use --device cpu")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Score every image in a folder with a rewards.py spec.")
+    parser = _OneLineParser(prog="rewards.py", description="Score every image in a folder with a rewards.py spec.")
     parser.add_argument("--reward", required=True, help=f"NAME[:WEIGHT],... of {', '.join(REWARDS)}")
     parser.add_argument("--images", required=True, type=Path, help="folder of .png/.jpg/.jpeg/.webp files")
     parser.add_argument("--prompts", type=Path,
@@ -870,29 +923,44 @@ def main(argv=None):
     parser.add_argument("--json", action="store_true", help="print one JSON object {scores, mean, raw}")
     args = parser.parse_args(argv)
 
+    # Every check that needs no model first: a bad flag, path or image fails before a reward model loads.
+    if args.batch_size < 1:
+        parser.error(f"--batch_size must be >= 1, got {args.batch_size}")
+    _check_device(parser, args.device)
+    try:
+        options = parse_options(args.reward_options)
+        check_options(args.reward, options)
+    except (ValueError, RewardLoadError) as e:
+        parser.error(" ".join(str(e).split()))
     if not args.images.is_dir():
         parser.error(f"--images {args.images} is not a folder")
     files = sorted(p for p in args.images.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         parser.error(f"no {'/'.join(IMAGE_SUFFIXES)} files in {args.images}")
     if args.prompts:
-        prompts = args.prompts.read_text().splitlines()
+        if not args.prompts.is_file():
+            parser.error(f"--prompts {args.prompts}: no such file")
+        prompts = args.prompts.read_text(encoding="utf-8", errors="replace").splitlines()
         if len(prompts) != len(files):
             parser.error(f"{args.prompts} has {len(prompts)} lines for {len(files)} images")
     else:
-        prompts = [p.with_suffix(".txt").read_text().strip() if p.with_suffix(".txt").exists() else "" for p in files]
+        prompts = [p.with_suffix(".txt").read_text(encoding="utf-8", errors="replace").strip()
+                   if p.with_suffix(".txt").is_file() else "" for p in files]
+    sizes = [_image_size(path) for path in files]
+    for path, size in zip(files, sizes):
+        if size is None:
+            print(f"rewards.py: warning: skipping {path.name}: not a readable image", file=sys.stderr)
+    readable = [(path, prompt, size) for path, prompt, size in zip(files, prompts, sizes) if size is not None]
+    if not readable:
+        parser.error(f"--images {args.images}: no readable image")
+    files, prompts, sizes = (list(column) for column in zip(*readable))
     try:
-        reward_fn = build_reward(args.reward, device=args.device, **parse_options(args.reward_options))
+        reward_fn = build_reward(args.reward, device=args.device, **options)
     except (ValueError, RewardLoadError) as e:
-        parser.error(str(e))
+        parser.error(" ".join(str(e).split()))
 
-    # Batches of consecutive files with the same size (read from the headers only).
-    from PIL import Image
-
-    batches = []
-    for i, path in enumerate(files):
-        with Image.open(path) as image:
-            size = image.size
+    batches = []  # consecutive files of the same size
+    for i, size in enumerate(sizes):
         if batches and len(batches[-1][1]) < args.batch_size and batches[-1][0] == size:
             batches[-1][1].append(i)
         else:

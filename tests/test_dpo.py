@@ -169,10 +169,11 @@ def test_sft_trains_on_winners_alone_without_a_reference(pairs_file):
 # --- data ---------------------------------------------------------------------------------------------
 
 def stream(pairs_file, n, **overrides):
+    """The first n pairs of the item stream (its ties and unreadable rows passed over)."""
     args = dpo.parse_args(tiny_argv(TINY_SD, "unused", dataset_name=pairs_file, **overrides))
     dpo.check_algorithm_arguments(args)
-    pairs = dpo.PickAPicPairs(dpo.open_pairs(args), args, process_index=0, num_processes=1, seed=0)
-    return list(itertools.islice(iter(pairs), n))
+    items = dpo.PickAPicPairs(dpo.open_pairs(args), args, process_index=0, num_processes=1, seed=0)
+    return list(itertools.islice((item for item in items if item["kind"] == "pair"), n))
 
 
 def color(pixels):
@@ -182,17 +183,17 @@ def color(pixels):
 @pytest.mark.parametrize("streaming", [False, True], ids=["parquet-file", "streamed-folder"])
 def test_ties_dropped_winner_first_corrupt_images_skipped_and_counted(pairs_file, streaming):
     source = os.path.dirname(pairs_file) if streaming else pairs_file
-    examples = stream(source, 6, streaming=streaming)  # three passes over the two usable rows
-    assert sorted(e["caption"] for e in examples) == ["blue beats yellow"] * 3 + ["red beats green"] * 3
-    for e in examples:
-        assert e["pixels"].shape == (2, 3, 32, 32) and e["pixels"].min() >= -1 and e["pixels"].max() <= 1
-        winner, loser = color(e["pixels"][0]), color(e["pixels"][1])
-        assert (winner, loser) == ((RED, GREEN) if e["caption"] == "red beats green" else (BLUE, YELLOW))
-    # each skipped row is counted once on the next usable example: passes 1-2 entirely, pass 3 in part
-    ties = sum(e["ties_skipped"] for e in examples)
-    corrupt = sum(e["corrupt_skipped"] for e in examples)
-    assert 2 <= ties <= 3 and 4 <= corrupt <= 6
-    assert dpo.collate_pairs(examples[:2])["pixels"].shape == (2, 2, 3, 32, 32)
+    args = dpo.parse_args(tiny_argv(TINY_SD, "unused", dataset_name=source, streaming=streaming))
+    batches = dpo.PairBatches(dpo.open_pairs(args), args, process_index=0, num_processes=1)
+    batch = batches.next(6)  # three passes over the two usable rows
+    assert sorted(batch["captions"]) == ["blue beats yellow"] * 3 + ["red beats green"] * 3
+    assert batch["pixels"].shape == (6, 2, 3, 32, 32) and batch["pixels"].min() >= -1 and batch["pixels"].max() <= 1
+    for caption, pixels in zip(batch["captions"], batch["pixels"]):
+        winner, loser = color(pixels[0]), color(pixels[1])
+        assert (winner, loser) == ((RED, GREEN) if caption == "red beats green" else (BLUE, YELLOW))
+    # every row passed over is counted: passes 1-2 entirely, pass 3 up to its second usable row
+    assert 2 <= batches.ties <= 3 and 4 <= batches.corrupt <= 6
+    assert batches.position == batches.ties + batches.corrupt + 6
 
 
 def test_corrupt_image_raises_in_load_pair_only():
@@ -293,7 +294,7 @@ def test_online_rounds_log_pairs_and_resume_with_the_reference(tmp_path):
     for r in rows[1:]:
         assert r["pair_margin"] > 0 and 1 <= r["pairs_kept"] <= 2 and "eval_reward" in r and "implicit_acc" in r
     assert row["step"] == 2
-    assert os.path.exists(os.path.join(out, "checkpoint-2", "custom_checkpoint_0.pkl"))  # the reference LoRA
+    assert os.path.exists(os.path.join(out, "checkpoint-2", "reference_lora.safetensors"))  # no pickle
     dpo.main(dpo.parse_args(tiny_argv(TINY_SD, out, resume_from_checkpoint="latest", max_train_steps=3, **common)))
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert [json.loads(line).get("round") for line in f] == [None, 1, 2, 3]
@@ -327,8 +328,10 @@ def test_cli_offline_writes_outputs_and_lora_loads_in_diffusers(tiny_model, pair
     (dict(dataset_name=None), "offline DPO needs pairs"),
     (dict(dataset_name="/no/such/pairs.parquet"), "does not exist"),
     (dict(ref_update_rate=0.5), "ref_update_rate"),
-    (dict(online=True, images_per_prompt=1), "images_per_prompt"),
-    (dict(online=True, ref_update_rate=1.5), "ref_update_rate"),
+    (dict(online=True, images_per_prompt=1, dataset_name=None), "images_per_prompt"),
+    (dict(online=True, ref_update_rate=1.5, dataset_name=None), "ref_update_rate"),
+    (dict(online=True), "pass --offline to train on the pairs"),
+    (dict(preset="demo"), r"online self-rewarding is on \(--preset demo\): pass --offline"),
     (dict(beta_dpo=0), "beta_dpo"),
 ])
 def test_bad_input_is_one_clear_error(overrides, message, pairs_file, tmp_path):

@@ -207,8 +207,37 @@ def test_aesthetic_mlp_is_loaded_strictly(tiny, tmp_path):
     state_dict = torch.load(tiny["aesthetic_mlp"], weights_only=True)
     state_dict["layers.1.weight"] = torch.zeros(1)
     torch.save(state_dict, tmp_path / "other.pth")
-    with pytest.raises(RuntimeError, match="Unexpected key"):
+    with pytest.raises(rewards.RewardLoadError, match="other.pth.*is not a LAION aesthetic head"):
         rewards.build_reward("aesthetic", **{**tiny, "aesthetic_mlp": str(tmp_path / "other.pth")})
+    state_dict = torch.load(tiny["aesthetic_mlp"], weights_only=True)
+    state_dict["layers.0.weight"] = state_dict["layers.0.weight"][:, :512]  # a head for another CLIP width
+    torch.save(state_dict, tmp_path / "narrow.pth")
+    with pytest.raises(rewards.RewardLoadError, match="does not fit CLIP"):
+        rewards.build_reward("aesthetic", **{**tiny, "aesthetic_mlp": str(tmp_path / "narrow.pth")})
+
+
+def test_aesthetic_relu_head_needs_the_option_and_matches_hand_computation(tiny, tmp_path):
+    """LAION's ava+logos-l14-reluMSE.pth: a ReLU after each hidden Linear, so its keys are layers.0/3/6/9/11."""
+    from transformers import CLIPModel
+
+    mlp = tiny_rewards.build_aesthetic_mlp(tmp_path / "relu.pth", head="relu")
+    with pytest.raises(rewards.RewardLoadError, match="is the relu head.*aesthetic_head=relu"):
+        rewards.build_reward("aesthetic", **{**tiny, "aesthetic_mlp": str(mlp)})
+    with pytest.raises(rewards.RewardLoadError, match="is the linear head.*aesthetic_head=linear"):
+        rewards.build_reward("aesthetic", **{**tiny, "aesthetic_head": "relu"})
+    with pytest.raises(ValueError, match="aesthetic_head='tanh'"):
+        rewards.check_options("aesthetic", {"aesthetic_head": "tanh"})
+    reward_fn = rewards.build_reward("aesthetic", **{**tiny, "aesthetic_mlp": str(mlp), "aesthetic_head": "relu"})
+    images = random_images(2, 32, 32)
+    clip = CLIPModel.from_pretrained(tiny["aesthetic_clip"]).eval()
+    state_dict = torch.load(mlp, weights_only=True)
+    with torch.no_grad():
+        embeds = clip.get_image_features(pixel_values=(images - CLIP_MEAN) / CLIP_STD).pooler_output
+        hidden = F.normalize(embeds, dim=-1)
+        for i in (0, 3, 6, 9, 11):
+            hidden = hidden @ state_dict[f"layers.{i}.weight"].T + state_dict[f"layers.{i}.bias"]
+            hidden = hidden.relu() if i != 11 else hidden
+    torch.testing.assert_close(reward_fn(images, ["", ""]), hidden.squeeze(-1), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["clipscore", "hpsv21"])
@@ -405,11 +434,51 @@ def test_cli_prompts(tiny, build, tmp_path, capsys):
     (["--reward", "beauty"], "unknown reward 'beauty'"),
     (["--reward", "symmetry", "--reward_options", "colour=red"], "unknown reward option 'colour'"),
     (["--reward", "symmetry", "--prompts", "PROMPTS"], "has 2 lines for 1 images"),
+    (["--reward", "symmetry", "--prompts", "MISSING"], "--prompts"),
+    (["--reward", "symmetry", "--batch_size", "0"], "--batch_size must be >= 1"),
+    (["--reward", "symmetry", "--batch_size", "two"], "--batch_size"),
+    pytest.param(["--reward", "symmetry", "--device", "cuda"], "--device cuda",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="the check is for CPU-only machines")),
+    (["--reward", "symmetry", "--device", "gpu0"], "--device gpu0"),
+    (["--reward", "compressibility", "--reward_options", "jpeg_quality=0"], "jpeg_quality=0"),
+    (["--reward", "jpeg_size", "--reward_options", "jpeg_quality=500"], "jpeg_quality=500"),
+    (["--reward", "symmetry", "--reward_options", "symmetry_clip_weight=nan"], "symmetry_clip_weight=nan"),
 ])
-def test_cli_errors(tmp_path, capsys, extra, message):
+def test_cli_errors(tmp_path, capsys, monkeypatch, extra, message):
+    """Bad input: exit code 2, one line on stderr naming the flag, and no reward model built."""
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "black.png")
     (tmp_path / "two.txt").write_text("first\nsecond\n")
-    argv = [arg.replace("PROMPTS", str(tmp_path / "two.txt")) for arg in extra]
-    with pytest.raises(SystemExit):
+    argv = [arg.replace("PROMPTS", str(tmp_path / "two.txt")).replace("MISSING", str(tmp_path / "no.txt"))
+            for arg in extra]
+    monkeypatch.setattr(rewards, "build_reward", lambda *a, **k: pytest.fail("a reward model was built"))
+    with pytest.raises(SystemExit) as exit_info:
         rewards.main(argv + ["--images", str(tmp_path)])
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err
+    assert err.count("\n") == 1 and err.startswith("rewards.py: error: ")
+
+
+def test_cli_skips_unreadable_images_before_loading_a_model(tmp_path, capsys, monkeypatch):
+    """Fake, truncated and corrupt files: a one-line warning each, scored without them; none readable: an error."""
+    import io
+    rng = np.random.default_rng(0)
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="PNG")
+    (tmp_path / "a_truncated.png").write_bytes(buffer.getvalue()[:100])
+    (tmp_path / "b_fake.jpg").write_bytes(b"not an image")
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(jpeg, format="JPEG")
+    (tmp_path / "c_corrupt.jpg").write_bytes(jpeg.getvalue()[:20] + bytes(200) + jpeg.getvalue()[220:240])
+    (tmp_path / "prompts.txt").write_text("p1\np2\np3\n")
+    with pytest.raises(SystemExit) as exit_info:
+        rewards.main(["--reward", "symmetry", "--images", str(tmp_path)])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2
+    assert err[-1] == f"rewards.py: error: --images {tmp_path}: no readable image (see --help)"
+    assert sorted(line.split()[3] for line in err[:-1]) == ["a_truncated.png:", "b_fake.jpg:", "c_corrupt.jpg:"]
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "d_good.png")
+    (tmp_path / "prompts.txt").write_text("p1\np2\np3\np4\n")
+    rewards.main(["--reward", "symmetry", "--images", str(tmp_path), "--prompts", str(tmp_path / "prompts.txt"),
+                  "--json"])
+    captured = capsys.readouterr()
+    assert list(json.loads(captured.out)["scores"]) == ["d_good.png"] and captured.err.count("warning: skipping") == 3

@@ -54,9 +54,11 @@ def build_clip(directory):
     return Path(directory)
 
 
-def build_aesthetic_mlp(path):
-    """Aesthetic head state dict: published keys layers.0/2/4/6/7, shapes 768-1024-128-64-16-1; .pth or .safetensors."""
-    shapes = {0: (768, 1024), 2: (1024, 128), 4: (128, 64), 6: (64, 16), 7: (16, 1)}
+def build_aesthetic_mlp(path, head="linear"):
+    """Aesthetic head state dict: published keys layers.0/2/4/6/7 (head "relu": layers.0/3/6/9/11), shapes
+    768-1024-128-64-16-1; .pth or .safetensors."""
+    shapes = dict(zip((0, 2, 4, 6, 7) if head == "linear" else (0, 3, 6, 9, 11),
+                      [(768, 1024), (1024, 128), (128, 64), (64, 16), (16, 1)]))
     state_dict = {}
     with torch.random.fork_rng():
         torch.manual_seed(0)
