@@ -81,26 +81,41 @@ PRESETS = {
     ),
     # Sec. 4.1: SD1.5, DDPM 50 steps, CFG 7.5, 512 px down-sampled to 224 for the reward, batch 32 (8 x 4 per GPU
     # here: pass --gradient_accumulation_steps 1 on 8 GPUs), lr 2e-5 constant, clip 0.1, AdamW, LoRA rank 128,
-    # fp16 frozen / fp32 trainable weights, gradient checkpointing; K = 5, m = 0.4 T.
+    # fp16 frozen / fp32 trainable weights, gradient checkpointing; K = 5, m = 0.4 T. Prompts: HPS v2's training
+    # prompts; the grids show the first --num_eval_prompts of the 400 HPS v2 benchmark prompts the paper evaluates on
+    # (all 400: evaluate.py --prompts hpsv2-benchmark).
     "sd15-paper": dict(
         pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
         reward_resolution=224, sampler="ddpm", num_inference_steps=50, guidance_scale=7.5, reward="hpsv21",
         train_batch_size=4, gradient_accumulation_steps=8, learning_rate=2e-5, lr_scheduler="constant",
         max_grad_norm=0.1, rank=128, mixed_precision="fp16", gradient_checkpointing=True,
-        num_trained_steps=5, early_stop_max=20,
+        num_trained_steps=5, early_stop_max=20, train_prompts="hpsv2-train", eval_prompts="hpsv2-benchmark",
     ),
     # Sec. 4.3 (FDXL 1.0): SDXL 1.0, DPM-Solver++ 25 steps, K = 3, CFG 5, 1024 px, batch 2 x accumulation 4 per GPU
-    # on 8 GPUs, lr 5e-6, 1,900 iterations, HPS v2.1 with a random shift before down-sampling. The paper uses the
-    # tuned LoRA at scale 0.7 for inference: pipe.load_lora_weights(dir); pipe.fuse_lora(lora_scale=0.7).
+    # on 8 GPUs, lr 5e-6, 1,900 iterations, HPS v2.1 with a random shift before down-sampling, the prompts of Sec. 4.1.
+    # The paper uses the tuned LoRA at scale 0.7 for inference (pipe.load_lora_weights(dir);
+    # pipe.fuse_lora(lora_scale=0.7)), and so do the validation grids here.
     "sdxl-paper": dict(
         pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0",
         pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix", resolution=1024, sampler="dpmpp",
         num_inference_steps=25, guidance_scale=5.0, reward="hpsv21", reward_options="random_shift=true",
         train_batch_size=2, gradient_accumulation_steps=4, learning_rate=5e-6, lr_scheduler="constant",
         max_grad_norm=0.1, rank=128, max_train_steps=1900, mixed_precision="fp16", gradient_checkpointing=True,
-        num_trained_steps=3, early_stop_max=10,
+        num_trained_steps=3, early_stop_max=10, train_prompts="hpsv2-train", eval_prompts="hpsv2-benchmark",
+        validation_lora_scale=0.7,
     ),
 }
+# Table 1's low-level rewards in the same SD1.5 setting. Symmetry (eq. 6): the paper always adds a CLIPScore
+# regularizer "to maintain the controllability of text prompts" but gives no weight. Weight 1, from the scales: over
+# training eq. 6 falls by about 0.7 (Table 1: ~0.75 for the baselines, 0.055 for DRTune), and an image that loses its
+# prompt loses about 0.2 of CLIPScore (ViT-H-14 cosines: 0.36-0.39 in Table 1 for matching pairs, roughly 0.1-0.2 for
+# unrelated ones), so neither term swamps the other. Not tuned; --reward symmetry drops the regularizer (weight 0),
+# --reward symmetry:1,clipscore:W sets another weight.
+PRESETS["sd15-symmetry"] = dict(PRESETS["sd15-paper"], reward="symmetry:1,clipscore:1")
+# Objectness: remove books from images of prompts "[concept], and books." (Sec. 4.1): the template applied to the
+# training and evaluation prompts. The paper does not list its concepts; the HPS v2 prompts stand in for them here
+# (--train_prompts / --eval_prompts with a list of concept names for the paper's form).
+PRESETS["sd15-objectness"] = dict(PRESETS["sd15-paper"], reward="objectness", prompt_template="{}, and books.")
 
 # ---------------------------------------------------------------------------------------------
 # Scaffold: identical in every algorithm script (tests/test_scaffold.py keeps it so)
@@ -118,7 +133,7 @@ DEFAULT_PROMPTS = [
 RESUME_MAY_CHANGE = {"max_train_steps", "logging_steps", "validation_steps", "checkpointing_steps",
                      "checkpoints_total_limit", "resume_from_checkpoint", "resume_changes", "report_to",
                      "max_nonfinite_steps", "output_dir", "preset", "eval_prompts", "num_eval_prompts",
-                     "gradient_checkpointing", "allow_tf32", "run_id"}
+                     "gradient_checkpointing", "allow_tf32", "run_id", "validation_lora_scale"}
 RESUME_CHANGES = ("learning_rate", "max_grad_norm")
 CHECKPOINT_MARKER = "checkpoint.json"  # written last: a checkpoint-N folder without it is incomplete or not ours
 
@@ -166,9 +181,14 @@ def build_parser():
     g.add_argument("--reward_resolution", type=int, default=None,
                    help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
     g.add_argument("--train_prompts", default=None,
-                   help="a .txt file (one prompt per line), a .csv/.json/.jsonl/.parquet file, or a dataset id / "
-                        "folder, with a 'prompt', 'caption' or 'text' column")
+                   help="hpsv2-train or hpsv2-benchmark (the HPS v2 prompts of the hub dataset zhwang/HPDv2; "
+                        "NAME:/folder for a local copy), a .txt file (one prompt per line), a .json list of prompts or "
+                        "of records (or a folder of them), a .csv/.jsonl/.parquet file, or a dataset id / folder, with "
+                        "a 'prompt', 'caption' or 'text' column")
     g.add_argument("--eval_prompts", default=None, help="as --train_prompts; the fixed evaluation grid")
+    g.add_argument("--prompt_template", default=None,
+                   help="put each training and evaluation prompt in place of {}, e.g. '{}, and books.' (the DRTune "
+                        "paper's objectness prompts)")
     g.add_argument("--num_eval_prompts", type=int, default=8)
     g = parser.add_argument_group("optimization")
     g.add_argument("--train_batch_size", type=int, default=1, help="per process")
@@ -196,6 +216,8 @@ def build_parser():
     g.add_argument("--report_to", choices=["tensorboard", "wandb", "none"], default="tensorboard")
     g.add_argument("--logging_steps", type=int, default=10, help="a plain log line every N steps")
     g.add_argument("--validation_steps", type=int, default=100, help="evaluation grid every N steps")
+    g.add_argument("--validation_lora_scale", type=float, default=1.0,
+                   help="LoRA scale of the evaluation grids and before_after.png (FDXL: 0.7); training uses 1")
     g.add_argument("--checkpointing_steps", type=int, default=500)
     g.add_argument("--checkpoints_total_limit", type=int, default=None)
     g.add_argument("--resume_from_checkpoint", default=None,
@@ -233,42 +255,154 @@ def load_config_or_fail(cls, path, what, flag, **kwargs):
 
 
 PROMPT_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+PROMPT_FIELDS = ("prompt", "caption", "text")
+# The HPS v2 prompts (Wu et al. 2023), in the hub dataset HPSV2_DATASET or a local copy of its JSON files: the
+# benchmark, benchmark/{style}.json (a list of 800 prompts per style; the layout the hpsv2 package downloads), and the
+# training annotations train.json at the top (one record per image pair, with a 'prompt' field; the place the HPS v2
+# README gives, not checked against the hub here).
+HPSV2_DATASET = "zhwang/HPDv2"
+HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+PROMPT_SETS = {
+    "hpsv2-benchmark": "the DRTune paper's 400 evaluation prompts: 100 of each HPS v2 benchmark style",
+    "hpsv2-train": "the HPS v2 training prompts (train.json), each once",
+}
+
+
+def prompts_of_json(path, flag):
+    """The prompts of a JSON file that holds a list of strings (HPS v2's benchmark/{style}.json) or of records with a
+    'prompt', 'caption' or 'text' field (HPS v2's train.json: one record per image pair, so each distinct prompt is kept
+    once, where first seen). None for any other JSON (JSON Lines, an object): datasets reads those."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError:
+        return None
+    if not isinstance(data, list):
+        return None
+    if all(isinstance(item, str) for item in data):
+        return [item.strip() for item in data]
+    if not all(isinstance(item, dict) for item in data):
+        raise UsageError(f"{flag} {path}: a JSON prompt file holds a list of strings or of records with a 'prompt', "
+                         f"'caption' or 'text' field")
+    field = next((k for k in PROMPT_FIELDS if any(k in item for item in data)), None)
+    if field is None:
+        raise UsageError(f"{flag} {path}: no 'prompt', 'caption' or 'text' field in its records")
+    return list(dict.fromkeys(str(item[field]).strip() for item in data if item.get(field) is not None))
+
+
+def hpsv2_file(source, name, flag):
+    """The file `name` (benchmark/anime.json, train.json) of the HPS v2 prompts: under the local folder `source`, or
+    downloaded from the hub dataset `source`."""
+    if os.path.isdir(source):
+        path = os.path.join(source, name)
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag}: {source} has no {name}; a copy of {HPSV2_DATASET} holds benchmark/"
+                             f"{{{','.join(HPSV2_STYLES)}}}.json and train.json")
+        return path
+    if not is_hub_id(source):
+        raise UsageError(f"{flag}: no such folder {source}")
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(source, name, repo_type="dataset")
+    except Exception as e:  # offline, not cached, no such file
+        raise UsageError(f"{flag}: could not fetch {name} from the hub dataset {source} ({type(e).__name__}); without "
+                         f"network copy its JSON files (benchmark/{{style}}.json, train.json) into a folder and pass "
+                         f"{flag} NAME:/path/to/folder, e.g. hpsv2-benchmark:/data/HPDv2") from e
+
+
+def hpsv2_prompts(name, source, flag):
+    """(prompts, styles) of a named set, from a local folder or hub dataset `source`.
+    hpsv2-benchmark: from each style's file the 100 prompts whose index i has the smallest
+    sha256('hpsv2-benchmark/{style}/{i}'): a draw fixed once for all (no RNG whose algorithm could change), 400 in
+    all. Order: round robin over the styles (anime, concept-art, paintings, photo, anime, ...), by index within a
+    style, so that any prefix of the set (a training script's --num_eval_prompts grid) covers the styles evenly.
+    hpsv2-train: the prompts of train.json, each once, in first-seen order (no styles)."""
+    if name == "hpsv2-train":
+        path = hpsv2_file(source, "train.json", flag)
+        return prompts_of_json(path, flag) or [], None
+    drawn = []
+    for style in HPSV2_STYLES:
+        path = hpsv2_file(source, f"benchmark/{style}.json", flag)
+        prompts = prompts_of_json(path, flag) or []
+        if len(prompts) < 100:
+            raise UsageError(f"{flag}: {path} holds {len(prompts)} prompts; the benchmark draws 100 per style")
+        rank = sorted(range(len(prompts)), key=lambda i: hashlib.sha256(f"{name}/{style}/{i}".encode()).hexdigest())
+        drawn.append([(prompts[i], style) for i in sorted(rank[:100])])
+    ordered = [pair for group in zip(*drawn) for pair in group]
+    return [prompt for prompt, _ in ordered], [style for _, style in ordered]
+
+
+def read_prompt_set(source, flag="--train_prompts"):
+    """(prompts, styles) of `source`; styles names each prompt's style (HPS v2 benchmark) or JSON file (a folder of
+    them), else None. Sources:
+    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2; NAME:FOLDER reads a local copy
+      of its JSON files, NAME:OWNER/DATASET a mirror;
+    - a .txt file, one prompt per line;
+    - a .json file holding a list of prompts or of records with a 'prompt', 'caption' or 'text' field (HPS v2's
+      benchmark and training annotations; see prompts_of_json), or a folder of such .json files (HPS v2's
+      benchmark/: all of them, in file-name order);
+    - a .csv/.jsonl/.parquet file (or .json of another shape), or a dataset folder or hub id, through datasets, with
+      a 'prompt', 'caption' or 'text' column."""
+    name, _, where = source.partition(":")
+    suffix = os.path.splitext(source)[1].lower()
+    styles = None
+    if name in PROMPT_SETS:
+        prompts, styles = hpsv2_prompts(name, where or HPSV2_DATASET, flag)
+    elif os.path.isdir(source) and not os.listdir(source):
+        raise UsageError(f"{flag} {source} is an empty folder")
+    elif os.path.isfile(source) and suffix not in (".txt", *PROMPT_FILE_TYPES):
+        raise UsageError(f"{flag} {source}: give a .txt file (one prompt per line), a "
+                         f"{'/'.join(PROMPT_FILE_TYPES)} file, a dataset folder or one of {', '.join(PROMPT_SETS)}")
+    elif not os.path.exists(source) and (suffix in (".txt", *PROMPT_FILE_TYPES) or not is_hub_id(source)):
+        raise UsageError(f"{flag} {source}: no such file or folder")
+    elif suffix == ".txt":
+        with open(source, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+    else:
+        if os.path.isdir(source):
+            files = sorted(n for n in os.listdir(source) if n.endswith(".json"))
+            lists = [prompts_of_json(os.path.join(source, n), flag) for n in files]
+        else:
+            files, lists = [source], [prompts_of_json(source, flag) if suffix == ".json" else None]
+        if lists and all(p is not None for p in lists):
+            prompts = [p for ps in lists for p in ps]
+            if os.path.isdir(source):
+                styles = [n.removesuffix(".json") for n, ps in zip(files, lists) for _ in ps]
+        else:
+            prompts = prompts_from_dataset(source, suffix, flag)
+    keep = [i for i, p in enumerate(prompts) if p]
+    if not keep:
+        raise UsageError(f"{flag} {source} holds no prompts")
+    return [prompts[i] for i in keep], None if styles is None else [styles[i] for i in keep]
+
+
+def prompts_from_dataset(source, suffix, flag):
+    """The 'prompt', 'caption' or 'text' column of a .csv/.json/.jsonl/.parquet file, dataset folder or hub id."""
+    import datasets
+    try:
+        if suffix in PROMPT_FILE_TYPES:
+            data = datasets.load_dataset(PROMPT_FILE_TYPES[suffix], data_files=source, split="train")
+        else:
+            data = datasets.load_dataset(source, split="train")
+    except Exception as e:  # offline, not cached, unreadable, no train split
+        message = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{flag} {source}: could not read prompts ({type(e).__name__}: {message}); without "
+                         f"network give a local .txt file, one prompt per line") from e
+    column = next((c for c in PROMPT_FIELDS if c in data.column_names), None)
+    if column is None:
+        raise UsageError(f"{flag} {source}: no 'prompt', 'caption' or 'text' column in {data.column_names}")
+    return [str(p).strip() for p in data[column] if p is not None]
 
 
 def read_prompts(source, default, flag="--train_prompts"):
-    """Prompts from a .txt file (one per line), a .csv/.json/.jsonl/.parquet file, or a dataset folder or hub id,
-    with a 'prompt', 'caption' or 'text' column; `default` without a source."""
-    if source is None:
-        return list(default)
-    suffix = os.path.splitext(source)[1].lower()
-    if os.path.isdir(source) and not os.listdir(source):
-        raise UsageError(f"{flag} {source} is an empty folder")
-    if os.path.isfile(source) and suffix not in (".txt", *PROMPT_FILE_TYPES):
-        raise UsageError(f"{flag} {source}: give a .txt file (one prompt per line), a "
-                         f"{'/'.join(PROMPT_FILE_TYPES)} file or a dataset folder")
-    if not os.path.exists(source) and (suffix in (".txt", *PROMPT_FILE_TYPES) or not is_hub_id(source)):
-        raise UsageError(f"{flag} {source}: no such file or folder")
-    if suffix == ".txt":
-        with open(source, encoding="utf-8") as f:
-            prompts = [line.strip() for line in f if line.strip()]
-    else:
-        import datasets
-        try:
-            if suffix in PROMPT_FILE_TYPES:
-                data = datasets.load_dataset(PROMPT_FILE_TYPES[suffix], data_files=source, split="train")
-            else:
-                data = datasets.load_dataset(source, split="train")
-        except Exception as e:  # offline, not cached, unreadable, no train split
-            message = (str(e).strip().splitlines() or [""])[0][:200]
-            raise UsageError(f"{flag} {source}: could not read prompts ({type(e).__name__}: {message}); without "
-                             f"network give a local .txt file, one prompt per line") from e
-        column = next((c for c in ("prompt", "caption", "text") if c in data.column_names), None)
-        if column is None:
-            raise UsageError(f"{flag} {source}: no 'prompt', 'caption' or 'text' column in {data.column_names}")
-        prompts = [str(p).strip() for p in data[column] if p is not None and str(p).strip()]
-    if not prompts:
-        raise UsageError(f"{flag} {source} holds no prompts")
-    return prompts
+    """The prompts of `source` (see read_prompt_set); `default` without a source."""
+    return list(default) if source is None else read_prompt_set(source, flag)[0]
+
+
+def apply_template(prompts, template):
+    """--prompt_template: each prompt put in place of {} in the template (the DRTune paper's objectness prompts
+    "[concept], and books." from "{}, and books."); the prompts as they are without one."""
+    return list(prompts) if template is None else [template.replace("{}", prompt) for prompt in prompts]
 
 
 def check_numbers(args):
@@ -298,6 +432,11 @@ def check_numbers(args):
             raise UsageError(f"--{flag} must be in [0, 1), got {getattr(args, flag)}")
     if not 0 <= args.eta <= 1:
         raise UsageError(f"--eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like), got {args.eta}")
+    if args.validation_lora_scale < 0:
+        raise UsageError(f"--validation_lora_scale must be >= 0, got {args.validation_lora_scale}")
+    if args.prompt_template is not None and "{}" not in args.prompt_template:
+        raise UsageError(f"--prompt_template {args.prompt_template!r} has no {{}} for the prompt, e.g. "
+                         f"'{{}}, and books.'")
     from diffusers.optimization import SchedulerType
     schedulers = [s.value for s in SchedulerType if s.value != "piecewise_constant"]  # that one needs step rules
     if args.lr_scheduler not in schedulers:
@@ -335,10 +474,11 @@ def check_arguments(args):
         raise UsageError("--mixed_precision fp16 needs a GPU (no fp16 autocast on CPU); use bf16 or no")
     check_numbers(args)
     check_output_dir(args)
-    try:
-        reward_parts = rewards.parse_spec(args.reward)
+    try:  # --reward None: no reward model (offline dpo.py without --reward)
         reward_options = rewards.parse_options(args.reward_options)
-        rewards.check_options(args.reward, reward_options)
+        reward_parts = rewards.parse_spec(args.reward) if args.reward is not None else []
+        if args.reward is not None:
+            rewards.check_options(args.reward, reward_options)
     except (ValueError, rewards.RewardLoadError) as e:
         raise UsageError(f"--reward {args.reward}: {e}") from e
     if NEEDS_DIFFERENTIABLE_REWARD and not rewards.is_differentiable(args.reward):
@@ -357,8 +497,10 @@ def check_arguments(args):
     vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     if args.resolution % vae_scale_factor:
         raise UsageError(f"--resolution {args.resolution} is not divisible by the VAE factor {vae_scale_factor}")
-    args.train_prompt_list = read_prompts(args.train_prompts, DEFAULT_PROMPTS, "--train_prompts")
-    args.eval_prompt_list = read_prompts(args.eval_prompts, DEFAULT_PROMPTS, "--eval_prompts")[: args.num_eval_prompts]
+    args.train_prompt_list = apply_template(read_prompts(args.train_prompts, DEFAULT_PROMPTS, "--train_prompts"),
+                                            args.prompt_template)
+    args.eval_prompt_list = apply_template(read_prompts(args.eval_prompts, DEFAULT_PROMPTS, "--eval_prompts"),
+                                           args.prompt_template)[: args.num_eval_prompts]
     check_algorithm_arguments(args)
     path, marker = resume_checkpoint(args)
     if marker is not None:
@@ -880,12 +1022,31 @@ class MetricsLog:
 
 @torch.no_grad()
 def generate(models, scheduler, unet, prompts, args, seed):
-    """Images of the current policy for prompts, from fixed noise; (B, 3, H, W) in [0, 1]."""
+    """Images of the current policy for prompts, from fixed noise, its LoRA at --validation_lora_scale; (B, 3, H, W)
+    in [0, 1]."""
     generator = torch.Generator().manual_seed(seed)
     device = models.unet.device
     latents = initial_latents(models, args, len(prompts), generator, device)
     cond = encode_prompts(models, prompts, args.resolution)
-    return decode(models.vae, rollout(unet, scheduler, cond, latents, generator, args))
+    with lora_scale(unet, args.validation_lora_scale):
+        latents = rollout(unet, scheduler, cond, latents, generator, args)
+    return decode(models.vae, latents)
+
+
+@contextlib.contextmanager
+def lora_scale(unet, scale):
+    """Inside, the policy's LoRA ("default") adds scale x its weight change (peft's set_scale, what diffusers'
+    set_adapters(weights=scale) and fuse_lora(lora_scale=scale) apply; exact, unlike a per-call
+    cross_attention_kwargs scale). Active adapters and requires_grad flags are left as they are."""
+    from peft.tuners.lora import LoraLayer
+    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)] if scale != 1 else []
+    for layer in layers:
+        layer.set_scale("default", scale)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.set_scale("default", 1.0)
 
 
 def save_grid(images, path, nrow):
@@ -902,11 +1063,12 @@ def save_grid(images, path, nrow):
 
 @torch.no_grad()
 def evaluate(models, scheduler, unet, reward_fn, args, step):
-    """Fixed prompts and noise: a grid in samples/ and the mean reward (main process)."""
+    """Fixed prompts and noise: a grid in samples/ and the mean reward (main process; None without a reward)."""
     images = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-    score = compute_reward(reward_fn, images, args.eval_prompt_list, args)
     save_grid(images, os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), nrow=1)
-    return score.mean().item(), images
+    if reward_fn is None:
+        return None, images
+    return compute_reward(reward_fn, images, args.eval_prompt_list, args).mean().item(), images
 
 
 def plot_reward_curve(rows, path):
