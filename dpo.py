@@ -6,8 +6,10 @@ https://arxiv.org/abs/2311.12908. Online mode: the self-rewarding SDXL-DPO pipel
 is a slow learner" (after Yuan et al., "Self-Rewarding Language Models", https://arxiv.org/abs/2401.10020).
 
 DPO needs no reward gradient and no sampling chain: a pair (winner x_w, loser x_l, caption) is noised with the
-same noise and the same timestep t (uniform over the training timesteps, scheduler.add_noise), and the policy
-is pushed to denoise the winner better than the loser, relative to a frozen reference (eq. 14):
+same noise and the same timestep t (uniform over the training timesteps, scheduler.add_noise; --timestep_range LO,HI
+keeps LO <= t < HI only, e.g. 0,600: the self-rewarding blog found that tuning without the noisiest timesteps helps
+text fidelity), and the policy is pushed to denoise the winner better than the loser, relative to a frozen
+reference (eq. 14):
 
     L_w = mean over pixels of (target - model(x_w,t, t))^2 with x_w,t the noised winner; Lref_w the same for the
     reference; L_l, Lref_l alike for the loser
@@ -21,9 +23,12 @@ alone with the plain diffusion loss (the paper's SFT baseline).
 Data (offline): the Pick-a-Pic schema (jpg_0, jpg_1: encoded image bytes; label_0: 1 if jpg_0 is preferred, 0
 if jpg_1 is, 0.5 for a tie; caption) from --dataset_name: a hub id (yuvalkirstain/pickapic_v1, _v2), a parquet
 file or a folder of them; --streaming for the large sets. Ties are dropped, the winner is put first, the loser is
-resized to the winner's size, then both get the same resize (shorter side to --resolution) and center crop
-(--random_crop, --random_flip as options). Unreadable images are skipped and counted (metrics: ties_skipped,
-corrupt_skipped), never a crash. SDXL is conditioned on each image's original size and crop (add_time_ids).
+resized to the winner's size, then both get the same resize (shorter side to --resolution), center crop
+(--random_crop: random) and, as the official code does by default, the same horizontal flip with probability 0.5
+(--no_random_flip: none) and the empty caption for a share --proportion_empty_prompts of the pairs (official: 0.2;
+it keeps training the unconditional prediction that guidance uses). Unreadable images are skipped and counted
+(metrics: ties_skipped, corrupt_skipped), never a crash. SDXL is conditioned on each image's original size and crop
+(add_time_ids; after a flip, the crop's left edge in the flipped image).
 Each process reads its rows in an order fixed by --seed and the pass over the data; a checkpoint records how many
 rows each process has read, so that a resumed run trains on exactly the pairs, in the order, of an uninterrupted one.
 
@@ -38,18 +43,27 @@ Online (--online; --offline turns off a preset's --online), per round (--steps_p
      reference starts as the base) and updated once per round, after the round's last optimizer step, by
          phi <- phi + rate * (theta - phi)      (rate = --ref_update_rate, on every LoRA A and B tensor)
      rate 0 keeps the classic frozen base (no second adapter is made); rate 1 makes the next round's reference
-     the current policy (iterative DPO); in between, an exponential moving average of the policy's LoRA weights.
+     the current policy (iterative DPO); in between, an exponential moving average of the policy's LoRA factors.
+     That is not exactly the moving average of the policy's weight changes B A (ReferenceLoRA says by how much:
+     about 0.2 % after 5 rounds in the test, second order in the reference-policy gap; exact at rate 0 and 1).
 Logged per round (in the row of its first step): the samples' reward, the mean reward gap of the kept pairs
 (pair_margin) and their number; at the end of each round the reward of the policy's samples on the fixed
 evaluation prompts and noise (eval_reward).
+
+Evaluation. Offline DPO needs no reward model and loads none unless --reward (or a preset) names one: every
+--validation_steps it writes the grid of fixed evaluation prompts and noise (samples/), and with
+--validation_dataset_name the DPO loss and implicit accuracy on held-out pairs (eval_loss, eval_implicit_acc: the
+first --num_validation_pairs pairs of that split, center-cropped, unflipped, with fixed noise and t), plus the grid's
+mean reward (eval_reward) when a reward was asked for. --online needs --reward to rank its samples.
 
 Knobs that matter: --beta_dpo, --learning_rate (the gradient scales with beta), the effective batch; online:
 --images_per_prompt, --pair_margin, --ref_update_rate, --steps_per_round.
 
 Official settings (SalesforceAIResearch/DiffusionDPO launchers): the full UNet, beta 5000, effective batch 2048
-pairs (16 GPUs x 1 x accumulation 128), lr 1e-8 scaled by the effective batch (--scale_lr), 500 warmup steps,
-2000 steps, fp16, 512 px (SD1.5) / 1024 px (SDXL, with Adafactor) on Pick-a-Pic v2. The LoRA presets below keep
-beta, resolution, batch and step count and use the diffusers LoRA port's lr 1e-5 (rank 8 there; 64 here).
+pairs (16 GPUs x 1 x accumulation 128), lr 1e-8 scaled by the effective batch (--scale_lr), 500 warmup steps for
+SD1.5 and 200 for SDXL, 2000 steps, fp16, 512 px (SD1.5) / 1024 px (SDXL, with Adafactor) on Pick-a-Pic v2, random
+flips and 20 % empty captions. The LoRA presets below keep beta, resolution, batch, warmup, step count and data
+augmentation and use the diffusers LoRA port's lr 1e-5 (rank 8 there; 64 here).
 
     # SD1.5 on Pick-a-Pic v2 (streamed) on 16 GPUs, effective batch 2048 pairs
     accelerate launch --num_processes 16 dpo.py --preset sd15-paper
@@ -107,7 +121,24 @@ def add_algorithm_arguments(parser):
     group.add_argument("--streaming", action="store_true", help="stream the dataset instead of downloading it")
     group.add_argument("--shuffle_buffer_size", type=int, default=1000, help="shuffle buffer when streaming")
     group.add_argument("--random_crop", action="store_true", help="random instead of center crop (same for the pair)")
-    group.add_argument("--random_flip", action="store_true", help="horizontal flip with probability 0.5 (same for the pair)")
+    flip = group.add_mutually_exclusive_group()
+    flip.add_argument("--random_flip", action="store_true", default=True,
+                      help="offline: horizontal flip with probability 0.5, the same for the pair (the official code's "
+                           "default)")
+    flip.add_argument("--no_random_flip", dest="random_flip", action="store_false", help="offline: no flips")
+    group.add_argument("--proportion_empty_prompts", type=float, default=0.2,
+                       help="offline: the share of pairs trained with the empty caption, drawn per pair (the official "
+                            "code's 0.2; it keeps the unconditional model that guidance uses in step)")
+    group.add_argument("--timestep_range", default=None,
+                       help="LO,HI: train on timesteps LO <= t < HI only (default: all of the scheduler's); e.g. 0,600 "
+                            "leaves out the noisiest steps (the self-rewarding blog: better text fidelity)")
+    group.add_argument("--validation_dataset_name", default=None,
+                       help="offline: held-out pairs in the Pick-a-Pic schema (hub id, parquet file or folder); each "
+                            "validation logs the DPO loss and implicit accuracy on them (eval_loss, eval_implicit_acc)")
+    group.add_argument("--validation_dataset_split", default="validation_unique",
+                       help="split of --validation_dataset_name (Pick-a-Pic's held-out prompts: validation_unique)")
+    group.add_argument("--num_validation_pairs", type=int, default=64,
+                       help="the first N pairs with a preference of --validation_dataset_name")
     group.add_argument("--dataloader_num_workers", type=int, default=0)
     group.add_argument("--vae_encode_batch_size", type=int, default=8, help="images per VAE encode call")
     mode = group.add_mutually_exclusive_group()
@@ -123,6 +154,9 @@ def add_algorithm_arguments(parser):
     group.add_argument("--ref_update_rate", type=float, default=0.0,
                        help="online: after each round the reference LoRA phi <- phi + rate (theta - phi); "
                             "0 = the frozen base (the paper), 1 = the reference is the policy of the last round")
+    # No reward by default: offline DPO needs none (its evaluation is the held-out pairs and the grids); a reward is
+    # loaded only when --reward (or a preset) asks for one; --online needs one to rank its samples.
+    parser.set_defaults(reward=None)
 
 
 def check_algorithm_arguments(args):
@@ -133,6 +167,14 @@ def check_algorithm_arguments(args):
     if args.vae_encode_batch_size < 1 or args.shuffle_buffer_size < 1 or args.dataloader_num_workers < 0:
         raise UsageError("--vae_encode_batch_size and --shuffle_buffer_size must be >= 1, "
                          "--dataloader_num_workers >= 0")
+    if not 0 <= args.proportion_empty_prompts <= 1:
+        raise UsageError(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.num_validation_pairs < 1:
+        raise UsageError(f"--num_validation_pairs must be >= 1, got {args.num_validation_pairs}")
+    from diffusers import DDPMScheduler
+    config = load_config_or_fail(DDPMScheduler, args.pretrained_model_name_or_path, "model",
+                                 "--pretrained_model_name_or_path", subfolder="scheduler", revision=args.revision)
+    training_timesteps(args, config["num_train_timesteps"])  # a bad --timestep_range fails here
     if args.online and args.dataset_name is not None:
         if args.dataset_name != PRESETS.get(args.preset, {}).get("dataset_name"):
             raise UsageError(f"--dataset_name {args.dataset_name} holds offline pairs, but online self-rewarding is on"
@@ -140,6 +182,9 @@ def check_algorithm_arguments(args):
                              f"pairs, or leave out --dataset_name")
         args.dataset_name = None  # the preset's offline data, not used by the --online asked for explicitly
     if args.online:
+        if args.reward is None:
+            raise UsageError("--online ranks each round's samples with a reward: give --reward (any rewards.py "
+                             "reward, e.g. pickscore, hpsv21 or jpeg_size)")
         if args.images_per_prompt < 2:
             raise UsageError(f"--images_per_prompt must be >= 2 to make a pair, got {args.images_per_prompt}")
         if args.prompts_per_round < 1 or args.steps_per_round < 1:
@@ -155,6 +200,23 @@ def check_algorithm_arguments(args):
                          "local parquet files), or --online")
     if not os.path.exists(args.dataset_name) and not is_hub_id(args.dataset_name):
         raise UsageError(f"dataset: local path '{args.dataset_name}' does not exist (--dataset_name)")
+    source = args.validation_dataset_name
+    if source is not None and not os.path.exists(source) and not is_hub_id(source):
+        raise UsageError(f"dataset: local path '{source}' does not exist (--validation_dataset_name)")
+
+
+def training_timesteps(args, num_train_timesteps):
+    """(LO, HI) of --timestep_range (default: every training timestep, 0 <= t < num_train_timesteps)."""
+    if args.timestep_range is None:
+        return 0, num_train_timesteps
+    try:
+        low, high = (int(v) for v in args.timestep_range.split(","))
+    except ValueError:
+        raise UsageError(f"--timestep_range {args.timestep_range}: give LO,HI, e.g. 0,600") from None
+    if not 0 <= low < high <= num_train_timesteps:
+        raise UsageError(f"--timestep_range {args.timestep_range}: need 0 <= LO < HI <= {num_train_timesteps} (the "
+                         f"scheduler's training timesteps)")
+    return low, high
 
 
 PRESETS = {
@@ -172,23 +234,27 @@ PRESETS = {
         checkpointing_steps=1000, logging_steps=10, mixed_precision="no",
     ),
     # Offline Diffusion-DPO on Pick-a-Pic v2 (streamed), SD1.5 at 512 px: beta 5000, effective batch 2048 pairs
-    # (8 x accumulation 16 per GPU on 16 GPUs), 2000 steps with 500 warmup steps (the official launcher); LoRA
-    # rank 64 at lr 1e-5 (the diffusers LoRA port's lr) in place of the full UNet at 2.048e-5. Evaluated with
-    # PickScore, the paper's main automatic metric.
+    # (8 x accumulation 16 per GPU on 16 GPUs), 2000 steps with 500 warmup steps (the official launcher), flips and
+    # 20 % empty captions (the official defaults); LoRA rank 64 at lr 1e-5 (the diffusers LoRA port's lr) in place of
+    # the full UNet at 2.048e-5. Evaluated on Pick-a-Pic v2's held-out pairs (validation_unique: loss and implicit
+    # accuracy) and with PickScore, the paper's main automatic metric, on the grids of HPS v2 benchmark prompts.
     "sd15-paper": dict(
         pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", eval_prompts="hpsv2-benchmark",
+        validation_dataset_name="yuvalkirstain/pickapic_v2",
         dataset_name="yuvalkirstain/pickapic_v2", streaming=True, resolution=512, beta_dpo=5000.0,
         train_batch_size=8, gradient_accumulation_steps=16, learning_rate=1e-5, lr_scheduler="constant_with_warmup",
         lr_warmup_steps=500, max_train_steps=2000, rank=64, max_grad_norm=1.0, mixed_precision="fp16",
         gradient_checkpointing=True, dataloader_num_workers=8, reward="pickscore", sampler="ddim",
         num_inference_steps=50, guidance_scale=7.5, validation_steps=200, checkpointing_steps=500,
     ),
-    # The same for SDXL at 1024 px with the fp16-fix VAE (the official run: Adafactor, full UNet).
+    # The same for SDXL at 1024 px with the fp16-fix VAE, 200 warmup steps (the official SDXL launcher; the
+    # official run: Adafactor, full UNet).
     "sdxl-paper": dict(
         pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0", eval_prompts="hpsv2-benchmark",
+        validation_dataset_name="yuvalkirstain/pickapic_v2",
         pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix", dataset_name="yuvalkirstain/pickapic_v2",
         streaming=True, resolution=1024, beta_dpo=5000.0, train_batch_size=2, gradient_accumulation_steps=64,
-        learning_rate=1e-5, lr_scheduler="constant_with_warmup", lr_warmup_steps=500, max_train_steps=2000, rank=64,
+        learning_rate=1e-5, lr_scheduler="constant_with_warmup", lr_warmup_steps=200, max_train_steps=2000, rank=64,
         max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, dataloader_num_workers=8,
         vae_encode_batch_size=4, reward="pickscore", sampler="dpmpp", num_inference_steps=25, guidance_scale=5.0,
         validation_steps=200, checkpointing_steps=500,
@@ -1224,29 +1290,30 @@ MAX_EMPTY_ROUNDS = 10  # online: resample a round with no pair above --pair_marg
 # --- data: Pick-a-Pic pairs -----------------------------------------------------------------------------
 
 
-def open_pairs(args):
-    """The pair dataset of --dataset_name (hub id, parquet file or folder), only the Pick-a-Pic columns, image
-    columns left undecoded (we decode them ourselves, so that a corrupt image is skipped rather than fatal)."""
+def open_pairs(args, source=None, split=None, flag="--dataset_name"):
+    """The pair dataset of --dataset_name (hub id, parquet file or folder; or `source` and `split`), only the
+    Pick-a-Pic columns, image columns left undecoded (we decode them ourselves, so that a corrupt image is skipped
+    rather than fatal)."""
     import datasets
-    source = args.dataset_name
+    source, split = source or args.dataset_name, split or args.dataset_split
     try:
         if os.path.isfile(source):
             data = datasets.load_dataset("parquet", data_files=source, split="train", streaming=args.streaming)
         else:
-            data = datasets.load_dataset(source, split=args.dataset_split, streaming=args.streaming)
+            data = datasets.load_dataset(source, split=split, streaming=args.streaming)
     except Exception as e:  # offline, not cached, no such split, not a dataset
         message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UsageError(f"--dataset_name: could not load '{source}' ({type(e).__name__}: {message[:200]}); without "
-                         f"network pass local parquet files in the Pick-a-Pic schema: --dataset_name /path/to/folder") from e
+        raise UsageError(f"{flag}: could not load '{source}' ({type(e).__name__}: {message[:200]}); without "
+                         f"network pass local parquet files in the Pick-a-Pic schema: {flag} /path/to/folder") from e
     features = data.features
     if features is not None:
         missing = [c for c in PAIR_COLUMNS if c not in features]
         if missing:
-            raise UsageError(f"--dataset_name {source}: no column {', '.join(missing)}; the Pick-a-Pic schema is "
+            raise UsageError(f"{flag} {source}: no column {', '.join(missing)}; the Pick-a-Pic schema is "
                              f"{', '.join(PAIR_COLUMNS)} (found {', '.join(features)})")
         label = features["label_0"]
         if not (isinstance(label, datasets.Value) and re.fullmatch(r"bool|u?int\d+|float\d+", label.dtype)):
-            raise UsageError(f"--dataset_name {source}: label_0 holds {getattr(label, 'dtype', label)} values; the "
+            raise UsageError(f"{flag} {source}: label_0 holds {getattr(label, 'dtype', label)} values; the "
                              f"Pick-a-Pic schema has numbers: 1 (jpg_0 preferred), 0 (jpg_1 preferred), 0.5 (a tie)")
     data = data.select_columns(PAIR_COLUMNS)
     for column in ("jpg_0", "jpg_1"):
@@ -1254,9 +1321,9 @@ def open_pairs(args):
             data = data.cast_column(column, datasets.Image(decode=False))
     if not args.streaming:  # a stream is checked as it is read: a process with no usable pair stops the run
         if not any(label in (0, 1) for label in data["label_0"]):
-            raise UsageError(f"--dataset_name {source}: no pair with a preference (every label_0 is a tie)")
+            raise UsageError(f"{flag} {source}: no pair with a preference (every label_0 is a tie)")
         if not any(usable_pair(row, args) for row in data if row["label_0"] in (0, 1)):  # stops at the first
-            raise UsageError(f"--dataset_name {source}: no readable pair (every row with a preference has an "
+            raise UsageError(f"{flag} {source}: no readable pair (every row with a preference has an "
                              f"unreadable jpg_0 or jpg_1)")
     return data
 
@@ -1280,9 +1347,11 @@ def read_image(value):
     return Image.open(io.BytesIO(value)).convert("RGB")  # convert() decodes it all: a truncated file raises here
 
 
-def load_pair(row, resolution, random_crop, random_flip, rng):
-    """One Pick-a-Pic row with a preference -> pixels (2, 3, R, R) in [-1, 1], winner first, and SDXL's time ids:
-    the winner's original (height, width), the crop's (top, left) in the resized image, the target size."""
+def load_pair(row, resolution, random_crop, random_flip, rng, proportion_empty_prompts=0.0):
+    """One Pick-a-Pic row with a preference -> pixels (2, 3, R, R) in [-1, 1], winner first, the caption (empty with
+    probability proportion_empty_prompts) and SDXL's time ids: the winner's original (height, width), the crop's
+    (top, left) in the resized image (after a flip: in the flipped image, i.e. the pixels cut from its left), the
+    target size. Crop, flip and empty caption draw from rng in that order."""
     from PIL import Image
     images = [read_image(row["jpg_0"]), read_image(row["jpg_1"])]
     if row["label_0"] == 0:  # label_0 = 1: jpg_0 is preferred
@@ -1301,8 +1370,9 @@ def load_pair(row, resolution, random_crop, random_flip, rng):
                                   .crop((left, top, left + resolution, top + resolution)), dtype=np.float32))
         for image in (winner, loser)]).permute(0, 3, 1, 2) / 127.5 - 1  # (2, 3, R, R)
     if random_flip and rng.random() < 0.5:
-        pixels = pixels.flip(-1)
-    return dict(pixels=pixels, caption=row["caption"] or "",
+        pixels, left = pixels.flip(-1), width - left - resolution
+    caption = "" if rng.random() < proportion_empty_prompts else row["caption"] or ""
+    return dict(pixels=pixels, caption=caption,
                 time_ids=[winner.height, winner.width, top, left, resolution, resolution])
 
 
@@ -1360,7 +1430,7 @@ class PickAPicPairs(torch.utils.data.IterableDataset):
             return dict(kind="tie")
         try:
             example = load_pair(row, self.args.resolution, self.args.random_crop, self.args.random_flip,
-                                np.random.default_rng(key))
+                                np.random.default_rng(key), self.args.proportion_empty_prompts)
         except Exception:  # noqa: BLE001 - any undecodable image: pass over it, never stop the run
             return dict(kind="corrupt")
         return dict(example, kind="pair")
@@ -1441,13 +1511,14 @@ def prompt_conditioning(models, prompts, resolution, time_ids=None):
     return half
 
 
-def noised(noise_scheduler, latents, generator, groups):
+def noised(noise_scheduler, latents, generator, groups, timestep_range=None):
     """The forward process for `groups` stacked blocks of B latents (2: winners then losers, 1: winners alone):
-    every block gets the same noise and the same t, t uniform over the training timesteps.
-    Returns (noisy latents, timesteps, regression target)."""
+    every block gets the same noise and the same t, t uniform over the training timesteps LO <= t < HI of
+    timestep_range (default: all of them). Returns (noisy latents, timesteps, regression target)."""
     b = len(latents) // groups
     noise = randn(latents[:b].shape, generator, latents.device).repeat(groups, 1, 1, 1)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (b,), generator=generator)
+    low, high = timestep_range or (0, noise_scheduler.config.num_train_timesteps)
+    timesteps = torch.randint(low, high, (b,), generator=generator)
     timesteps = timesteps.repeat(groups).to(latents.device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     if noise_scheduler.config.prediction_type == "v_prediction":
@@ -1497,13 +1568,14 @@ def algorithm_loss(models, noise_scheduler, unet, latents, prompts, time_ids, ge
     """Diffusion-DPO on B pairs: latents (2B, C, h, w), winners then losers; prompts and time ids (B, 6) per pair.
     Returns the loss and detached per-batch metrics."""
     cond = prompt_conditioning(models, prompts, args.resolution, time_ids)
+    timestep_range = training_timesteps(args, noise_scheduler.config.num_train_timesteps)
     if args.sft:  # the paper's SFT baseline: the diffusion loss on the winners alone
-        noisy, timesteps, target = noised(noise_scheduler, latents[: len(prompts)], generator, groups=1)
+        noisy, timesteps, target = noised(noise_scheduler, latents[: len(prompts)], generator, 1, timestep_range)
         error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
         return error.mean(), dict(model_error_w=error.mean().detach())
     cond = {k: (torch.cat([v, v]) if torch.is_tensor(v) else {n: torch.cat([x, x]) for n, x in v.items()})
             for k, v in cond.items()}
-    noisy, timesteps, target = noised(noise_scheduler, latents, generator, groups=2)  # same noise and t per pair
+    noisy, timesteps, target = noised(noise_scheduler, latents, generator, 2, timestep_range)  # same noise, t per pair
     model_error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
     with reference_unet(unet, None if reference is None else reference.adapter):
         ref_error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
@@ -1520,7 +1592,18 @@ def algorithm_loss(models, noise_scheduler, unet, latents, prompts, time_ids, ge
 class ReferenceLoRA:
     """The online reference: base + a second peft adapter on the same UNet, an exponential moving average of the
     policy's LoRA weights, phi <- phi + rate (theta - phi) at each update(). It starts as a copy of the policy's
-    initial LoRA (B = 0: the reference starts as the base). Trainable weights stay the policy's ("default")."""
+    initial LoRA (B = 0: the reference starts as the base). Trainable weights stay the policy's ("default").
+
+    The average is taken of the factors A and B separately, so the reference's weight change s B A (s = alpha / r)
+    is not exactly the average of the weight changes: after an update
+        s B_phi' A_phi' = (1 - rate) s B_phi A_phi + rate s B_theta A_theta
+                          - rate (1 - rate) s (B_phi - B_theta) (A_phi - A_theta),
+    the exact average less a term of second order in the reference-policy gap, zero at rate 0 and 1. It is kept:
+    the exact average is no rank-r LoRA (its rank grows by r each round) and a dense copy of every weight change
+    would be a second copy of the attention weights. Its size, measured in tests/test_dpo.py on the tiny model (rank
+    4, rate 0.1, rounds of 10 AdamW steps): after 5 rounds the reference's weight change is 0.2 % (lr 1e-4) or 2.4 %
+    (lr 1e-3) off the exact moving average of the policy's weight changes; the gap grows with how far A moves from
+    its initialization, relative to its size."""
 
     adapter = "ref"
 
@@ -1613,6 +1696,70 @@ def self_rewarding_round(models, scheduler, unet, reward_fn, args, accelerator, 
                       pairs_kept=int(kept), pair_margin=gap_sum / kept, resampled=attempt)
 
 
+# --- evaluation: the grids, a reward when asked for, the held-out pairs --------------------------------------
+
+
+@torch.no_grad()
+def validation_pairs(models, data, args):
+    """The held-out pairs of --validation_dataset_name as the training loop sees them, fixed for the run: the first
+    --num_validation_pairs rows with a preference and readable images, in the dataset's order, center-cropped,
+    unflipped, with their captions; latents encoded once, in chunks (pixels of many pairs at 1024 px are GBs)."""
+    winners, losers, captions, time_ids, chunk = [], [], [], [], []
+    generator, device = torch.Generator().manual_seed(args.seed), models.vae.device
+    rows = iter(data)
+    while len(captions) + len(chunk) < args.num_validation_pairs:
+        row = next(rows, None)
+        if row is not None and row["label_0"] in (0, 1):
+            try:
+                chunk.append(load_pair(row, args.resolution, False, False, np.random.default_rng(0)))
+            except Exception:  # noqa: BLE001 - an unreadable image: not a pair to validate on
+                pass
+        if chunk and (row is None or len(chunk) == args.vae_encode_batch_size
+                      or len(captions) + len(chunk) == args.num_validation_pairs):
+            batch = collate_pairs(chunk)
+            pixels = batch["pixels"].to(device)
+            latents = encode_images(models.vae, torch.cat([pixels[:, 0], pixels[:, 1]]), generator, len(chunk))
+            winners.append(latents[: len(chunk)])
+            losers.append(latents[len(chunk):])
+            captions += batch["captions"]
+            time_ids.append(batch["time_ids"])
+            chunk = []
+        if row is None:
+            break
+    if not captions:
+        raise UsageError(f"--validation_dataset_name {args.validation_dataset_name}: no readable pair with a "
+                         f"preference in split {args.validation_dataset_split}")
+    return dict(winners=torch.cat(winners), losers=torch.cat(losers), captions=captions, time_ids=torch.cat(time_ids))
+
+
+@torch.no_grad()
+def validate(models, noise_scheduler, unet, pairs, args):
+    """The DPO loss and implicit accuracy (and the four errors; SFT: the winners' loss) on the held-out pairs, batch
+    by batch, with the noise and t of each batch fixed by --seed, so that two validations differ by the policy
+    alone. Before training the loss is log 2 and the accuracy 0 (the policy is the reference)."""
+    n, totals = len(pairs["captions"]), {}
+    for start in range(0, n, args.train_batch_size):
+        rows = slice(start, start + args.train_batch_size)
+        latents = torch.cat([pairs["winners"][rows], pairs["losers"][rows]])
+        generator = torch.Generator().manual_seed(args.seed + start)
+        loss, extra = algorithm_loss(models, noise_scheduler, unet, latents, pairs["captions"][rows],
+                                     pairs["time_ids"][rows], generator, args)
+        size = len(pairs["captions"][rows])
+        for key, value in dict(loss=loss, **extra).items():
+            totals[key] = totals.get(key, 0.0) + float(value) * size
+    return {f"eval_{key}": value / n for key, value in totals.items()}
+
+
+def evaluation(models, scheduler, noise_scheduler, unet, reward_fn, validation, args, step):
+    """One evaluation's metrics: the grid of fixed prompts and noise (always), its mean reward (eval_reward) when
+    there is a reward, and, offline with --validation_dataset_name, the held-out pairs' loss and accuracy."""
+    eval_reward, _ = evaluate(models, scheduler, unet, reward_fn, args, step)
+    row = {} if eval_reward is None else dict(eval_reward=eval_reward)
+    if validation is not None:
+        row.update(validate(models, noise_scheduler, unet, validation, args))
+    return row
+
+
 # --- the training loop -------------------------------------------------------------------------------------
 
 
@@ -1640,16 +1787,22 @@ def main(args):
             config = {k: v for k, v in vars(args).items() if not k.endswith("_prompt_list")}
             json.dump(dict(config, versions=library_versions(), script=os.path.basename(__file__),
                            num_processes=accelerator.num_processes), f, indent=2)
-    data = None
+    data = validation_data = None
     if not args.online:
         with accelerator.main_process_first():  # a bad dataset fails here too, before the models load
             data = open_pairs(args)
+            if args.validation_dataset_name is not None and main_process:
+                validation_data = open_pairs(args, args.validation_dataset_name, args.validation_dataset_split,
+                                             "--validation_dataset_name")
 
     models = load_models(args, info, device, weight_dtype)
     scheduler = make_scheduler(args)  # sampling: online rounds and the evaluation grid
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
                                                     revision=args.revision)  # training: the forward process
-    reward_fn = rewards.build_reward(args.reward, device=device, dtype=weight_dtype, **info["reward_options"])
+    reward_fn = None  # offline DPO loads a reward only when asked for one (--reward, or a preset's)
+    if args.reward is not None:
+        reward_fn = rewards.build_reward(args.reward, device=device, dtype=weight_dtype, **info["reward_options"])
+    validation = validation_pairs(models, validation_data, args) if validation_data is not None else None
     set_seed(args.seed)  # the same LoRA init on every process
     unet = models.unet
     params = add_lora(unet, args)
@@ -1686,8 +1839,8 @@ def main(args):
                       f"{accelerator.num_processes} processes) | {args.max_train_steps} steps from {start_step}")
     if main_process and start_step == 0:
         with accelerator.autocast():
-            eval_reward, _ = evaluate(models, scheduler, unet, reward_fn, args, 0)
-        metrics.log(dict(step=0, eval_reward=eval_reward))
+            metrics.log(dict(step=0, **evaluation(models, scheduler, noise_scheduler, unet, reward_fn, validation, args,
+                                                  0)))
 
     row, guard = {}, NonfiniteGuard(args)
     progress = tqdm(initial=start_step, total=args.max_train_steps, disable=not main_process, desc="steps")
@@ -1744,7 +1897,7 @@ def main(args):
         if step % args.validation_steps == 0 or step == args.max_train_steps or round_end:
             if main_process:
                 with accelerator.autocast():
-                    row["eval_reward"], _ = evaluate(models, scheduler, unet, reward_fn, args, step)
+                    row.update(evaluation(models, scheduler, noise_scheduler, unet, reward_fn, validation, args, step))
             accelerator.wait_for_everyone()
         metrics.log(row)
         progress.update(1)
