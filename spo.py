@@ -183,7 +183,8 @@ DEFAULT_PROMPTS = [
 RESUME_MAY_CHANGE = {"max_train_steps", "logging_steps", "validation_steps", "checkpointing_steps",
                      "checkpoints_total_limit", "resume_from_checkpoint", "resume_changes", "report_to",
                      "max_nonfinite_steps", "output_dir", "preset", "eval_prompts", "num_eval_prompts",
-                     "gradient_checkpointing", "allow_tf32", "run_id", "validation_lora_scale"}
+                     "gradient_checkpointing", "allow_tf32", "run_id", "validation_lora_scale",
+                     "validation_dataset_name", "validation_dataset_split", "num_validation_pairs"}
 RESUME_CHANGES = ("learning_rate", "max_grad_norm")
 CHECKPOINT_MARKER = "checkpoint.json"  # written last: a checkpoint-N folder without it is incomplete or not ours
 
