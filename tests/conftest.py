@@ -1,3 +1,4 @@
+import json
 import os
 
 import pytest
@@ -21,6 +22,24 @@ def tiny_argv(model, output_dir, **overrides):
         elif value is not None and value is not False:
             argv += [f"--{key}", str(value)]
     return argv
+
+
+STYLES = ("anime", "concept-art", "paintings", "photo")  # the HPS v2 benchmark's
+
+
+@pytest.fixture(scope="session")
+def hpdv2(tmp_path_factory):
+    """A tiny copy of zhwang/HPDv2's JSON files: benchmark/{style}.json (lists of 120 prompts, not 800) and
+    train.json (one record per image pair, so prompts repeat; other fields as HPS v2's annotations have)."""
+    root = tmp_path_factory.mktemp("HPDv2")
+    (root / "benchmark").mkdir()
+    for style in STYLES:
+        (root / "benchmark" / f"{style}.json").write_text(json.dumps([f"{style} {i}" for i in range(120)]))
+    records = [dict(prompt=p, human_preference=[1, 0], file_path=["a.jpg", "b.jpg"], user_hash="u")
+               for p in [" a cat ", "a dog", "a cat", "a red car", "a dog"]]
+    (root / "train.json").write_text(json.dumps(records))
+    (root / "test.json").write_text(json.dumps([dict(prompt="a test prompt", image_path=["x.jpg"], rank=[1])]))
+    return root
 
 
 @pytest.fixture(params=[TINY_SD, TINY_SDXL], ids=["sd15", "sdxl"])

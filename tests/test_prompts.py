@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import TINY_SD, tiny_argv
+from conftest import STYLES, TINY_SD, tiny_argv
 
 import alignprop
 import dpo
@@ -13,23 +13,7 @@ import draft
 import drtune
 import refl
 
-STYLES = ("anime", "concept-art", "paintings", "photo")
 K = dict(num_trained_steps=2, early_stop_max=2)  # drtune.py's K and m within the tiny runs' 4 steps
-
-
-@pytest.fixture(scope="module")
-def hpdv2(tmp_path_factory):
-    """A tiny copy of zhwang/HPDv2's JSON files: benchmark/{style}.json (lists of 120 prompts, not 800) and
-    train.json (one record per image pair, so prompts repeat; other fields as HPS v2's annotations have)."""
-    root = tmp_path_factory.mktemp("HPDv2")
-    (root / "benchmark").mkdir()
-    for style in STYLES:
-        (root / "benchmark" / f"{style}.json").write_text(json.dumps([f"{style} {i}" for i in range(120)]))
-    records = [dict(prompt=p, human_preference=[1, 0], file_path=["a.jpg", "b.jpg"], user_hash="u")
-               for p in [" a cat ", "a dog", "a cat", "a red car", "a dog"]]
-    (root / "train.json").write_text(json.dumps(records))
-    (root / "test.json").write_text(json.dumps([dict(prompt="a test prompt", image_path=["x.jpg"], rank=[1])]))
-    return root
 
 
 def test_benchmark_is_400_prompts_100_per_style_interleaved_and_fixed(hpdv2):
@@ -161,5 +145,14 @@ def test_validation_lora_scale_scales_the_weight_change_and_is_restored():
     torch.testing.assert_close(off, base)
     torch.testing.assert_close(again, full)
     assert (full - base).abs().max() > 1e-3
+    scheduler = drtune.make_scheduler(args)  # the grids: generate() at --validation_lora_scale
+    args.validation_lora_scale = 0.0
+    at_zero = drtune.generate(models, scheduler, unet, ["a cat"], args, 0)
+    unet.disable_adapters()
+    off_images = drtune.generate(models, scheduler, unet, ["a cat"], args, 0)
+    unet.enable_adapters()
+    args.validation_lora_scale = 1.0
+    torch.testing.assert_close(at_zero, off_images)
+    assert (drtune.generate(models, scheduler, unet, ["a cat"], args, 0) - off_images).abs().max() > 1e-3
     with pytest.raises(drtune.UsageError, match="--validation_lora_scale must be >= 0"):
         drtune.check_arguments(drtune.parse_args(tiny_argv(TINY_SD, "unused", validation_lora_scale=-1, **K)))

@@ -1,0 +1,569 @@
+"""Score a LoRA the way the papers do: the plain diffusers pipeline, the same seeds with and without the LoRA, any
+rewards.py reward, a table in the layout of the DRTune paper's Table 1 and a grid of base vs tuned.
+
+    python evaluate.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+        --lora outputs/drtune-sd15-hps --prompts hpsv2-benchmark \\
+        --rewards hpsv21,pickscore,aesthetic,clipscore,symmetry,compressibility --seed 0
+    # FDXL at the paper's LoRA scale, on 8 GPUs (the prompts are split across the processes)
+    accelerate launch --num_processes 8 evaluate.py --pretrained_model_name_or_path \\
+        stabilityai/stable-diffusion-xl-base-1.0 --lora outputs/drtune-sdxl --lora_scale 0.7 --prompts hpsv2-benchmark
+    # objectness: the paper's prompts "[concept], and books."
+    python evaluate.py --pretrained_model_name_or_path M --lora DIR --prompts concepts.txt \\
+        --prompt_template "{}, and books." --rewards objectness
+
+What it does, and the choices made:
+- Prompts: any source the training scripts' --eval_prompts take (read_prompt_set, duplicated from their scaffold
+  and kept identical by tests/test_evaluate.py): hpsv2-benchmark (the 400 prompts of the DRTune paper, 100 per HPS v2
+  style, in the order their docstring gives; NAME:/folder for a local copy of zhwang/HPDv2), a .txt/.json file, ...
+  --prompt_template puts each in a template; --num_prompts keeps the first N (the benchmark's order interleaves the
+  styles, so any N covers them evenly).
+- Images: StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the model's components (two text encoders
+  and a text_time UNet: SDXL), called as a user would, at its own resolution unless --resolution, with the papers'
+  sampling settings by default (SD1.5: 50 steps, guidance 7.5; SDXL: 25 steps, guidance 5.0) and the pipeline's
+  own scheduler unless --sampler (ddpm, ddim, dpmpp: the training scripts' samplers). Prompt i is generated from the
+  seed SeedSequence([--seed, i]) with and without the LoRA (pipe.load_lora_weights, then
+  set_adapters(weights=--lora_scale)), so base and tuned differ by the LoRA alone and an image depends on its index,
+  not on the number of processes (and on the batch only through the rounding of batched kernels: at most one 8-bit
+  level in the tests). The safety checker is off: its black images would be scored.
+- Resumable: images/base/NNNNN.png and images/tuned/NNNNN.png (NNNNN the prompt's index), each written to a
+  temporary name and renamed; a rerun generates only the missing ones. images/settings.json records what the images
+  depend on (model, LoRA, scale, prompts, seed, sampling, precision); a rerun with other settings in the same
+  --output_dir is refused (scoring settings may change: scores are recomputed from the images every run).
+- Several processes (accelerate launch or torchrun): prompt i is generated and scored by process i % N; the scores
+  are gathered on the main process, which writes the outputs.
+- Scores: every reward of --rewards separately, on the saved 8-bit images (what a user gets), the paper's raw values
+  (rewards.py's last_raw: symmetry eq. 6, the compression error of eq. 7, ...), --reward_options passed through;
+  --reward_resolution first down-samples the images (the DRTune paper: 224 for its 512 px SD1.5 images).
+- eval.json: the settings, every prompt's raw values (base and tuned), the mean per style (a named set with styles,
+  or a folder of JSON prompt files) and over all prompts, and the table's scale factors. table.md: rows base /
+  tuned, a column per reward as Table 1 has them (TABLE_COLUMNS: HPS v2.1 x 100, PickScore as its cosine, i.e. the
+  logit / 100, PickScore v1's logit scale; the others as computed), the arrows the paper's directions, then the
+  same per style. grid.png: the first --grid_prompts prompts, base above, tuned below.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import rewards
+
+# Table 1's column for each reward: (heading, factor applied to the raw value, the direction the paper optimizes).
+# HPS v2.1 is reported x 100 (39.18 for a cosine of 0.3918, as the HPS v2 benchmark does); PickScore as the cosine
+# (0.2488), the logit rewards.py returns divided by PickScore v1's logit scale, 100.
+TABLE_COLUMNS = {
+    "hpsv21": ("HPS v2.1", 100.0, "↑"),
+    "pickscore": ("PickScore", 0.01, "↑"),
+    "aesthetic": ("Aesthetic Score", 1.0, "↑"),
+    "symmetry": ("Symmetry", 1.0, "↓"),
+    "clipscore": ("CLIPScore", 1.0, "↑"),
+    "compressibility": ("Compression error", 1.0, "↓"),
+    "objectness": ("Objectness", 1.0, "↓"),
+    "imagereward": ("ImageReward", 1.0, "↑"),
+    "jpeg_size": ("JPEG size (kB)", 1.0, "↓"),
+    "spo_pm": ("SPO step-aware PM (logit)", 1.0, "↑"),
+}
+DEFAULT_REWARDS = "hpsv21,pickscore,aesthetic,clipscore,symmetry,compressibility"
+
+
+def column(name):
+    """(heading, scale, direction) of a reward's table column; a reward Table 1 lacks: its name, as computed."""
+    return TABLE_COLUMNS.get(name, (name, 1.0, "↓" if rewards.REWARDS[name].minimized else "↑"))
+VARIANTS = ("base", "tuned")
+
+
+# ---------------------------------------------------------------------------------------------
+# Copied from the training scripts' scaffold (tests/test_evaluate.py keeps them identical)
+# ---------------------------------------------------------------------------------------------
+
+
+class UsageError(ValueError):
+    """Bad input, reported as one line before any large model is loaded (exit code 2)."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as every other bad input (no usage dump)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def is_hub_id(path):
+    return re.fullmatch(r"[\w\-.]+/[\w\-.]+", path) is not None and not path.startswith(".")
+
+
+def load_config_or_fail(cls, path, what, flag, **kwargs):
+    """A small config file: cheap first contact with a hub id or folder, with a one-line error."""
+    if not os.path.isdir(path) and not is_hub_id(path):
+        raise UsageError(f"{what}: local path '{path}' does not exist ({flag})")
+    try:
+        return cls.load_config(path, **kwargs)
+    except Exception as e:  # offline, not cached, or not a diffusers folder
+        raise UsageError(f"{what}: could not load '{path}' ({type(e).__name__}); without network pass a local "
+                         f"diffusers folder with {flag} /path/to/model") from e
+
+
+PROMPT_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+PROMPT_FIELDS = ("prompt", "caption", "text")
+# The HPS v2 prompts (Wu et al. 2023), in the hub dataset HPSV2_DATASET or a local copy of its JSON files: the
+# benchmark, benchmark/{style}.json (a list of 800 prompts per style; the layout the hpsv2 package downloads), and the
+# training annotations train.json at the top (one record per image pair, with a 'prompt' field; the place the HPS v2
+# README gives, not checked against the hub here).
+HPSV2_DATASET = "zhwang/HPDv2"
+HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+PROMPT_SETS = {
+    "hpsv2-benchmark": "the DRTune paper's 400 evaluation prompts: 100 of each HPS v2 benchmark style",
+    "hpsv2-train": "the HPS v2 training prompts (train.json), each once",
+}
+
+
+def prompts_of_json(path, flag):
+    """The prompts of a JSON file that holds a list of strings (HPS v2's benchmark/{style}.json) or of records with a
+    'prompt', 'caption' or 'text' field (HPS v2's train.json: one record per image pair, so each distinct prompt is kept
+    once, where first seen). None for any other JSON (JSON Lines, an object): datasets reads those."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except ValueError:
+        return None
+    if not isinstance(data, list):
+        return None
+    if all(isinstance(item, str) for item in data):
+        return [item.strip() for item in data]
+    if not all(isinstance(item, dict) for item in data):
+        raise UsageError(f"{flag} {path}: a JSON prompt file holds a list of strings or of records with a 'prompt', "
+                         f"'caption' or 'text' field")
+    field = next((k for k in PROMPT_FIELDS if any(k in item for item in data)), None)
+    if field is None:
+        raise UsageError(f"{flag} {path}: no 'prompt', 'caption' or 'text' field in its records")
+    return list(dict.fromkeys(str(item[field]).strip() for item in data if item.get(field) is not None))
+
+
+def hpsv2_file(source, name, flag):
+    """The file `name` (benchmark/anime.json, train.json) of the HPS v2 prompts: under the local folder `source`, or
+    downloaded from the hub dataset `source`."""
+    if os.path.isdir(source):
+        path = os.path.join(source, name)
+        if not os.path.isfile(path):
+            raise UsageError(f"{flag}: {source} has no {name}; a copy of {HPSV2_DATASET} holds benchmark/"
+                             f"{{{','.join(HPSV2_STYLES)}}}.json and train.json")
+        return path
+    if not is_hub_id(source):
+        raise UsageError(f"{flag}: no such folder {source}")
+    from huggingface_hub import hf_hub_download
+    try:
+        return hf_hub_download(source, name, repo_type="dataset")
+    except Exception as e:  # offline, not cached, no such file
+        raise UsageError(f"{flag}: could not fetch {name} from the hub dataset {source} ({type(e).__name__}); without "
+                         f"network copy its JSON files (benchmark/{{style}}.json, train.json) into a folder and pass "
+                         f"{flag} NAME:/path/to/folder, e.g. hpsv2-benchmark:/data/HPDv2") from e
+
+
+def hpsv2_prompts(name, source, flag):
+    """(prompts, styles) of a named set, from a local folder or hub dataset `source`.
+    hpsv2-benchmark: from each style's file the 100 prompts whose index i has the smallest
+    sha256('hpsv2-benchmark/{style}/{i}'): a draw fixed once for all (no RNG whose algorithm could change), 400 in
+    all. Order: round robin over the styles (anime, concept-art, paintings, photo, anime, ...), by index within a
+    style, so that any prefix of the set (a training script's --num_eval_prompts grid) covers the styles evenly.
+    hpsv2-train: the prompts of train.json, each once, in first-seen order (no styles)."""
+    if name == "hpsv2-train":
+        path = hpsv2_file(source, "train.json", flag)
+        return prompts_of_json(path, flag) or [], None
+    drawn = []
+    for style in HPSV2_STYLES:
+        path = hpsv2_file(source, f"benchmark/{style}.json", flag)
+        prompts = prompts_of_json(path, flag) or []
+        if len(prompts) < 100:
+            raise UsageError(f"{flag}: {path} holds {len(prompts)} prompts; the benchmark draws 100 per style")
+        rank = sorted(range(len(prompts)), key=lambda i: hashlib.sha256(f"{name}/{style}/{i}".encode()).hexdigest())
+        drawn.append([(prompts[i], style) for i in sorted(rank[:100])])
+    ordered = [pair for group in zip(*drawn) for pair in group]
+    return [prompt for prompt, _ in ordered], [style for _, style in ordered]
+
+
+def read_prompt_set(source, flag="--train_prompts"):
+    """(prompts, styles) of `source`; styles names each prompt's style (HPS v2 benchmark) or JSON file (a folder of
+    them), else None. Sources:
+    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2; NAME:FOLDER reads a local copy
+      of its JSON files, NAME:OWNER/DATASET a mirror;
+    - a .txt file, one prompt per line;
+    - a .json file holding a list of prompts or of records with a 'prompt', 'caption' or 'text' field (HPS v2's
+      benchmark and training annotations; see prompts_of_json), or a folder of such .json files (HPS v2's
+      benchmark/: all of them, in file-name order);
+    - a .csv/.jsonl/.parquet file (or .json of another shape), or a dataset folder or hub id, through datasets, with
+      a 'prompt', 'caption' or 'text' column."""
+    name, _, where = source.partition(":")
+    suffix = os.path.splitext(source)[1].lower()
+    styles = None
+    if name in PROMPT_SETS:
+        prompts, styles = hpsv2_prompts(name, where or HPSV2_DATASET, flag)
+    elif os.path.isdir(source) and not os.listdir(source):
+        raise UsageError(f"{flag} {source} is an empty folder")
+    elif os.path.isfile(source) and suffix not in (".txt", *PROMPT_FILE_TYPES):
+        raise UsageError(f"{flag} {source}: give a .txt file (one prompt per line), a "
+                         f"{'/'.join(PROMPT_FILE_TYPES)} file, a dataset folder or one of {', '.join(PROMPT_SETS)}")
+    elif not os.path.exists(source) and (suffix in (".txt", *PROMPT_FILE_TYPES) or not is_hub_id(source)):
+        raise UsageError(f"{flag} {source}: no such file or folder")
+    elif suffix == ".txt":
+        with open(source, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f]
+    else:
+        if os.path.isdir(source):
+            files = sorted(n for n in os.listdir(source) if n.endswith(".json"))
+            lists = [prompts_of_json(os.path.join(source, n), flag) for n in files]
+        else:
+            files, lists = [source], [prompts_of_json(source, flag) if suffix == ".json" else None]
+        if lists and all(p is not None for p in lists):
+            prompts = [p for ps in lists for p in ps]
+            if os.path.isdir(source):
+                styles = [n.removesuffix(".json") for n, ps in zip(files, lists) for _ in ps]
+        else:
+            prompts = prompts_from_dataset(source, suffix, flag)
+    keep = [i for i, p in enumerate(prompts) if p]
+    if not keep:
+        raise UsageError(f"{flag} {source} holds no prompts")
+    return [prompts[i] for i in keep], None if styles is None else [styles[i] for i in keep]
+
+
+def prompts_from_dataset(source, suffix, flag):
+    """The 'prompt', 'caption' or 'text' column of a .csv/.json/.jsonl/.parquet file, dataset folder or hub id."""
+    import datasets
+    try:
+        if suffix in PROMPT_FILE_TYPES:
+            data = datasets.load_dataset(PROMPT_FILE_TYPES[suffix], data_files=source, split="train")
+        else:
+            data = datasets.load_dataset(source, split="train")
+    except Exception as e:  # offline, not cached, unreadable, no train split
+        message = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UsageError(f"{flag} {source}: could not read prompts ({type(e).__name__}: {message}); without "
+                         f"network give a local .txt file, one prompt per line") from e
+    column = next((c for c in PROMPT_FIELDS if c in data.column_names), None)
+    if column is None:
+        raise UsageError(f"{flag} {source}: no 'prompt', 'caption' or 'text' column in {data.column_names}")
+    return [str(p).strip() for p in data[column] if p is not None]
+
+
+def apply_template(prompts, template):
+    """--prompt_template: each prompt put in place of {} in the template (the DRTune paper's objectness prompts
+    "[concept], and books." from "{}, and books."); the prompts as they are without one."""
+    return list(prompts) if template is None else [template.replace("{}", prompt) for prompt in prompts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+def build_parser():
+    parser = OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("model")
+    g.add_argument("--pretrained_model_name_or_path", required=True,
+                   help="hub id or local diffusers folder; SD1.5-family or SDXL-family, detected from its components")
+    g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="another VAE, e.g. an fp16-safe SDXL VAE")
+    g.add_argument("--revision", default=None)
+    g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    g.add_argument("--lora", default=None,
+                   help="a training script's --output_dir (pytorch_lora_weights.safetensors) or a hub id; without it "
+                        "only the base model is scored")
+    g.add_argument("--lora_scale", type=float, default=1.0, help="LoRA weight at inference (FDXL: 0.7)")
+    g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="the pipeline's dtype")
+    g = parser.add_argument_group("prompts and sampling")
+    g.add_argument("--prompts", default="hpsv2-benchmark",
+                   help="hpsv2-benchmark (NAME:/folder for a local copy of zhwang/HPDv2), a .txt/.json file, a "
+                        "folder of .json prompt files, a dataset; as the training scripts' --eval_prompts")
+    g.add_argument("--prompt_template", default=None, help="put each prompt in place of {}, e.g. '{}, and books.'")
+    g.add_argument("--num_prompts", type=int, default=None, help="the first N prompts only")
+    g.add_argument("--seed", type=int, default=0, help="prompt i is generated from SeedSequence([seed, i])")
+    g.add_argument("--resolution", type=int, default=None, help="default: the pipeline's own")
+    g.add_argument("--num_inference_steps", type=int, default=None, help="default: 50 (SD1.5), 25 (SDXL)")
+    g.add_argument("--guidance_scale", type=float, default=None, help="default: 7.5 (SD1.5), 5.0 (SDXL)")
+    g.add_argument("--sampler", choices=["pipeline", "ddpm", "ddim", "dpmpp"], default="pipeline",
+                   help="the pipeline's own scheduler, or the training scripts' DDPM, DDIM (eta 0), DPM-Solver++ 2M")
+    g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call and per scoring batch")
+    g = parser.add_argument_group("scores and outputs")
+    g.add_argument("--rewards", default=DEFAULT_REWARDS, help=f"comma-separated rewards.py names, of: "
+                                                               f"{', '.join(rewards.REWARDS)}")
+    g.add_argument("--reward_options", default="", help="rewards.py options, e.g. hps_checkpoint=/path/file.pt")
+    g.add_argument("--reward_resolution", type=int, default=None,
+                   help="down-sample the images to this size before scoring (the DRTune paper: 224 for SD1.5)")
+    g.add_argument("--output_dir", default="outputs/eval")
+    g.add_argument("--grid_prompts", type=int, default=8, help="prompts in grid.png (base above, tuned below)")
+    return parser
+
+
+def check_arguments(args):
+    """Every bad input we can see without loading a large model, each as one line. Returns the prompts, their styles
+    (or None), the reward options and whether the model is SDXL."""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    for flag in ("num_prompts", "resolution", "num_inference_steps", "reward_resolution"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.batch_size < 1 or args.grid_prompts < 0:
+        raise UsageError("--batch_size must be >= 1 and --grid_prompts >= 0")
+    if not math.isfinite(args.lora_scale) or args.lora_scale < 0:
+        raise UsageError(f"--lora_scale must be a number >= 0, got {args.lora_scale}")
+    if not 0 <= args.seed < 2 ** 32:
+        raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
+    if args.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise UsageError("--mixed_precision fp16 needs a GPU; use bf16 or no")
+    if args.prompt_template is not None and "{}" not in args.prompt_template:
+        raise UsageError(f"--prompt_template {args.prompt_template!r} has no {{}} for the prompt")
+    try:
+        options = rewards.parse_options(args.reward_options)
+        names = [name for name, _ in rewards.parse_spec(args.rewards)]
+        if ":" in args.rewards:
+            raise ValueError("give reward names (each is scored on its own), not weights")
+        for name in names:
+            rewards.check_options(name, options)
+    except (ValueError, rewards.RewardLoadError) as e:
+        raise UsageError(f"--rewards {args.rewards}: {e}") from e
+    if args.lora is not None and not os.path.isdir(args.lora) and not is_hub_id(args.lora):
+        raise UsageError(f"--lora: no such folder '{args.lora}' (a training script's --output_dir)")
+    if args.lora is not None and os.path.isdir(args.lora) and not os.path.isfile(
+            os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
+        raise UsageError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors in it (a training script's "
+                         f"--output_dir holds one)")
+    path, kwargs = args.pretrained_model_name_or_path, dict(revision=args.revision)
+    model_index = load_config_or_fail(DiffusionPipeline, path, "model", "--pretrained_model_name_or_path", **kwargs)
+    unet_config = load_config_or_fail(UNet2DConditionModel, path, "model", "--pretrained_model_name_or_path",
+                                      subfolder="unet", **kwargs)
+    prompts, styles = read_prompt_set(args.prompts, "--prompts")
+    prompts = apply_template(prompts, args.prompt_template)[: args.num_prompts]
+    styles = None if styles is None else styles[: args.num_prompts]
+    is_sdxl = "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time"
+    return prompts, styles, names, options, is_sdxl
+
+
+def load_pipeline(args, is_sdxl, device, dtype):
+    """The plain diffusers pipeline a user would load, with --sampler's scheduler when one is asked for."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
+                           StableDiffusionPipeline, StableDiffusionXLPipeline)
+    kwargs = dict(revision=args.revision, variant=args.variant, dtype=dtype)
+    if args.pretrained_vae_model_name_or_path:
+        kwargs["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
+    if not is_sdxl:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
+    pipe = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, **kwargs).to(device)
+    config = pipe.scheduler.config
+    # as the training scripts build them: explicit spacing (from_config drops default-valued keys), no clipping
+    spacing = config.get("timestep_spacing", "leading")
+    if args.sampler == "ddpm":
+        pipe.scheduler = DDPMScheduler.from_config(config, clip_sample=False, variance_type="fixed_small",
+                                                   timestep_spacing=spacing)
+    elif args.sampler == "ddim":
+        pipe.scheduler = DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing=spacing)
+    elif args.sampler == "dpmpp":
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                                 timestep_spacing=spacing)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_seed(seed, index):
+    """The seed of prompt `index`'s image, with and without the LoRA: a function of (seed, index) alone."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def image_path(output_dir, variant, index):
+    return os.path.join(output_dir, "images", variant, f"{index:05d}.png")
+
+
+def generation_settings(args, prompts, is_sdxl):
+    """What the saved images depend on: a rerun in the same --output_dir must match it."""
+    lora = None if args.lora is None else (os.path.abspath(args.lora) if os.path.exists(args.lora) else args.lora)
+    return dict(model=args.pretrained_model_name_or_path, vae=args.pretrained_vae_model_name_or_path,
+                revision=args.revision, variant=args.variant, lora=lora, lora_scale=args.lora_scale,
+                prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16], seed=args.seed,
+                resolution=args.resolution, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, sampler=args.sampler, mixed_precision=args.mixed_precision,
+                sdxl=is_sdxl)
+
+
+def check_settings(args, settings):
+    """Refuse to add images to an --output_dir that holds images made with other settings."""
+    path = os.path.join(args.output_dir, "images", "settings.json")
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        saved = json.load(f)
+    differ = [k for k in sorted(set(settings) | set(saved)) if settings.get(k) != saved.get(k)]
+    if differ:
+        described = ", ".join(f"{k} {settings.get(k)} (saved: {saved.get(k)})" for k in differ)
+        raise UsageError(f"--output_dir {args.output_dir} holds images made with other settings: {described}; "
+                         f"choose a new --output_dir")
+
+
+def generate_missing(pipe, args, prompts, indices, variant, progress):
+    """Images of the prompts at `indices` not yet on disk, in batches, each written under a temporary name and
+    renamed (a crash leaves no truncated image behind)."""
+    todo = [i for i in indices if not os.path.isfile(image_path(args.output_dir, variant, i))]
+    os.makedirs(os.path.dirname(image_path(args.output_dir, variant, 0)), exist_ok=True)
+    size = {} if args.resolution is None else dict(height=args.resolution, width=args.resolution)
+    for start in range(0, len(todo), args.batch_size):
+        batch = todo[start:start + args.batch_size]
+        generators = [torch.Generator().manual_seed(image_seed(args.seed, i)) for i in batch]
+        images = pipe([prompts[i] for i in batch], generator=generators, num_inference_steps=args.num_inference_steps,
+                      guidance_scale=args.guidance_scale, **size).images
+        for i, image in zip(batch, images):
+            path = image_path(args.output_dir, variant, i)
+            image.save(path + ".tmp.png")
+            os.replace(path + ".tmp.png", path)
+        progress.update(len(batch))
+
+
+def read_image(path):
+    """A saved PNG -> (3, H, W) float in [0, 1]."""
+    from PIL import Image
+    with Image.open(path) as image:
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).float() / 255
+
+
+@torch.no_grad()
+def score_images(reward_fns, args, prompts, indices, variants, device):
+    """{index: {variant: {reward: raw value}}} of the saved images at `indices`, batch by batch."""
+    import torch.nn.functional as F
+    scores = {i: {v: {} for v in variants} for i in indices}
+    for variant in variants:
+        for start in range(0, len(indices), args.batch_size):
+            batch = indices[start:start + args.batch_size]
+            images = torch.stack([read_image(image_path(args.output_dir, variant, i)) for i in batch]).to(device)
+            if args.reward_resolution is not None and images.shape[-1] != args.reward_resolution:
+                images = F.interpolate(images, size=(args.reward_resolution,) * 2, mode="bicubic", antialias=True,
+                                       align_corners=False).clamp(0, 1)
+            for name, reward_fn in reward_fns.items():
+                reward_fn(images, [prompts[i] for i in batch])
+                for i, value in zip(batch, reward_fn.last_raw[name].tolist()):
+                    scores[i][variant][name] = value
+    return scores
+
+
+def summarize(scores, prompts, styles, names, variants, settings):
+    """eval.json's content: settings, every prompt's values, the means per style and over all prompts."""
+    def means(indices):
+        return {v: {n: float(np.mean([scores[i][v][n] for i in indices])) for n in names} for v in variants}
+
+    per_prompt = [dict(index=i, prompt=prompts[i], seed=image_seed(settings["seed"], i),
+                       **({} if styles is None else dict(style=styles[i])), **scores[i]) for i in sorted(scores)]
+    result = dict(settings=settings, rewards=names, scale={n: column(n)[1] for n in names},
+                  mean=means(sorted(scores)))
+    if styles is not None:
+        result["per_style"] = {s: means([i for i in sorted(scores) if styles[i] == s]) for s in dict.fromkeys(styles)}
+    result["per_prompt"] = per_prompt
+    return result
+
+
+def markdown_table(result, args):
+    """Table 1's layout: a row per model (base, tuned), a column per reward at the paper's scale; then per style."""
+    names, variants = result["rewards"], list(result["mean"])
+    label = dict(base="base", tuned=f"tuned (LoRA scale {args.lora_scale:g})")
+
+    def value(name, raw):
+        return f"{raw * column(name)[1]:.4g}"
+
+    heading = [f"{column(n)[0]} {column(n)[2]}" for n in names]
+    lines = [f"Mean over {len(result['per_prompt'])} prompts ({args.prompts}), seed {args.seed}.", "",
+             "| Model | " + " | ".join(heading) + " |", "| --- |" + " --- |" * len(names)]
+    lines += [f"| {label[v]} | " + " | ".join(value(n, result["mean"][v][n]) for n in names) + " |" for v in variants]
+    if "per_style" in result:
+        styles = list(result["per_style"])
+        for name in names:
+            lines += ["", f"{column(name)[0]} {column(name)[2]} per style:", "",
+                      "| Model | " + " | ".join(styles) + " | mean |", "| --- |" + " --- |" * (len(styles) + 1)]
+            lines += [f"| {label[v]} | " + " | ".join(value(name, result["per_style"][s][v][name]) for s in styles)
+                      + f" | {value(name, result['mean'][v][name])} |" for v in variants]
+    scales = {"hpsv21": "HPS v2.1: the cosine x 100", "pickscore": "PickScore: the cosine (the logit / 100)",
+              "aesthetic": "Aesthetic Score: the predictor's 1-10 scale", "symmetry": "Symmetry: eq. 6",
+              "clipscore": "CLIPScore: the ViT-H-14 cosine", "compressibility": "Compression error: eq. 7 (MSE)",
+              "objectness": "Objectness: the highest box probability"}
+    notes = [scales[n] for n in names if n in scales]
+    lines += ["", "Scales as in the DRTune paper's Table 1 (↑ maximized, ↓ minimized): " + "; ".join(notes) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def save_comparison_grid(args, indices, variants, path):
+    """The first --grid_prompts prompts, one column each: base above, tuned below."""
+    from PIL import Image
+    images = [[Image.open(image_path(args.output_dir, v, i)).convert("RGB") for i in indices] for v in variants]
+    width, height = images[0][0].size
+    grid = Image.new("RGB", (width * len(indices), height * len(variants)), "white")
+    for row, variant_images in enumerate(images):
+        for col, image in enumerate(variant_images):
+            grid.paste(image.resize((width, height)), (col * width, row * height))
+    grid.save(path)
+
+
+def main(args):
+    """Generate what is missing, score, write eval.json, table.md and grid.png; returns eval.json's content (main
+    process; None on the others)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+    prompts, styles, names, options, is_sdxl = check_arguments(args)
+    if args.num_inference_steps is None:
+        args.num_inference_steps = 25 if is_sdxl else 50
+    if args.guidance_scale is None:
+        args.guidance_scale = 5.0 if is_sdxl else 7.5
+    settings = generation_settings(args, prompts, is_sdxl)
+    check_settings(args, settings)
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device, dtype = state.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision,
+                                                                                        torch.float32)
+    if state.is_main_process:
+        os.makedirs(os.path.join(args.output_dir, "images"), exist_ok=True)
+        with open(os.path.join(args.output_dir, "images", "settings.json"), "w", encoding="utf-8") as f:
+            json.dump(settings, f, indent=1)
+    state.wait_for_everyone()
+    variants = VARIANTS if args.lora is not None else VARIANTS[:1]
+    mine = list(range(state.process_index, len(prompts), state.num_processes))  # prompt i on process i % N
+    missing = sum(not os.path.isfile(image_path(args.output_dir, v, i)) for v in variants for i in mine)
+    print(f"process {state.process_index + 1}/{state.num_processes}: {len(mine)} of {len(prompts)} prompts, "
+          f"{missing} images to make", flush=True)
+    if missing:
+        pipe = load_pipeline(args, is_sdxl, device, dtype)
+        progress = tqdm(total=missing, desc="images", disable=not state.is_main_process)
+        generate_missing(pipe, args, prompts, mine, "base", progress)
+        if args.lora is not None:
+            pipe.load_lora_weights(args.lora, adapter_name="tuned")
+            pipe.set_adapters(["tuned"], adapter_weights=[args.lora_scale])
+            generate_missing(pipe, args, prompts, mine, "tuned", progress)
+        progress.close()
+        del pipe
+    reward_fns = {name: rewards.build_reward(name, device=device, dtype=dtype, **options) for name in names}
+    scores = score_images(reward_fns, args, prompts, mine, variants, device)
+    gathered = gather_object([scores])  # one dict per process
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return None
+    merged = {i: values for part in gathered for i, values in part.items()}
+    result = summarize(merged, prompts, styles, names, variants, settings)
+    with open(os.path.join(args.output_dir, "eval.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=1)
+    with open(os.path.join(args.output_dir, "table.md"), "w", encoding="utf-8") as f:
+        f.write(markdown_table(result, args))
+    if args.grid_prompts:
+        save_comparison_grid(args, list(range(min(args.grid_prompts, len(prompts)))), variants,
+                             os.path.join(args.output_dir, "grid.png"))
+    print(markdown_table(result, args))
+    return result
+
+
+def cli(argv=None):
+    """Bad input (UsageError, RewardLoadError) is one line on stderr and exit code 2."""
+    try:
+        main(build_parser().parse_args(argv))
+    except (UsageError, rewards.RewardLoadError) as error:
+        print(f"evaluate.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -1,0 +1,196 @@
+"""evaluate.py end to end on the tiny pipelines and tiny reward models: images from the plain diffusers pipeline with
+the same seeds with and without the LoRA, eval.json per prompt / style / mean, the Table 1 markdown, the grid, a rerun
+that generates only what is missing, several processes giving what one gives, and its copies of the scaffold."""
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tiny_rewards
+import torch
+from conftest import ROOT, STYLES, TINY_SD, TINY_SDXL, tiny_argv
+
+import drtune
+import evaluate
+
+REWARDS = "hpsv21,pickscore,aesthetic,clipscore,symmetry,compressibility"
+COPIED = ["UsageError", "OneLineParser", "is_hub_id", "load_config_or_fail", "PROMPT_FILE_TYPES", "PROMPT_FIELDS",
+          "HPSV2_DATASET", "HPSV2_STYLES", "PROMPT_SETS", "prompts_of_json", "hpsv2_file", "hpsv2_prompts",
+          "read_prompt_set", "prompts_from_dataset", "apply_template"]
+
+
+def top_level(path):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    out = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            out[node.name] = ast.get_source_segment(text, node)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            out[node.targets[0].id] = ast.get_source_segment(text, node)
+    return out
+
+
+def test_copies_of_the_scaffold_are_identical():
+    """evaluate.py reads prompts exactly as the training scripts do (it duplicates, never imports, a script)."""
+    ours, scaffold = top_level(os.path.join(ROOT, "evaluate.py")), top_level(os.path.join(ROOT, "drtune.py"))
+    for name in COPIED:
+        assert ours[name] == scaffold[name], name
+
+
+@pytest.fixture(scope="module")
+def reward_options(tmp_path_factory):
+    options = tiny_rewards.reward_options(tmp_path_factory.mktemp("rewards"))
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+def make_lora(model, output_dir):
+    """A LoRA as the training scripts save it (random B, so that it changes the images)."""
+    args = drtune.parse_args(tiny_argv(model, "unused", num_trained_steps=2, early_stop_max=2))
+    models = drtune.load_models(args, drtune.check_arguments(args), torch.device("cpu"), torch.float32)
+    drtune.add_lora(models.unet, args)
+    with torch.no_grad():
+        for name, p in models.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
+    drtune.save_lora(models.unet, models.is_sdxl, str(output_dir))
+    return str(output_dir)
+
+
+def eval_argv(model, lora, output_dir, **overrides):
+    flags = dict(pretrained_model_name_or_path=model, lora=lora, lora_scale=0.7, seed=0, resolution=32,
+                 num_inference_steps=2, batch_size=3, output_dir=output_dir, rewards="symmetry,compressibility")
+    flags.update(overrides)
+    return [item for k, v in flags.items() if v is not None for item in (f"--{k}", str(v))]
+
+
+def pixels(path):
+    from PIL import Image
+    with Image.open(path) as image:
+        return np.array(image.convert("RGB"))
+
+
+def test_end_to_end_on_the_benchmark_prompts(tiny_model, hpdv2, reward_options, tmp_path):
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    lora, out = make_lora(tiny_model, tmp_path / "lora"), str(tmp_path / "eval")
+    args = evaluate.build_parser().parse_args(eval_argv(
+        tiny_model, lora, out, prompts=f"hpsv2-benchmark:{hpdv2}", num_prompts=8, rewards=REWARDS,
+        reward_options=reward_options))
+    result = evaluate.main(args)
+    with open(os.path.join(out, "eval.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(result))
+    names = REWARDS.split(",")
+    benchmark, styles = drtune.read_prompt_set(f"hpsv2-benchmark:{hpdv2}")
+    assert [r["prompt"] for r in result["per_prompt"]] == benchmark[:8]
+    assert [r["style"] for r in result["per_prompt"]] == styles[:8] == list(STYLES) * 2
+    for name in names:
+        for variant in ("base", "tuned"):
+            values = [r[variant][name] for r in result["per_prompt"]]
+            assert result["mean"][variant][name] == pytest.approx(np.mean(values))
+            for i, style in enumerate(STYLES):  # prompts i and i + 4 are the style's two
+                assert result["per_style"][style][variant][name] == pytest.approx(np.mean(values[i::4]))
+        assert result["mean"]["base"][name] != result["mean"]["tuned"][name]
+    assert result["scale"]["hpsv21"] == 100 and result["scale"]["pickscore"] == 0.01
+
+    # the images are the plain pipeline's, seeded per prompt, without and with the LoRA at the given scale
+    cls = StableDiffusionXLPipeline if tiny_model == TINY_SDXL else StableDiffusionPipeline
+    pipe = cls.from_pretrained(tiny_model)
+    kwargs = dict(num_inference_steps=2, height=32, width=32, guidance_scale=args.guidance_scale)
+    seed = evaluate.image_seed(0, 5)
+    assert result["per_prompt"][5]["seed"] == seed
+    base = pipe(benchmark[5], generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+    # batch 3 there, 1 here: the same image up to the rounding of batched kernels
+    assert np.abs(np.array(base).astype(int) - pixels(evaluate.image_path(out, "base", 5))).max() <= 1
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora(lora_scale=0.7)  # the README's way to use the LoRA at scale 0.7
+    tuned = pipe(benchmark[5], generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+    assert np.abs(np.array(tuned).astype(int) - pixels(evaluate.image_path(out, "tuned", 5))).max() <= 1
+    assert not np.array_equal(np.array(tuned), np.array(base))
+
+    with open(os.path.join(out, "table.md")) as f:
+        table = f.read()
+    assert "| Model | HPS v2.1 ↑ | PickScore ↑ | Aesthetic Score ↑ | CLIPScore ↑ | Symmetry ↓ | Compression error ↓ |" \
+        in table
+    hps, pick = (f"{result['mean']['tuned'][n] * s:.4g}" for n, s in (("hpsv21", 100), ("pickscore", 0.01)))
+    assert f"| tuned (LoRA scale 0.7) | {hps} | {pick} |" in table
+    assert "HPS v2.1 ↑ per style:" in table and "| Model | anime | concept-art | paintings | photo | mean |" in table
+    from PIL import Image
+    with Image.open(os.path.join(out, "grid.png")) as grid:
+        assert grid.size == (8 * 32, 2 * 32)
+
+
+def test_rerun_generates_only_what_is_missing(tmp_path, monkeypatch):
+    lora, out = make_lora(TINY_SD, tmp_path / "lora"), str(tmp_path / "eval")
+    (tmp_path / "p.txt").write_text("a cat\na dog\na red car\na blue boat\na tree\n")
+    argv = eval_argv(TINY_SD, lora, out, prompts=tmp_path / "p.txt", grid_prompts=2)
+    first = evaluate.main(evaluate.build_parser().parse_args(argv))
+    assert first["per_prompt"][0]["base"].keys() == {"symmetry", "compressibility"} and "per_style" not in first
+    kept = pixels(evaluate.image_path(out, "tuned", 3))
+    os.remove(evaluate.image_path(out, "tuned", 3))
+    made, generate = [], evaluate.generate_missing
+
+    def spy(pipe, args, prompts, indices, variant, progress):
+        made.extend((variant, i) for i in indices if not os.path.isfile(evaluate.image_path(out, variant, i)))
+        return generate(pipe, args, prompts, indices, variant, progress)
+
+    monkeypatch.setattr(evaluate, "generate_missing", spy)
+    second = evaluate.main(evaluate.build_parser().parse_args(argv))
+    assert made == [("tuned", 3)] and np.array_equal(pixels(evaluate.image_path(out, "tuned", 3)), kept)
+    assert second == first
+    monkeypatch.setattr(evaluate, "load_pipeline", lambda *a: pytest.fail("nothing was missing"))
+    third = evaluate.main(evaluate.build_parser().parse_args(argv + ["--rewards", "symmetry"]))  # rescoring only
+    assert third["mean"]["tuned"]["symmetry"] == first["mean"]["tuned"]["symmetry"]
+    with pytest.raises(evaluate.UsageError, match=r"holds images made with other settings: seed 1 \(saved: 0\)"):
+        evaluate.main(evaluate.build_parser().parse_args(argv + ["--seed", "1"]))
+
+
+def test_two_processes_give_what_one_gives(tmp_path):
+    """torchrun with 2 CPU processes: prompt i made and scored by process i % 2, gathered; the same images and
+    eval.json as one process (batch 1 in both, so that the same kernels run)."""
+    lora = make_lora(TINY_SD, tmp_path / "lora")
+    (tmp_path / "p.txt").write_text("a cat\na dog\na red car\n")
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"),
+                    *eval_argv(TINY_SD, lora, one, prompts=tmp_path / "p.txt", batch_size=1)], check=True, env=env, timeout=300)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29533", os.path.join(ROOT, "evaluate.py"),
+                          *eval_argv(TINY_SD, lora, two, prompts=tmp_path / "p.txt", batch_size=1)],
+                         check=True, env=env, timeout=300, capture_output=True, text=True)
+    assert "process 1/2: 2 of 3 prompts, 4 images to make" in run.stdout
+    assert "process 2/2: 1 of 3 prompts, 2 images to make" in run.stdout
+    results = []
+    for out in (one, two):
+        with open(os.path.join(out, "eval.json")) as f:
+            results.append(json.load(f))
+    assert results[0]["per_prompt"] == results[1]["per_prompt"] and results[0]["mean"] == results[1]["mean"]
+    for variant in ("base", "tuned"):
+        for i in range(3):
+            assert np.array_equal(pixels(evaluate.image_path(one, variant, i)),
+                                  pixels(evaluate.image_path(two, variant, i)))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(rewards="symmetry,nosuch"), "unknown reward 'nosuch'"),
+    (dict(rewards="symmetry:1,clipscore:0.1"), "give reward names"),
+    (dict(lora="/no/such/lora"), "--lora: no such folder"),
+    (dict(lora="EMPTY"), "no pytorch_lora_weights.safetensors"),
+    (dict(prompt_template="books"), "has no {}"),
+    (dict(pretrained_model_name_or_path="/no/such/model"), "local path '/no/such/model' does not exist"),
+    (dict(prompts="/no/such/prompts.txt"), "--prompts /no/such/prompts.txt: no such file"),
+    (dict(lora_scale=-1), "--lora_scale must be"),
+])
+def test_bad_input_is_one_line_before_any_model(overrides, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    if overrides.get("lora") == "EMPTY":
+        (tmp_path / "empty").mkdir()
+        overrides["lora"] = str(tmp_path / "empty")
+    flags = dict(dict(prompts=tmp_path / "p.txt", lora=None), **overrides)
+    code = evaluate.cli(eval_argv(flags.pop("pretrained_model_name_or_path", TINY_SD), flags.pop("lora"),
+                                  str(tmp_path / "out"), **flags))
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("evaluate.py: error: ") and message in err and err.count("\n") == 1
