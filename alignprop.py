@@ -37,7 +37,8 @@ Choices where the sources leave room:
 - `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,
   batch 32, lr 2e-5, clip 0.1, LoRA rank 128, fp16 frozen weights, gradient checkpointing, HPS v2.1) with the
   paper's "gradient accumulation of 2 steps in AlignProp" (its other methods: 8 GPUs x 4; AlignProp: 8 GPUs x 2 x
-  accumulation 2, the same 32). On one GPU that is batch 2 x accumulation 16. The official code's own recipe
+  accumulation 2, the same 32). On one GPU that is batch 2 x accumulation 16; HPS v2's training prompts
+  (hpsv2-train), grids from the HPS v2 benchmark (evaluate.py scores a LoRA on all 400). The official code's own recipe
   (config/align_prop.py: lr 1e-3, clip 5, loss scale 0.01, batch 128) is not a preset: the DRTune paper compares
   in its unified setting.
 - Fig. 6's caption reads "can also benefit from early stop"; Sec. 4.2's text and Fig. 7 make it the stop-gradient

@@ -24,7 +24,8 @@ Choices where the sources leave room:
 - The variant flag is --draft_variant: the scaffold's --variant already names the weights variant (e.g. fp16).
 - `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,
   batch 32, lr 2e-5, clip 0.1, LoRA rank 128, fp16 frozen weights, HPS v2.1) with DRaFT-10; `--preset paper-lv`
-  the same with DRaFT-LV, n = 2.
+  the same with DRaFT-LV, n = 2. Both train on HPS v2's training prompts (hpsv2-train) and draw the grids from the
+  HPS v2 benchmark; evaluate.py scores a LoRA on all 400 benchmark prompts, as Table 1 does.
 - DRaFT-LV sums the n rewards (loss = -sum_j mean_b r_jb), as DRaFT's DRaFT-LV algorithm accumulates the n
   gradients; a mean would differ only by the factor n, which Adam absorbs except against the clip threshold. The
   logged reward is the mean over the n copies, so that it reads on the scale of the other methods (and the logged

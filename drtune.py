@@ -13,6 +13,16 @@ early at a random t_min in [1, m], where x_0 is predicted from x_t and the model
 Knobs that matter: --num_trained_steps (K, paper 5 of 50; 3 of 25 for SDXL), --early_stop_max (m, about
 0.4 T), --sampler (the paper: DDPM for SD1.5, DPM-Solver++ for SDXL), --reward, --learning_rate.
 
+The paper's protocol (Sec. 4.1), which the presets follow: training prompts from HPS v2's training set
+(--train_prompts hpsv2-train), rewards on images down-sampled to 224 px, evaluation on 400 prompts of the HPS v2
+benchmark, 100 per style (hpsv2-benchmark: the grids show its first --num_eval_prompts; evaluate.py scores all 400
+and writes Table 1's layout). sd15-paper trains HPS v2.1 (--reward for Table 1's other columns); sd15-symmetry adds
+the CLIPScore regularizer the paper always uses with symmetry (weight 1, chosen from the two terms' scales: see
+PRESETS; --reward symmetry for none); sd15-objectness trains on "[concept], and books." prompts (--prompt_template
+"{}, and books."). Where it cannot follow the paper: the training budget there is wall-clock (2 hours on 4 A100s),
+here --max_train_steps; the objectness concepts are not published (the HPS v2 prompts stand in); the HPS v2 file
+layout of the hub dataset (train.json at its top) is the HPS v2 README's, not checked here.
+
 Reading of Alg. 1 l.6-7. As printed, the offset s = randint(1, T - K floor(T/K)) has an empty range when K
 divides T (the paper's own 50/5), and offsets below t_min train steps that never run. Here the K steps are
 equally spaced over the steps that actually run (t = t_min..T, n = T - t_min + 1 of them): spacing
@@ -24,6 +34,13 @@ are trained every update, and with t_min = 1 and K dividing T this is the paper'
     accelerate launch --num_processes 8 drtune.py --preset sd15-paper --reward hpsv21 --gradient_accumulation_steps 1
     # FDXL: SDXL 1.0 on HPS v2.1 (the paper: 8 GPUs x batch 2 x accumulation 4)
     accelerate launch --num_processes 8 drtune.py --preset sdxl-paper
+    # Table 1's symmetry and objectness columns
+    python drtune.py --preset sd15-symmetry
+    python drtune.py --preset sd15-objectness
+    # score the LoRA on the 400 HPS v2 benchmark prompts (Table 1's layout; the FDXL LoRA at --lora_scale 0.7)
+    python evaluate.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --lora outputs/run --prompts hpsv2-benchmark \
+        --rewards hpsv21,pickscore,aesthetic,clipscore,symmetry,compressibility
     # the CPU demo on the tiny model shipped in tiny_models/ (about a minute; symmetry improves)
     python drtune.py --preset demo
 """

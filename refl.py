@@ -19,6 +19,9 @@ Knobs that matter: --stop_range (the DRTune paper's ReFL-10 and ReFL-20: 10 or 2
 Choices where the sources leave room:
 - `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,
   batch 32, lr 2e-5, clip 0.1, LoRA rank 128, fp16 frozen weights, HPS v2.1), with stop_range 10 (ReFL-10).
+  Both presets train on HPS v2's training prompts (hpsv2-train; the official ReFL used ImageReward's own prompts:
+  pass them with --train_prompts) and draw the grids from the HPS v2 benchmark; evaluate.py scores a LoRA on all
+  400 benchmark prompts, as Table 1 does.
 - `--preset refl-official` follows the official ImageReward code (scripts/train_refl.sh, ImageReward/ReFL.py):
   DDPM 40 steps, stop index in [30, 39] (stop_range 10 of 40), no classifier-free guidance, loss
   relu(2 - r) * 1e-3, lr 1e-5, clip 1, batch 64 (8 GPUs x 2 x accumulation 4), 100 steps, and its reward,
