@@ -26,7 +26,8 @@ What it does, and the choices made:
   not on the number of processes (and on the batch only through the rounding of batched kernels: at most one 8-bit
   level in the tests). The safety checker is off: its black images would be scored.
 - Resumable: images/base/NNNNN.png and images/tuned/NNNNN.png (NNNNN the prompt's index), each written to a
-  temporary name and renamed; a rerun generates only the missing ones. images/settings.json records what the images
+  temporary name and renamed; a rerun generates only the missing ones, each in the batch an uninterrupted run makes
+  it in (so with the same pixels). images/settings.json records what the images
   depend on (model, LoRA, scale, prompts, seed, sampling, precision); a rerun with other settings in the same
   --output_dir is refused (scoring settings may change: scores are recomputed from the images every run).
 - Several processes (accelerate launch or torchrun): prompt i is generated and scored by process i % N; the scores
@@ -403,21 +404,26 @@ def check_settings(args, settings):
 
 
 def generate_missing(pipe, args, prompts, indices, variant, progress):
-    """Images of the prompts at `indices` not yet on disk, in batches, each written under a temporary name and
-    renamed (a crash leaves no truncated image behind)."""
-    todo = [i for i in indices if not os.path.isfile(image_path(args.output_dir, variant, i))]
+    """The images of the prompts at `indices` (this process's) not yet on disk. Batches are fixed slices of
+    `indices`, and a batch with an image missing is made again whole (only its missing images written), so that a
+    rerun makes an image in the batch an uninterrupted run makes it in: the same pixels, not just the same seed.
+    Each image is written under a temporary name and renamed (a crash leaves no truncated image behind)."""
     os.makedirs(os.path.dirname(image_path(args.output_dir, variant, 0)), exist_ok=True)
     size = {} if args.resolution is None else dict(height=args.resolution, width=args.resolution)
-    for start in range(0, len(todo), args.batch_size):
-        batch = todo[start:start + args.batch_size]
+    for start in range(0, len(indices), args.batch_size):
+        batch = indices[start:start + args.batch_size]
+        missing = [i for i in batch if not os.path.isfile(image_path(args.output_dir, variant, i))]
+        if not missing:
+            continue
         generators = [torch.Generator().manual_seed(image_seed(args.seed, i)) for i in batch]
         images = pipe([prompts[i] for i in batch], generator=generators, num_inference_steps=args.num_inference_steps,
                       guidance_scale=args.guidance_scale, **size).images
         for i, image in zip(batch, images):
-            path = image_path(args.output_dir, variant, i)
-            image.save(path + ".tmp.png")
-            os.replace(path + ".tmp.png", path)
-        progress.update(len(batch))
+            if i in missing:
+                path = image_path(args.output_dir, variant, i)
+                image.save(path + ".tmp.png")
+                os.replace(path + ".tmp.png", path)
+        progress.update(len(missing))
 
 
 def read_image(path):
