@@ -355,40 +355,59 @@ def encode_prompts(models, prompts, resolution):
 
 
 def predict_noise(unet, latents, t, cond, guidance_scale):
-    """Model output with classifier-free guidance; latents (B, C, h, w), cond of batch 2B."""
+    """Model output with classifier-free guidance; latents (B, C, h, w), t a scalar or one timestep per sample (B,),
+    cond of batch 2B."""
+    t = torch.as_tensor(t, device=latents.device)
     if guidance_scale <= 1:  # no guidance: the prompt half only
         half = {k: (v[len(latents):] if torch.is_tensor(v) else {n: x[len(latents):] for n, x in v.items()})
                 for k, v in cond.items()}
         return unet(latents, t, **half, return_dict=False)[0]
-    noise_uncond, noise_text = unet(torch.cat([latents] * 2), t, **cond, return_dict=False)[0].chunk(2)
+    t2 = t.repeat(2) if t.ndim else t  # the two halves of the batch share each sample's timestep
+    noise_uncond, noise_text = unet(torch.cat([latents] * 2), t2, **cond, return_dict=False)[0].chunk(2)
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
 def alphas_at(scheduler, t):
-    """abar_t and abar_prev of a DDPM/DDIM step with the scheduler's own conventions for the last step."""
-    abar = scheduler.alphas_cumprod
+    """abar_t and abar_prev of a DDPM/DDIM step with the scheduler's own conventions for the last step; t a scalar
+    or one timestep per sample (B,), the results of the same shape."""
+    abar, t = scheduler.alphas_cumprod, torch.as_tensor(t).cpu()
     if type(scheduler).__name__ == "DDIMScheduler":
         prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-        return abar[t], abar[prev] if prev >= 0 else scheduler.final_alpha_cumprod
-    prev = scheduler.previous_timestep(t)
-    return abar[t], abar[prev] if prev >= 0 else torch.tensor(1.0)
+        return abar[t], torch.where(prev >= 0, abar[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
+    if scheduler.num_inference_steps is None:  # DDPM's previous_timestep without a schedule
+        prev = t - 1
+    else:  # the next entry of the schedule (DDPM's previous_timestep, for every sample at once)
+        schedule = scheduler.timesteps.cpu()
+        following = torch.cat([schedule[1:], schedule.new_tensor([-1])])
+        found = schedule == t.reshape(-1, 1)  # (B, T)
+        if not found.any(1).all():
+            raise ValueError(f"timestep {t.tolist()} is not in the schedule {schedule.tolist()}")
+        prev = following[found.int().argmax(1)].reshape(t.shape)
+    return abar[t], torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.tensor(1.0))
+
+
+def per_sample(value, x):
+    """A scalar as it is, or one value per sample (B,) as (B, 1, 1, 1) to broadcast over x; on x's device."""
+    value = value.to(x.device)
+    return value.view(-1, *[1] * (x.ndim - 1)) if value.ndim else value
 
 
 def predict_x0_eps(scheduler, model_output, t, x):
-    """(x_0, eps) from the model output at x_t: linear in both."""
-    abar = scheduler.alphas_cumprod[t].to(x.device)
+    """(x_0, eps) from the model output at x_t: linear in both; t a scalar or (B,)."""
+    abar = per_sample(scheduler.alphas_cumprod[torch.as_tensor(t).cpu()], x)
     if scheduler.config.prediction_type == "v_prediction":
         return abar.sqrt() * x - (1 - abar).sqrt() * model_output, abar.sqrt() * model_output + (1 - abar).sqrt() * x
     return (x - (1 - abar).sqrt() * model_output) / abar.sqrt(), model_output
 
 
 def sampler_step(scheduler, model_output, t, x, noise, eta):
-    """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output.
-    DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal scheduler.step).
-    DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step, which is linear too."""
+    """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output; t a scalar or one
+    timestep per sample (B,). DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal
+    scheduler.step, row by row). DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step,
+    which is linear too (one scalar t)."""
     if type(scheduler).__name__ == "DPMSolverMultistepScheduler":
         return scheduler.step(model_output, t, x).prev_sample
-    abar_t, abar_prev = (a.to(x.device) for a in alphas_at(scheduler, t))
+    abar_t, abar_prev = (per_sample(a, x) for a in alphas_at(scheduler, t))
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     if type(scheduler).__name__ == "DDPMScheduler":
         sigma = variance.clamp(min=1e-20).sqrt()

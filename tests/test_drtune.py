@@ -45,6 +45,49 @@ def test_sampler_step_matches_scheduler_step(sampler, eta, prediction_type):
         torch.testing.assert_close(got, expected.prev_sample, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("sampler,eta,prediction_type", [("ddpm", 0.0, "epsilon"), ("ddim", 0.7, "epsilon"),
+                                                          ("ddim", 1.0, "v_prediction")])
+def test_per_sample_timesteps_match_scheduler_step_row_by_row(sampler, eta, prediction_type):
+    """sampler_step and predict_x0_eps take one timestep per sample (DPO, SPO): row i equals diffusers'
+    scheduler.step at t_i, the last step's conventions included."""
+    args = drtune.parse_args(tiny_argv(TINY_SD, "unused", sampler=sampler, eta=eta, num_inference_steps=25))
+    ours = drtune.make_scheduler(args)
+    ours.register_to_config(prediction_type=prediction_type)
+    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    reference = cls.from_pretrained(TINY_SD, subfolder="scheduler", clip_sample=False, prediction_type=prediction_type)
+    for s in (ours, reference):
+        s.set_timesteps(25)
+    t = reference.timesteps[[0, 24, 7, 24, 13]]  # the last step twice
+    x, model_output = torch.randn(5, 4, 8, 8) * 3, torch.randn(5, 4, 8, 8)
+    noise = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)])
+    got = drtune.sampler_step(ours, model_output, t, x, noise, eta)
+    x0 = drtune.predict_x0_eps(ours, model_output, t, x)[0]
+    for i, t_i in enumerate(t):
+        kwargs = dict(eta=eta) if sampler == "ddim" else {}
+        expected = reference.step(model_output[i:i + 1], t_i, x[i:i + 1], generator=torch.Generator().manual_seed(i),
+                                  **kwargs)
+        torch.testing.assert_close(got[i:i + 1], expected.prev_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x0[i:i + 1], expected.pred_original_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(drtune.sampler_step(ours, model_output[i:i + 1], int(t_i), x[i:i + 1],
+                                                       noise[i:i + 1], eta), got[i:i + 1])  # scalar t as before
+
+
+def rows_of(cond, rows):
+    """The rows of a conditioning dict (tensors and SDXL's added_cond_kwargs)."""
+    return {k: v[rows] if torch.is_tensor(v) else {n: x[rows] for n, x in v.items()} for k, v in cond.items()}
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_predict_noise_takes_one_timestep_per_sample(tiny_model, guidance):
+    args, models, _ = setup(tiny_model)
+    cond = drtune.encode_prompts(models, ["a cat", "a red bicycle"], args.resolution)
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([901, 341])
+    got = drtune.predict_noise(models.unet, x, t, cond, guidance)
+    for i in range(2):
+        expected = drtune.predict_noise(models.unet, x[i:i + 1], t[i], rows_of(cond, [i, 2 + i]), guidance)
+        torch.testing.assert_close(got[i:i + 1], expected, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("sampler,eta,guidance", [("ddpm", 0.0, 5.0), ("ddim", 0.0, 5.0), ("ddim", 1.0, 5.0),
                                                   ("dpmpp", 0.0, 5.0), ("ddim", 0.0, 1.0)])
 def test_sampling_reproduces_diffusers_pipeline(tiny_model, sampler, eta, guidance):
