@@ -219,6 +219,9 @@ def build_parser():
                    help="dtype of the frozen weights and autocast; trainable LoRA weights stay fp32 "
                         "(default: accelerate's config or launch flag)")
     g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--cache_prompt_embeds", action="store_true",
+                   help="encode every training and evaluation prompt once per run, then move the text encoders off "
+                        "the accelerator (for a finite prompt list)")
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--max_nonfinite_steps", type=int, default=20,
                    help="stop after this many updates in a row skipped for a NaN/inf loss or gradient")
@@ -339,7 +342,7 @@ def load_models(args, info, device, weight_dtype):
     force_zeros = info["model_index"].get("force_zeros_for_empty_prompt", info["is_sdxl"])
     return argparse.Namespace(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
                               is_sdxl=info["is_sdxl"], force_zeros_for_empty_prompt=force_zeros,
-                              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+                              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1), prompt_cache={})
 
 
 def make_scheduler(args):
@@ -364,33 +367,56 @@ def tokenize(tokenizer, prompts, device):
 
 
 @torch.no_grad()
-def encode_prompts(models, prompts, resolution):
-    """Conditioning of [negative; prompt] for classifier-free guidance, as the diffusers pipelines build it:
-    UNet keyword arguments with batch 2B."""
-    device, negatives = models.unet.device, [""] * len(prompts)
-    if not models.is_sdxl:
-        encoder = models.text_encoders[0]
-        embeds = encoder(tokenize(models.tokenizers[0], negatives + list(prompts), device))[0]  # (2B, 77, D)
-        return dict(encoder_hidden_states=embeds.to(models.unet.dtype))
-
-    def encode_sdxl(texts):  # penultimate states of both encoders side by side; pooled from encoder 2
+def encode_text(models, prompts, cache=False):
+    """Embeddings of the prompts alone, in the UNet's dtype and on its device: (B, 77, D) and, for SDXL, the pooled
+    (B, D2) of text encoder 2 (None for SD1.5). Each distinct prompt runs through the text encoders once, in one
+    batch; prompts in models.prompt_cache not at all. cache=True keeps the new ones there."""
+    device, dtype, new = models.unet.device, models.unet.dtype, {}
+    missing = [p for p in dict.fromkeys(prompts) if p not in models.prompt_cache]
+    if missing:
         states = []
         for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
-            out = encoder(tokenize(tokenizer, texts, device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-        return torch.cat(states, dim=-1), out[0]
+            out = encoder(tokenize(tokenizer, missing, encoder.device), output_hidden_states=models.is_sdxl)
+            # SDXL: penultimate states of both encoders side by side, pooled from encoder 2; SD1.5: the last states
+            states.append(out.hidden_states[-2] if models.is_sdxl else out[0])
+        embeds = torch.cat(states, dim=-1).to(device, dtype)
+        pooled = out[0].to(device, dtype) if models.is_sdxl else [None] * len(missing)
+        new = {p: (e, q) for p, e, q in zip(missing, embeds, pooled)}
+        if cache:
+            models.prompt_cache.update(new)
+    rows = [new[p] if p in new else models.prompt_cache[p] for p in prompts]
+    return torch.stack([e for e, _ in rows]), torch.stack([q for _, q in rows]) if models.is_sdxl else None
 
-    embeds, pooled = encode_sdxl(list(prompts))
-    if models.force_zeros_for_empty_prompt:
+
+def encode_prompts(models, prompts, resolution):
+    """Conditioning of [negative; prompt] for classifier-free guidance, as the diffusers pipelines build it:
+    UNet keyword arguments with batch 2B. The negative (the empty prompt) is encoded once per run."""
+    n = len(prompts)
+    embeds, pooled = encode_text(models, prompts)
+    if models.is_sdxl and models.force_zeros_for_empty_prompt:
         negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     else:
-        negative_embeds, negative_pooled = encode_sdxl(negatives)
+        negative_embeds, negative_pooled = (None if x is None else x.expand(n, *x.shape[1:])
+                                            for x in encode_text(models, [""], cache=True))
+    if not models.is_sdxl:
+        return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]))  # (2B, 77, D)
     # add_time_ids: original size, crop top-left, target size (we generate at the target size, uncropped)
-    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device)
-    dtype = models.unet.dtype
-    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]).to(dtype),
-                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]).to(dtype),
-                                       time_ids=time_ids.repeat(2 * len(prompts), 1).to(dtype)))
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=embeds.device)
+    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]),
+                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]),
+                                       time_ids=time_ids.repeat(2 * n, 1).to(embeds.dtype)))
+
+
+def cache_prompt_embeds(models, prompts, batch_size=32):
+    """--cache_prompt_embeds: encode each distinct prompt once for the whole run, then move the text encoders off
+    the accelerator (SDXL's two are 0.8 B parameters that training never runs). Returns the cache's MiB."""
+    distinct = list(dict.fromkeys(["", *prompts]))
+    for start in range(0, len(distinct), batch_size):
+        encode_text(models, distinct[start:start + batch_size], cache=True)
+    for encoder in models.text_encoders:
+        encoder.to("cpu")
+    tensors = [x for pair in models.prompt_cache.values() for x in pair if x is not None]
+    return sum(x.numel() * x.element_size() for x in tensors) / 2 ** 20
 
 
 def predict_noise(unet, latents, t, cond, guidance_scale):
@@ -884,6 +910,10 @@ def main(args):
                            num_processes=accelerator.num_processes), f, indent=2)
 
     models = load_models(args, info, device, weight_dtype)
+    if args.cache_prompt_embeds:
+        size = cache_prompt_embeds(models, args.train_prompt_list + args.eval_prompt_list)
+        accelerator.print(f"prompt embeddings cached: {len(models.prompt_cache)} prompts, {size:.1f} MiB; text "
+                          f"encoders moved to the CPU")
     scheduler = make_scheduler(args)
     reward_fn = rewards.build_reward(args.reward, device=device, dtype=weight_dtype, **info["reward_options"])
     preference_model = build_preference_model(reward_fn, args)

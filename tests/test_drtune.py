@@ -88,6 +88,44 @@ def test_predict_noise_takes_one_timestep_per_sample(tiny_model, guidance):
         torch.testing.assert_close(got[i:i + 1], expected, atol=1e-5, rtol=1e-5)
 
 
+# --- prompt encoding ---------------------------------------------------------------------------------
+
+def encoder_rows(models):
+    """Rows each text encoder call receives, in call order."""
+    rows = []
+    for encoder in models.text_encoders:
+        encoder.register_forward_pre_hook(lambda module, inputs: rows.append(len(inputs[0])))
+    return rows
+
+
+def test_prompts_encoded_once_per_batch_and_the_negative_once_per_run(tiny_model):
+    args, models, _ = setup(tiny_model)
+    rows = encoder_rows(models)
+    prompts = ["a cat", "a red bicycle", "a cat"]
+    cond = drtune.encode_prompts(models, prompts, args.resolution)
+    again = drtune.encode_prompts(models, prompts, args.resolution)
+    n = len(models.text_encoders)
+    if tiny_model == TINY_SD:  # two distinct prompts, then the negative "" once for the run
+        assert rows == [2, 1, 2]
+    else:  # SDXL's negatives are zeros (force_zeros_for_empty_prompt): no negative is encoded
+        assert rows == [2] * n * 2
+    assert cond["encoder_hidden_states"].shape[0] == 6
+    torch.testing.assert_close(cond, again)
+    torch.testing.assert_close(rows_of(cond, [3]), rows_of(cond, [5]))  # a repeated prompt, the same row
+
+
+def test_cached_prompt_embeds_equal_encoding_without_text_encoders(tiny_model):
+    args, models, _ = setup(tiny_model)
+    prompts = ["a cat", "a red bicycle"]
+    expected = drtune.encode_prompts(models, prompts, args.resolution)
+    models.prompt_cache.clear()
+    size = drtune.cache_prompt_embeds(models, prompts + ["a dog", "a cat"])
+    assert set(models.prompt_cache) == {"", "a cat", "a red bicycle", "a dog"} and size > 0
+    rows = encoder_rows(models)
+    torch.testing.assert_close(drtune.encode_prompts(models, prompts, args.resolution), expected)
+    assert rows == []  # the text encoders are not run again
+
+
 @pytest.mark.parametrize("sampler,eta,guidance", [("ddpm", 0.0, 5.0), ("ddim", 0.0, 5.0), ("ddim", 1.0, 5.0),
                                                   ("dpmpp", 0.0, 5.0), ("ddim", 0.0, 1.0)])
 def test_sampling_reproduces_diffusers_pipeline(tiny_model, sampler, eta, guidance):
