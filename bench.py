@@ -354,7 +354,8 @@ def worker(job):
 
 def prepare(job):
     """What main() of a script does before its loop: its flags parsed and checked (Skip if it refuses them),
-    accelerate, the models, LoRA (gradient checkpointing on the UNet if asked), AdamW; and this process's clock."""
+    accelerate, the models, LoRA (gradient checkpointing if asked, at the script's granularity), AdamW; and this
+    process's clock."""
     from accelerate import Accelerator
     script = importlib.import_module(job["module"])
     stderr = io.StringIO()
@@ -373,7 +374,7 @@ def prepare(job):
     models = script.load_models(args, info, device, weight_dtype)
     params = script.add_lora(models.unet, args)
     if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
+        script.enable_checkpointing(models.unet, models.vae, args.checkpointing_granularity)
     optimizer = accelerator.prepare(torch.optim.AdamW(
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon))
@@ -413,8 +414,6 @@ def measure(job):
                                                 **s.info["reward_options"]), counts)
     scheduler = script.make_scheduler(args)
     unet, vae = models.unet, models.vae
-    if args.gradient_checkpointing:  # as drtune.py: the decode runs with gradient too
-        vae.enable_gradient_checkpointing()
 
     def count_unet(module, inputs):  # inputs[0]: the latents (2B with CFG)
         grad = torch.is_grad_enabled()

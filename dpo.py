@@ -171,7 +171,7 @@ PRESETS = {
         dataset_name="yuvalkirstain/pickapic_v2", streaming=True, resolution=512, beta_dpo=5000.0,
         train_batch_size=8, gradient_accumulation_steps=16, learning_rate=1e-5, lr_scheduler="constant_with_warmup",
         lr_warmup_steps=500, max_train_steps=2000, rank=64, max_grad_norm=1.0, mixed_precision="fp16",
-        gradient_checkpointing=True, dataloader_num_workers=8, reward="pickscore", sampler="ddim",
+        gradient_checkpointing=True, checkpointing_granularity="block", dataloader_num_workers=8, reward="pickscore", sampler="ddim",
         num_inference_steps=50, guidance_scale=7.5, validation_steps=200, checkpointing_steps=500,
     ),
     # The same for SDXL at 1024 px with the fp16-fix VAE (the official run: Adafactor, full UNet).
@@ -180,7 +180,7 @@ PRESETS = {
         pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix", dataset_name="yuvalkirstain/pickapic_v2",
         streaming=True, resolution=1024, beta_dpo=5000.0, train_batch_size=2, gradient_accumulation_steps=64,
         learning_rate=1e-5, lr_scheduler="constant_with_warmup", lr_warmup_steps=500, max_train_steps=2000, rank=64,
-        max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, dataloader_num_workers=8,
+        max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, checkpointing_granularity="block", dataloader_num_workers=8,
         vae_encode_batch_size=4, reward="pickscore", sampler="dpmpp", num_inference_steps=25, guidance_scale=5.0,
         validation_steps=200, checkpointing_steps=500,
     ),
@@ -193,7 +193,7 @@ PRESETS = {
         sampler="dpmpp", num_inference_steps=25, guidance_scale=5.0, reward="pickscore", images_per_prompt=4,
         prompts_per_round=32, steps_per_round=25, ref_update_rate=0.1, pair_margin=0.0, beta_dpo=5000.0,
         train_batch_size=2, gradient_accumulation_steps=4, learning_rate=1e-5, max_train_steps=1000, rank=64,
-        max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, validation_steps=100,
+        max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, checkpointing_granularity="block", validation_steps=100,
         checkpointing_steps=100,
     ),
 }
@@ -261,7 +261,14 @@ def build_parser():
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="dtype of the frozen weights and autocast; trainable LoRA weights stay fp32 "
                         "(default: accelerate's config or launch flag)")
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass instead of keeping them (see "
+                        "--checkpointing_granularity)")
+    g.add_argument("--checkpointing_granularity", choices=["call", "block", "both"], default="call",
+                   help="with --gradient_checkpointing: call = each UNet call and VAE decode with gradient is one "
+                        "checkpoint (a trained step keeps only its input: the floor for backprop through a chain); "
+                        "block = diffusers' per-block checkpointing (lower peak inside one large call: DPO, SPO, few "
+                        "trained steps at full size); both = blocks checkpointed inside the call checkpoint")
     g.add_argument("--cache_prompt_embeds", action="store_true",
                    help="encode every training and evaluation prompt once per run, then move the text encoders off "
                         "the accelerator (for a finite prompt list)")
@@ -464,15 +471,42 @@ def cache_prompt_embeds(models, prompts, batch_size=32):
 
 def predict_noise(unet, latents, t, cond, guidance_scale):
     """Model output with classifier-free guidance; latents (B, C, h, w), t a scalar or one timestep per sample (B,),
-    cond of batch 2B."""
+    cond of batch 2B. One activation checkpoint when enable_checkpointing marked the UNet (see checkpointed)."""
     t = torch.as_tensor(t, device=latents.device)
     if guidance_scale <= 1:  # no guidance: the prompt half only
         half = {k: (v[len(latents):] if torch.is_tensor(v) else {n: x[len(latents):] for n, x in v.items()})
                 for k, v in cond.items()}
-        return unet(latents, t, **half, return_dict=False)[0]
+        return checkpointed(unet, lambda x: unet(x, t, **half, return_dict=False)[0], latents)
     t2 = t.repeat(2) if t.ndim else t  # the two halves of the batch share each sample's timestep
-    noise_uncond, noise_text = unet(torch.cat([latents] * 2), t2, **cond, return_dict=False)[0].chunk(2)
+    noise_uncond, noise_text = checkpointed(
+        unet, lambda x: unet(torch.cat([x] * 2), t2, **cond, return_dict=False)[0], latents).chunk(2)
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
+
+
+def checkpointed(module, fn, *inputs):
+    """fn(*inputs), a call of `module`, as one activation checkpoint when enable_checkpointing marked the module
+    and gradient is on: the forward keeps only the inputs, the backward recomputes the call. Non-reentrant, so
+    LoRA weights get their gradients even from detached inputs; the RNG state is preserved for the recomputation."""
+    if getattr(module, "checkpoint_calls", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
+
+
+def enable_checkpointing(unet, vae, granularity):
+    """--gradient_checkpointing at --checkpointing_granularity.
+    call: every UNet call and VAE decode with gradient is one checkpoint (predict_noise, decode): a trained step
+      keeps only its input latents, the floor for backpropagating through a chain of steps, for one more forward
+      per call. The backward of one call still holds all that call's activations at once.
+    block: diffusers' per-block checkpointing: every block's input and the operations between blocks stay (several
+      times the floor per trained step) but the backward holds one block's activations at a time.
+    both: the call checkpoint with the blocks checkpointed inside: the floor per step and the per-block peak, for a
+      third forward per call."""
+    if granularity in ("block", "both"):
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if granularity in ("call", "both"):
+        unet.checkpoint_calls = vae.checkpoint_calls = True
 
 
 def alphas_at(scheduler, t):
@@ -556,7 +590,7 @@ def initial_latents(models, args, batch_size, generator, device):
 
 
 def decode(vae, latents):
-    """Latents -> images (B, 3, H, W) in [0, 1], with gradient."""
+    """Latents -> images (B, 3, H, W) in [0, 1], with gradient (one checkpoint under enable_checkpointing)."""
     if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
@@ -566,7 +600,7 @@ def decode(vae, latents):
     # a VAE kept in fp32 (SDXL's overflows in fp16) must not be autocast back to half precision
     fp32 = vae.dtype == torch.float32
     with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images = checkpointed(vae, lambda z: vae.decode(z, return_dict=False)[0], latents.to(vae.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -911,6 +945,10 @@ def prompt_conditioning(models, prompts, resolution, time_ids=None):
                 added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids.to(embeds.device, embeds.dtype)))
 
 
+def unet_output(unet, noisy, timesteps, cond):
+    """The UNet's output without guidance, one checkpoint at --checkpointing_granularity call (see checkpointed)."""
+    return checkpointed(unet, lambda x: unet(x, timesteps, **cond, return_dict=False)[0], noisy)
+
 
 def noised(noise_scheduler, latents, generator, groups):
     """The forward process for `groups` stacked blocks of B latents (2: winners then losers, 1: winners alone):
@@ -970,14 +1008,14 @@ def algorithm_loss(models, noise_scheduler, unet, latents, prompts, time_ids, ge
     cond = prompt_conditioning(models, prompts, args.resolution, time_ids)
     if args.sft:  # the paper's SFT baseline: the diffusion loss on the winners alone
         noisy, timesteps, target = noised(noise_scheduler, latents[: len(prompts)], generator, groups=1)
-        error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
+        error = per_sample_error(unet_output(unet, noisy, timesteps, cond), target)
         return error.mean(), dict(model_error_w=error.mean().detach())
     cond = {k: (torch.cat([v, v]) if torch.is_tensor(v) else {n: torch.cat([x, x]) for n, x in v.items()})
             for k, v in cond.items()}
     noisy, timesteps, target = noised(noise_scheduler, latents, generator, groups=2)  # same noise and t per pair
-    model_error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
+    model_error = per_sample_error(unet_output(unet, noisy, timesteps, cond), target)
     with reference_unet(unet, None if reference is None else reference.adapter):
-        ref_error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
+        ref_error = per_sample_error(unet_output(unet, noisy, timesteps, cond), target)
     loss, logits = dpo_loss(model_error, ref_error, args.beta_dpo)
     model_w, model_l = model_error.detach().chunk(2)
     ref_w, ref_l = ref_error.chunk(2)
@@ -1119,7 +1157,7 @@ def main(args):
     params = add_lora(unet, args)
     reference = ReferenceLoRA(unet, args.ref_update_rate) if args.online and args.ref_update_rate > 0 else None
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        enable_checkpointing(unet, models.vae, args.checkpointing_granularity)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,

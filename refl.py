@@ -184,7 +184,14 @@ def build_parser():
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="dtype of the frozen weights and autocast; trainable LoRA weights stay fp32 "
                         "(default: accelerate's config or launch flag)")
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass instead of keeping them (see "
+                        "--checkpointing_granularity)")
+    g.add_argument("--checkpointing_granularity", choices=["call", "block", "both"], default="call",
+                   help="with --gradient_checkpointing: call = each UNet call and VAE decode with gradient is one "
+                        "checkpoint (a trained step keeps only its input: the floor for backprop through a chain); "
+                        "block = diffusers' per-block checkpointing (lower peak inside one large call: DPO, SPO, few "
+                        "trained steps at full size); both = blocks checkpointed inside the call checkpoint")
     g.add_argument("--cache_prompt_embeds", action="store_true",
                    help="encode every training and evaluation prompt once per run, then move the text encoders off "
                         "the accelerator (for a finite prompt list)")
@@ -387,15 +394,42 @@ def cache_prompt_embeds(models, prompts, batch_size=32):
 
 def predict_noise(unet, latents, t, cond, guidance_scale):
     """Model output with classifier-free guidance; latents (B, C, h, w), t a scalar or one timestep per sample (B,),
-    cond of batch 2B."""
+    cond of batch 2B. One activation checkpoint when enable_checkpointing marked the UNet (see checkpointed)."""
     t = torch.as_tensor(t, device=latents.device)
     if guidance_scale <= 1:  # no guidance: the prompt half only
         half = {k: (v[len(latents):] if torch.is_tensor(v) else {n: x[len(latents):] for n, x in v.items()})
                 for k, v in cond.items()}
-        return unet(latents, t, **half, return_dict=False)[0]
+        return checkpointed(unet, lambda x: unet(x, t, **half, return_dict=False)[0], latents)
     t2 = t.repeat(2) if t.ndim else t  # the two halves of the batch share each sample's timestep
-    noise_uncond, noise_text = unet(torch.cat([latents] * 2), t2, **cond, return_dict=False)[0].chunk(2)
+    noise_uncond, noise_text = checkpointed(
+        unet, lambda x: unet(torch.cat([x] * 2), t2, **cond, return_dict=False)[0], latents).chunk(2)
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
+
+
+def checkpointed(module, fn, *inputs):
+    """fn(*inputs), a call of `module`, as one activation checkpoint when enable_checkpointing marked the module
+    and gradient is on: the forward keeps only the inputs, the backward recomputes the call. Non-reentrant, so
+    LoRA weights get their gradients even from detached inputs; the RNG state is preserved for the recomputation."""
+    if getattr(module, "checkpoint_calls", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
+
+
+def enable_checkpointing(unet, vae, granularity):
+    """--gradient_checkpointing at --checkpointing_granularity.
+    call: every UNet call and VAE decode with gradient is one checkpoint (predict_noise, decode): a trained step
+      keeps only its input latents, the floor for backpropagating through a chain of steps, for one more forward
+      per call. The backward of one call still holds all that call's activations at once.
+    block: diffusers' per-block checkpointing: every block's input and the operations between blocks stay (several
+      times the floor per trained step) but the backward holds one block's activations at a time.
+    both: the call checkpoint with the blocks checkpointed inside: the floor per step and the per-block peak, for a
+      third forward per call."""
+    if granularity in ("block", "both"):
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if granularity in ("call", "both"):
+        unet.checkpoint_calls = vae.checkpoint_calls = True
 
 
 def alphas_at(scheduler, t):
@@ -479,7 +513,7 @@ def initial_latents(models, args, batch_size, generator, device):
 
 
 def decode(vae, latents):
-    """Latents -> images (B, 3, H, W) in [0, 1], with gradient."""
+    """Latents -> images (B, 3, H, W) in [0, 1], with gradient (one checkpoint under enable_checkpointing)."""
     if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
@@ -489,7 +523,7 @@ def decode(vae, latents):
     # a VAE kept in fp32 (SDXL's overflows in fp16) must not be autocast back to half precision
     fp32 = vae.dtype == torch.float32
     with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images = checkpointed(vae, lambda z: vae.decode(z, return_dict=False)[0], latents.to(vae.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -693,8 +727,7 @@ def main(args):
     unet = models.unet
     params = add_lora(unet, args)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        models.vae.enable_gradient_checkpointing()
+        enable_checkpointing(unet, models.vae, args.checkpointing_granularity)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -198,6 +199,40 @@ def test_stop_gradient_dpmpp_jacobian_is_a_scalar():
     torch.testing.assert_close(g2, c * v2, atol=1e-4, rtol=1e-4)
 
 
+# --- gradient checkpointing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("granularity,stop_grad_input", [("call", False), ("call", True), ("block", False),
+                                                         ("both", False)])
+def test_checkpointing_gives_the_gradients_of_plain_autograd(granularity, stop_grad_input):
+    """Backprop through every step of the chain and the decode (DRaFT-T, AlignProp; DRTune with stop-gradient):
+    with --gradient_checkpointing the LoRA gradients and the gradient at x_T equal plain autograd's."""
+    def gradients(checkpointing):
+        args, models, scheduler = setup(TINY_SD, sampler="ddpm", num_inference_steps=4)  # DDPM: noise at every step
+        params = drtune.add_lora(models.unet, args)
+        generator = torch.Generator().manual_seed(0)
+        for p in params:  # a LoRA away from its zero init, so that every LoRA weight has a gradient
+            p.data = torch.randn(p.shape, generator=generator) * 0.1
+        calls = Counter()
+        models.unet.register_forward_pre_hook(lambda m, a: calls.update(["unet"]))
+        models.vae.decoder.register_forward_pre_hook(lambda m, a: calls.update(["decode"]))
+        if checkpointing:
+            drtune.enable_checkpointing(models.unet, models.vae, granularity)
+        cond = drtune.encode_prompts(models, ["a cat", "a red bicycle"], args.resolution)
+        x_T = torch.randn(2, 4, 4, 4, generator=generator, requires_grad=True)
+        x0 = drtune.rollout(models.unet, scheduler, cond, x_T, torch.Generator().manual_seed(1), args,
+                            grad_steps=set(range(4)), stop_grad_input=stop_grad_input)
+        reward = drtune.rewards.build_reward("symmetry")(drtune.decode(models.vae, x0), ["a cat", "a red bicycle"])
+        reward.mean().backward()
+        return [p.grad for p in params] + [x_T.grad], calls
+
+    expected, plain_calls = gradients(False)
+    got, calls = gradients(True)
+    assert all(g.abs().sum() > 0 for g in expected)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    recomputed = 2 if granularity in ("call", "both") else 1  # a call checkpoint reruns the call in the backward
+    assert plain_calls == Counter(unet=4, decode=1) and calls == Counter(unet=4 * recomputed, decode=recomputed)
+
+
 # --- Alg. 1: which steps run and which train ---------------------------------------------------------
 
 def test_exactly_k_equally_spaced_steps_train_and_none_below_t_min():
@@ -296,12 +331,13 @@ def test_two_processes_end_with_identical_lora(tmp_path):
 
 # --- the CLI ---------------------------------------------------------------------------------------
 
-def test_bf16_mixed_precision_with_gradient_checkpointing_trains(tmp_path):
-    """Frozen weights in bf16, trainable LoRA weights in fp32, autocast around every forward."""
+def test_bf16_mixed_precision_with_gradient_checkpointing_and_cached_prompts_trains(tmp_path):
+    """Frozen weights in bf16, trainable LoRA weights in fp32, autocast around every forward (and around its
+    recomputation in the backward); prompt embeddings computed once for the run."""
     from safetensors.torch import load_file
     out = str(tmp_path / "bf16")
     row = drtune.main(drtune.parse_args(tiny_argv(TINY_SDXL, out, mixed_precision="bf16", gradient_checkpointing=True,
-                                                  **DRTUNE)))
+                                                  cache_prompt_embeds=True, **DRTUNE)))
     assert row["grad_norm"] > 0 and not row["skipped"]
     assert {t.dtype for t in load_file(os.path.join(out, "pytorch_lora_weights.safetensors")).values()} == {torch.float32}
 
