@@ -378,10 +378,9 @@ def encode_text(models, prompts, cache=False):
     """Embeddings of the prompts alone, in the UNet's dtype and on its device: (B, 77, D) and, for SDXL, the pooled
     (B, D2) of text encoder 2 (None for SD1.5). Each distinct prompt runs through the text encoders once, in one
     batch; prompts in models.prompt_cache not at all. cache=True keeps the new ones there."""
-    device, dtype, new = models.unet.device, models.unet.dtype, {}
-    missing = [p for p in dict.fromkeys(prompts) if p not in models.prompt_cache]
-    if missing:
-        states = []
+    new, missing = {}, [p for p in dict.fromkeys(prompts) if p not in models.prompt_cache]
+    if missing:  # (a diffusers model's .device and .dtype walk all its modules: only when there is work)
+        device, dtype, states = models.unet.device, models.unet.dtype, []
         for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
             out = encoder(tokenize(tokenizer, missing, encoder.device), output_hidden_states=models.is_sdxl)
             # SDXL: penultimate states of both encoders side by side, pooled from encoder 2; SD1.5: the last states
