@@ -2054,7 +2054,7 @@ def main_peers(args):
         os.makedirs(args.output_dir, exist_ok=True)
         runs = ", ".join(f"{r['label']}: {r['warmup']} warm-up + {r['iters']} timed updates" for r in rows)
         body = ["## Side by side with the public implementations (tiny SD1.5, 32 px, batch 2, LoRA rank 4, fp32)", "",
-                *header_lines(args, seconds, "CPU time of each one-thread process"),
+                *[line + "  " for line in header_lines(args, seconds, "CPU time of each one-thread process")],
                 f"Peers: TRL {trl_version} (AlignPropTrainer); diffusers' train_diffusion_dpo.py at commit "
                 f"{PEER_VERSIONS['diffusion_dpo'][:8]}" + (f"; not run: {'; '.join(missing)}" if missing else ""), "",
                 f"Each side trains with its own loop in a fresh process, {args.repeats} alternating repetitions; "
