@@ -31,9 +31,10 @@ Choices where the sources leave room:
   non-contiguous subset with the same per-step marginals ((i + 1) / 51), and gradients still reach every earlier
   trained step through the UNet inputs. Once per trajectory gives the truncated backpropagation the paper describes.
   r >= 1, so that every trajectory trains at least one step (the official range can train none).
-- Per-step gradient checkpointing: the official code wraps each UNet call in torch.utils.checkpoint; here
-  --gradient_checkpointing turns on the UNet's own (per block) checkpointing, which likewise recomputes each step's
-  activations in the backward pass and keeps only its inputs.
+- Per-step gradient checkpointing: the official code wraps each UNet call in torch.utils.checkpoint; so does
+  --gradient_checkpointing here (the scaffold's default --checkpointing_granularity call, the decode included): a
+  trained step keeps only its input latents for the backward, so memory grows by about one step's input per trained
+  step. --checkpointing_granularity block is diffusers' per-block checkpointing (every block's input kept).
 - `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,
   batch 32, lr 2e-5, clip 0.1, LoRA rank 128, fp16 frozen weights, gradient checkpointing, HPS v2.1) with the
   paper's "gradient accumulation of 2 steps in AlignProp" (its other methods: 8 GPUs x 4; AlignProp: 8 GPUs x 2 x
@@ -216,7 +217,17 @@ def build_parser():
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="dtype of the frozen weights and autocast; trainable LoRA weights stay fp32 "
                         "(default: accelerate's config or launch flag)")
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass instead of keeping them (see "
+                        "--checkpointing_granularity)")
+    g.add_argument("--checkpointing_granularity", choices=["call", "block", "both"], default="call",
+                   help="with --gradient_checkpointing: call = each UNet call and VAE decode with gradient is one "
+                        "checkpoint (a trained step keeps only its input: the floor for backprop through a chain); "
+                        "block = diffusers' per-block checkpointing (lower peak inside one large call: DPO, SPO, few "
+                        "trained steps at full size); both = blocks checkpointed inside the call checkpoint")
+    g.add_argument("--cache_prompt_embeds", action="store_true",
+                   help="encode every training and evaluation prompt once per run, then move the text encoders off "
+                        "the accelerator (for a finite prompt list)")
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--max_nonfinite_steps", type=int, default=20,
                    help="stop after this many updates in a row skipped for a NaN/inf loss or gradient")
@@ -542,7 +553,7 @@ def load_models(args, info, device, weight_dtype):
     force_zeros = info["model_index"].get("force_zeros_for_empty_prompt", info["is_sdxl"])
     return argparse.Namespace(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
                               is_sdxl=info["is_sdxl"], force_zeros_for_empty_prompt=force_zeros,
-                              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+                              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1), prompt_cache={})
 
 
 def make_scheduler(args):
@@ -567,70 +578,138 @@ def tokenize(tokenizer, prompts, device):
 
 
 @torch.no_grad()
+def encode_text(models, prompts, cache=False):
+    """Embeddings of the prompts alone, in the UNet's dtype and on its device: (B, 77, D) and, for SDXL, the pooled
+    (B, D2) of text encoder 2 (None for SD1.5). Each distinct prompt runs through the text encoders once, in one
+    batch; prompts in models.prompt_cache not at all. cache=True keeps the new ones there."""
+    new, missing = {}, [p for p in dict.fromkeys(prompts) if p not in models.prompt_cache]
+    if missing:  # (a diffusers model's .device and .dtype walk all its modules: only when there is work)
+        device, dtype, states = models.unet.device, models.unet.dtype, []
+        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+            out = encoder(tokenize(tokenizer, missing, encoder.device), output_hidden_states=models.is_sdxl)
+            # SDXL: penultimate states of both encoders side by side, pooled from encoder 2; SD1.5: the last states
+            states.append(out.hidden_states[-2] if models.is_sdxl else out[0])
+        embeds = torch.cat(states, dim=-1).to(device, dtype)
+        pooled = out[0].to(device, dtype) if models.is_sdxl else [None] * len(missing)
+        new = {p: (e, q) for p, e, q in zip(missing, embeds, pooled)}
+        if cache:
+            models.prompt_cache.update(new)
+    rows = [new[p] if p in new else models.prompt_cache[p] for p in prompts]
+    return torch.stack([e for e, _ in rows]), torch.stack([q for _, q in rows]) if models.is_sdxl else None
+
+
 def encode_prompts(models, prompts, resolution):
     """Conditioning of [negative; prompt] for classifier-free guidance, as the diffusers pipelines build it:
-    UNet keyword arguments with batch 2B."""
-    device, negatives = models.unet.device, [""] * len(prompts)
-    if not models.is_sdxl:
-        encoder = models.text_encoders[0]
-        embeds = encoder(tokenize(models.tokenizers[0], negatives + list(prompts), device))[0]  # (2B, 77, D)
-        return dict(encoder_hidden_states=embeds.to(models.unet.dtype))
-
-    def encode_sdxl(texts):  # penultimate states of both encoders side by side; pooled from encoder 2
-        states = []
-        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
-            out = encoder(tokenize(tokenizer, texts, device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-        return torch.cat(states, dim=-1), out[0]
-
-    embeds, pooled = encode_sdxl(list(prompts))
-    if models.force_zeros_for_empty_prompt:
+    UNet keyword arguments with batch 2B. The negative (the empty prompt) is encoded once per run."""
+    n = len(prompts)
+    embeds, pooled = encode_text(models, prompts)
+    if models.is_sdxl and models.force_zeros_for_empty_prompt:
         negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     else:
-        negative_embeds, negative_pooled = encode_sdxl(negatives)
+        negative_embeds, negative_pooled = (None if x is None else x.expand(n, *x.shape[1:])
+                                            for x in encode_text(models, [""], cache=True))
+    if not models.is_sdxl:
+        return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]))  # (2B, 77, D)
     # add_time_ids: original size, crop top-left, target size (we generate at the target size, uncropped)
-    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device)
-    dtype = models.unet.dtype
-    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]).to(dtype),
-                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]).to(dtype),
-                                       time_ids=time_ids.repeat(2 * len(prompts), 1).to(dtype)))
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=embeds.device)
+    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]),
+                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]),
+                                       time_ids=time_ids.repeat(2 * n, 1).to(embeds.dtype)))
+
+
+def cache_prompt_embeds(models, prompts, batch_size=32):
+    """--cache_prompt_embeds: encode each distinct prompt once for the whole run, then move the text encoders off
+    the accelerator (SDXL's two are 0.8 B parameters that training never runs). Returns the cache's MiB."""
+    distinct = list(dict.fromkeys(["", *prompts]))
+    for start in range(0, len(distinct), batch_size):
+        encode_text(models, distinct[start:start + batch_size], cache=True)
+    for encoder in models.text_encoders:
+        encoder.to("cpu")
+    tensors = [x for pair in models.prompt_cache.values() for x in pair if x is not None]
+    return sum(x.numel() * x.element_size() for x in tensors) / 2 ** 20
 
 
 def predict_noise(unet, latents, t, cond, guidance_scale):
-    """Model output with classifier-free guidance; latents (B, C, h, w), cond of batch 2B."""
+    """Model output with classifier-free guidance; latents (B, C, h, w), t a scalar or one timestep per sample (B,),
+    cond of batch 2B. One activation checkpoint when enable_checkpointing marked the UNet (see checkpointed)."""
+    t = torch.as_tensor(t, device=latents.device)
     if guidance_scale <= 1:  # no guidance: the prompt half only
         half = {k: (v[len(latents):] if torch.is_tensor(v) else {n: x[len(latents):] for n, x in v.items()})
                 for k, v in cond.items()}
-        return unet(latents, t, **half, return_dict=False)[0]
-    noise_uncond, noise_text = unet(torch.cat([latents] * 2), t, **cond, return_dict=False)[0].chunk(2)
+        return checkpointed(unet, lambda x: unet(x, t, **half, return_dict=False)[0], latents)
+    t2 = t.repeat(2) if t.ndim else t  # the two halves of the batch share each sample's timestep
+    noise_uncond, noise_text = checkpointed(
+        unet, lambda x: unet(torch.cat([x] * 2), t2, **cond, return_dict=False)[0], latents).chunk(2)
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
+def checkpointed(module, fn, *inputs):
+    """fn(*inputs), a call of `module`, as one activation checkpoint when enable_checkpointing marked the module
+    and gradient is on: the forward keeps only the inputs, the backward recomputes the call. Non-reentrant, so
+    LoRA weights get their gradients even from detached inputs; the RNG state is preserved for the recomputation."""
+    if getattr(module, "checkpoint_calls", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
+
+
+def enable_checkpointing(unet, vae, granularity):
+    """--gradient_checkpointing at --checkpointing_granularity.
+    call: every UNet call and VAE decode with gradient is one checkpoint (predict_noise, decode): a trained step
+      keeps only its input latents, the floor for backpropagating through a chain of steps, for one more forward
+      per call. The backward of one call still holds all that call's activations at once.
+    block: diffusers' per-block checkpointing: every block's input and the operations between blocks stay (several
+      times the floor per trained step) but the backward holds one block's activations at a time.
+    both: the call checkpoint with the blocks checkpointed inside: the floor per step and the per-block peak, for a
+      third forward per call."""
+    if granularity in ("block", "both"):
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if granularity in ("call", "both"):
+        unet.checkpoint_calls = vae.checkpoint_calls = True
+
+
 def alphas_at(scheduler, t):
-    """abar_t and abar_prev of a DDPM/DDIM step with the scheduler's own conventions for the last step."""
-    abar = scheduler.alphas_cumprod
+    """abar_t and abar_prev of a DDPM/DDIM step with the scheduler's own conventions for the last step; t a scalar
+    or one timestep per sample (B,), the results of the same shape."""
+    abar, t = scheduler.alphas_cumprod, torch.as_tensor(t).cpu()
     if type(scheduler).__name__ == "DDIMScheduler":
         prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-        return abar[t], abar[prev] if prev >= 0 else scheduler.final_alpha_cumprod
-    prev = scheduler.previous_timestep(t)
-    return abar[t], abar[prev] if prev >= 0 else torch.tensor(1.0)
+        return abar[t], torch.where(prev >= 0, abar[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
+    if scheduler.num_inference_steps is None:  # DDPM's previous_timestep without a schedule
+        prev = t - 1
+    else:  # the next entry of the schedule (DDPM's previous_timestep, for every sample at once)
+        schedule = scheduler.timesteps.cpu()
+        following = torch.cat([schedule[1:], schedule.new_tensor([-1])])
+        found = schedule == t.reshape(-1, 1)  # (B, T)
+        if not found.any(1).all():
+            raise ValueError(f"timestep {t.tolist()} is not in the schedule {schedule.tolist()}")
+        prev = following[found.int().argmax(1)].reshape(t.shape)
+    return abar[t], torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.tensor(1.0))
+
+
+def per_sample(value, x):
+    """A scalar as it is, or one value per sample (B,) as (B, 1, 1, 1) to broadcast over x; on x's device."""
+    value = value.to(x.device)
+    return value.view(-1, *[1] * (x.ndim - 1)) if value.ndim else value
 
 
 def predict_x0_eps(scheduler, model_output, t, x):
-    """(x_0, eps) from the model output at x_t: linear in both."""
-    abar = scheduler.alphas_cumprod[t].to(x.device)
+    """(x_0, eps) from the model output at x_t: linear in both; t a scalar or (B,)."""
+    abar = per_sample(scheduler.alphas_cumprod[torch.as_tensor(t).cpu()], x)
     if scheduler.config.prediction_type == "v_prediction":
         return abar.sqrt() * x - (1 - abar).sqrt() * model_output, abar.sqrt() * model_output + (1 - abar).sqrt() * x
     return (x - (1 - abar).sqrt() * model_output) / abar.sqrt(), model_output
 
 
 def sampler_step(scheduler, model_output, t, x, noise, eta):
-    """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output.
-    DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal scheduler.step).
-    DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step, which is linear too."""
+    """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output; t a scalar or one
+    timestep per sample (B,). DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal
+    scheduler.step, row by row). DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step,
+    which is linear too (one scalar t)."""
     if type(scheduler).__name__ == "DPMSolverMultistepScheduler":
         return scheduler.step(model_output, t, x).prev_sample
-    abar_t, abar_prev = (a.to(x.device) for a in alphas_at(scheduler, t))
+    abar_t, abar_prev = (per_sample(a, x) for a in alphas_at(scheduler, t))
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     if type(scheduler).__name__ == "DDPMScheduler":
         sigma = variance.clamp(min=1e-20).sqrt()
@@ -671,7 +750,7 @@ def initial_latents(models, args, batch_size, generator, device):
 
 
 def decode(vae, latents):
-    """Latents -> images (B, 3, H, W) in [0, 1], with gradient."""
+    """Latents -> images (B, 3, H, W) in [0, 1], with gradient (one checkpoint under enable_checkpointing)."""
     if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
@@ -681,7 +760,7 @@ def decode(vae, latents):
     # a VAE kept in fp32 (SDXL's overflows in fp16) must not be autocast back to half precision
     fp32 = vae.dtype == torch.float32
     with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images = checkpointed(vae, lambda z: vae.decode(z, return_dict=False)[0], latents.to(vae.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -1121,14 +1200,17 @@ def main(args):
                            num_processes=accelerator.num_processes), f, indent=2)
 
     models = load_models(args, info, device, weight_dtype)
+    if args.cache_prompt_embeds:
+        size = cache_prompt_embeds(models, args.train_prompt_list + args.eval_prompt_list)
+        accelerator.print(f"prompt embeddings cached: {len(models.prompt_cache)} prompts, {size:.1f} MiB; text "
+                          f"encoders moved to the CPU")
     scheduler = make_scheduler(args)
     reward_fn = rewards.build_reward(args.reward, device=device, dtype=weight_dtype, **info["reward_options"])
     set_seed(args.seed)  # the same LoRA init on every process
     unet = models.unet
     params = add_lora(unet, args)
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        models.vae.enable_gradient_checkpointing()
+        enable_checkpointing(unet, models.vae, args.checkpointing_granularity)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,

@@ -34,6 +34,15 @@ a configuration that a script refuses (its flags or its argument checks) is repo
     python bench.py --spo                          # SPO: s/trajectory, s/training step and memory, batch 1..4
     python bench.py --dpo --full_size sdxl         # GPU: the same at 1024 px on a random-weight SDXL
     python bench.py --fig7 --quick --output_dir /tmp/b; python bench.py --table1 --quick --output_dir /tmp/b
+    python bench.py --gradient_checkpointing       # the sweep with --gradient_checkpointing (its own section)
+    python bench.py --checkpointing                # MiB per trained step and time of each checkpointing granularity
+    # side by side with TRL 0.23.1's AlignPropTrainer and diffusers' train_diffusion_dpo.py (see PEER_VERSIONS),
+    # installed in another interpreter (a venv that also sees this repo's requirements):
+    python bench.py --peers --peer_python /tmp/peers/bin/python --peer_dpo_script /tmp/peers/train_diffusion_dpo.py
+
+The GPU sections, all in one go on one GPU (each replaces its placeholder in BENCHMARKS.md):
+
+    for m in sd15 sdxl; do for mode in "" --dpo --spo; do python bench.py --full_size $m $mode || break 2; done; done
 """
 
 import argparse
@@ -54,6 +63,7 @@ import re
 import shlex
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -107,14 +117,13 @@ CLIP_BIGG = dict(  # OpenCLIP ViT-bigG/14 text tower with projection (SDXL text_
 # The tokenizer, scheduler config and model_index.json come from tiny_models/<name>: only token ids matter.
 FULL_SIZE = {
     "sd15": dict(title="SD1.5 (512 px)", unet=SD15_UNET, vae=dict(SD_VAE, sample_size=512, scaling_factor=0.18215),
-                 text_encoders=[CLIP_L], T=50, K=5,
+                 text_encoders=[CLIP_L], T=50, K=5, batch=8, goal_gib=20,
                  flags=["--resolution", "512", "--reward_resolution", "224", "--sampler", "ddpm",
                         "--guidance_scale", "7.5"]),
     "sdxl": dict(title="SDXL (1024 px)", unet=SDXL_UNET, vae=dict(SD_VAE, sample_size=1024, scaling_factor=0.13025),
-                 text_encoders=[CLIP_L, CLIP_BIGG], T=25, K=3,
+                 text_encoders=[CLIP_L, CLIP_BIGG], T=25, K=3, batch=1, goal_gib=24,
                  flags=["--resolution", "1024", "--sampler", "dpmpp", "--guidance_scale", "5.0"]),
 }
-MEMORY_GOAL_GIB = 24  # the issue's goal: SDXL at 1024 trains under 24 GiB
 
 
 def full_size_models(name, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407):
@@ -171,6 +180,17 @@ def parse_args(argv=None):
                         help="default: no, and bf16 for --full_size on a GPU")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="in the sweep (full size: always, as the paper)")
+    parser.add_argument("--checkpointing_granularity", choices=["call", "block", "both"], default="call",
+                        help="the scripts' --checkpointing_granularity, with --gradient_checkpointing")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="its own section: memory per trained step (next to the floor, one step's input) and "
+                             "time of every checkpointing granularity and none, full backprop against T and one "
+                             "trained call, tiny SD1.5 at 128 px")
+    parser.add_argument("--malloc_mmap_threshold", type=int, default=None,
+                        help="CPU: glibc's M_MMAP_THRESHOLD (bytes) for the measured processes, so that freed large "
+                             "tensors go back to the system and the resident set follows live memory instead of heap "
+                             "fragmentation (costs a page fault per large allocation); default: glibc's own, and "
+                             "65536 for --checkpointing")
     parser.add_argument("--iters", type=int, default=None,
                         help="timed iterations per configuration; the median is reported (default 3; --dpo 10, "
                              "--spo 5 on the tiny models)")
@@ -218,9 +238,27 @@ def parse_args(argv=None):
                            "of training, against the batch of prompts, tiny SD1.5 (k=4) and SDXL (k=2, 3 inner steps)")
     pref.add_argument("--batch_sizes", type=int, nargs="+", default=None,
                       help="B of --dpo / --spo (default: DPO 1 2 4 8, SPO 1 2 4; --quick 1 2)")
+    peers = parser.add_argument_group("--peers (its own section): side by side with TRL's AlignPropTrainer and "
+                                      "diffusers' train_diffusion_dpo.py")
+    peers.add_argument("--peers", action="store_true",
+                       help="time and peak memory per update of alignprop.py and dpo.py next to the peers, each "
+                            "side with its own training loop, alternating repetitions, ratios from one run")
+    peers.add_argument("--peer_python", default=sys.executable,
+                       help="the interpreter with the peers installed (trl==0.23.1; wandb and torchvision for the "
+                            "DPO script) and this repo's requirements; both sides run on it")
+    peers.add_argument("--peer_dpo_script", default=None,
+                       help="path of diffusers' examples/research_projects/diffusion_dpo/train_diffusion_dpo.py "
+                            "(outside this repo); without it the DPO comparison is skipped")
+    peers.add_argument("--peer_settings", nargs="+", default=None, choices=[s[0] for s in PEER_SETTINGS],
+                       help="only these settings (default: all)")
+    peers.add_argument("--repeats", type=int, default=7, help="--peers: repetitions of each side, alternating")
+    peers.add_argument("--peer_iters", type=int, default=None,
+                       help="--peers: timed updates per run (default: AlignProp 3, DPO 20)")
     args = parser.parse_args(argv)
-    if sum([args.fig7, args.table1, args.dpo, args.spo]) > 1:
-        parser.error("--fig7, --table1, --dpo and --spo are separate runs: pass one of them")
+    if sum([args.fig7, args.table1, args.dpo, args.spo, args.peers, args.checkpointing]) > 1:
+        parser.error("--fig7, --table1, --dpo, --spo, --peers and --checkpointing are separate runs: pass one of them")
+    if args.checkpointing and args.full_size:
+        parser.error("--checkpointing runs on the tiny model; on a GPU, --full_size with --checkpointing_granularity")
     if (args.fig7 or args.table1) and args.full_size:
         parser.error("--fig7 and --table1 run on the tiny model only: drop --full_size")
     args.method = "dpo" if args.dpo else "spo" if args.spo else None
@@ -233,6 +271,10 @@ def parse_args(argv=None):
         args.resolution, args.fig7_T, args.fig7_K, args.fig7_batches = 32, 4, [1, 2, 4], 1
     elif args.quick and args.table1:
         args.resolution, args.budget, args.seeds, args.rewards = 32, 0.5, [0], ["symmetry"]
+    elif args.quick and args.checkpointing:
+        args.resolution, args.T, args.iters, args.warmup = 32, [2, 4], 1, 0
+    elif args.checkpointing and "--resolution" not in (sys.argv if argv is None else argv):
+        args.resolution, args.T = 128, [5, 10, 20]
     elif args.quick:
         args.resolution, args.T, args.K, args.iters, args.warmup, args.part_repeats = 32, [2, 4], [1, 2], 2, 0, 1
     if args.smoke:  # one iteration of one step: the point is building, saving and loading the full-size model
@@ -244,6 +286,8 @@ def parse_args(argv=None):
         args.num_threads = 1
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if args.full_size and not args.smoke else "no"
+    if args.malloc_mmap_threshold is None and args.checkpointing and args.device == "cpu":
+        args.malloc_mmap_threshold = 65536
     if args.output_dir is None and not (args.quick or args.smoke):
         args.output_dir = HERE
     return args
@@ -257,9 +301,12 @@ def base_argv(args, T, model_folder):
         return common + ["--pretrained_model_name_or_path", args.model, "--resolution", str(args.resolution),
                          "--train_batch_size", str(args.train_batch_size), "--sampler", args.sampler,
                          "--guidance_scale", str(args.guidance_scale), "--rank", str(args.rank)] + \
-            (["--gradient_checkpointing"] if args.gradient_checkpointing else [])
-    argv = common + ["--pretrained_model_name_or_path", model_folder, "--train_batch_size", "1", "--rank", "128",
-                     "--gradient_checkpointing"] + FULL_SIZE[args.full_size]["flags"]
+            (["--gradient_checkpointing", "--checkpointing_granularity", args.checkpointing_granularity]
+             if args.gradient_checkpointing else [])
+    batch = 1 if args.smoke else FULL_SIZE[args.full_size]["batch"]
+    argv = common + ["--pretrained_model_name_or_path", model_folder, "--train_batch_size", str(batch), "--rank", "128",
+                     "--gradient_checkpointing", "--checkpointing_granularity", args.checkpointing_granularity] + \
+        FULL_SIZE[args.full_size]["flags"]
     if args.full_size == "sdxl":  # the paper's fp16-safe SDXL VAE has the same architecture: ours, in the weight dtype
         argv += ["--pretrained_vae_model_name_or_path", os.path.join(model_folder, "vae")]
     if args.smoke:
@@ -354,7 +401,8 @@ def worker(job):
 
 def prepare(job):
     """What main() of a script does before its loop: its flags parsed and checked (Skip if it refuses them),
-    accelerate, the models, LoRA (gradient checkpointing on the UNet if asked), AdamW; and this process's clock."""
+    accelerate, the models, LoRA (gradient checkpointing if asked, at the script's granularity), AdamW; and this
+    process's clock."""
     from accelerate import Accelerator
     script = importlib.import_module(job["module"])
     stderr = io.StringIO()
@@ -373,7 +421,7 @@ def prepare(job):
     models = script.load_models(args, info, device, weight_dtype)
     params = script.add_lora(models.unet, args)
     if args.gradient_checkpointing:
-        models.unet.enable_gradient_checkpointing()
+        script.enable_checkpointing(models.unet, models.vae, args.checkpointing_granularity)
     optimizer = accelerator.prepare(torch.optim.AdamW(
         params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon))
@@ -413,16 +461,20 @@ def measure(job):
                                                 **s.info["reward_options"]), counts)
     scheduler = script.make_scheduler(args)
     unet, vae = models.unet, models.vae
-    if args.gradient_checkpointing:  # as drtune.py: the decode runs with gradient too
-        vae.enable_gradient_checkpointing()
+
+    in_backward = [False]  # a call checkpoint reruns its call in the backward: part of the grad pass, not counted
 
     def count_unet(module, inputs):  # inputs[0]: the latents (2B with CFG)
         grad = torch.is_grad_enabled()
-        counts["unet_grad_input" if grad and inputs[0].requires_grad else "unet_grad" if grad else "unet_nograd"] += 1
+        if not in_backward[0]:
+            counts["unet_grad_input" if grad and inputs[0].requires_grad else "unet_grad" if grad else "unet_nograd"] += 1
+
+    def count_decode(module, inputs):
+        if not in_backward[0]:
+            counts["decode_grad" if torch.is_grad_enabled() else "decode_nograd"] += 1
 
     unet.register_forward_pre_hook(count_unet)
-    vae.decoder.register_forward_pre_hook(lambda m, i: counts.update(
-        ["decode_grad" if torch.is_grad_enabled() else "decode_nograd"]))
+    vae.decoder.register_forward_pre_hook(count_decode)
 
     if job["kind"] == "parts":
         return dict(clock=s.clock_name, parts=measure_parts(script, args, models, scheduler, unet, reward_fn, params,
@@ -437,7 +489,9 @@ def measure(job):
         prompts = [args.train_prompt_list[i] for i in idx]
         with accelerator.autocast():
             loss, reward, extra = loss_fn(models, scheduler, unet, reward_fn, prompts, generator, args)
+        in_backward[0] = True
         accelerator.backward(loss)
+        in_backward[0] = False
         accelerator.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -453,7 +507,8 @@ def measure(job):
             seconds.append(clock() - start)
             per_iteration_counts.append(dict(counts))
     peak = memory_mb(device, peak=True)
-    return dict(seconds=seconds, counts=per_iteration_counts, memory_base_mb=base, memory_peak_mb=peak)
+    return dict(seconds=seconds, counts=per_iteration_counts, memory_base_mb=base, memory_peak_mb=peak,
+                clock=s.clock_name)
 
 
 PARTS = {  # name: what is timed (ms per call in the tables)
@@ -464,6 +519,8 @@ PARTS = {  # name: what is timed (ms per call in the tables)
     "decode_nograd": "VAE decode under no_grad",
     "reward": "reward forward+backward",
     "other": "prompt encoding + grad clipping + AdamW step (once per iteration)",
+    "prompts": "prompt encoding alone (B prompts through the text encoders; the negative encoded once per run)",
+    "prompts_cached": "prompt encoding from the --cache_prompt_embeds cache (no text encoder)",
 }
 
 
@@ -513,10 +570,18 @@ def measure_parts(script, args, models, scheduler, unet, reward_fn, params, opti
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return dict(unet_nograd=timed(lambda: unet_pass(False)), unet_grad=timed(lambda: unet_pass(True)),
-                unet_grad_input=timed(lambda: unet_pass(True, through_input=True)),
-                decode_grad=timed(lambda: decode(True)), decode_nograd=timed(lambda: decode(False)),
-                reward=timed(reward), other=timed(other, before=lambda: params[0].grad is None and unet_pass(True)))
+    out = dict(unet_nograd=timed(lambda: unet_pass(False)), unet_grad=timed(lambda: unet_pass(True)),
+               unet_grad_input=timed(lambda: unet_pass(True, through_input=True)),
+               decode_grad=timed(lambda: decode(True)), decode_nograd=timed(lambda: decode(False)),
+               reward=timed(reward), other=timed(other, before=lambda: params[0].grad is None and unet_pass(True)),
+               prompts=timed(lambda: script.encode_prompts(models, prompts, args.resolution)))
+    # last, as it moves the text encoders off the accelerator: what --cache_prompt_embeds saves per iteration, and
+    # the accelerator memory it frees (on CPU the encoders stay where they are: 0)
+    before = memory_mb(unet.device)
+    script.cache_prompt_embeds(models, args.train_prompt_list)
+    out.update(prompts_cached=timed(lambda: script.encode_prompts(models, prompts, args.resolution)),
+               text_encoders_freed_mb=before - memory_mb(unet.device) if unet.device.type == "cuda" else 0.0)
+    return out
 
 
 def fig7_grad_norms(job):
@@ -613,7 +678,7 @@ def summarize(row, parts):
     row.update(seconds_median=statistics.median(row["seconds"]), parts_seconds=statistics.median(predicted),
                ratio=statistics.median(s / p for s, p in zip(row["seconds"], predicted)),
                memory_delta_mb=row["memory_peak_mb"] - row["memory_base_mb"],
-               passes={k: float(np.mean([c.get(k, 0) for c in row["counts"]])) for k in PARTS if k != "other"})
+               passes={k: float(np.mean([c.get(k, 0) for c in row["counts"]])) for k in PARTS if k not in ("other", "prompts", "prompts_cached")})
     return row
 
 
@@ -646,7 +711,10 @@ def results_table(rows, device, gib):
 
 def parts_table(parts):
     lines = ["| part | ms per call |", "|---|---|"]
-    lines += [f"| {PARTS[k]} | {fmt(1000 * parts[k])} |" for k in PARTS]
+    lines += [f"| {PARTS[k]} | {fmt(1000 * parts[k])} |" for k in PARTS if k in parts]
+    if parts.get("text_encoders_freed_mb"):
+        lines += ["", f"--cache_prompt_embeds frees {fmt(parts['text_encoders_freed_mb'] / 2 ** 10)} GiB of "
+                      f"accelerator memory (the text encoders moved to the CPU)."]
     return "\n".join(lines)
 
 
@@ -659,7 +727,7 @@ def slope(rows, x, y, intercept=False):
     return fit if intercept else fit[0]
 
 
-def reading(rows, parts):
+def reading(rows, parts, floor=None):
     """A few sentences, each computed from this run's numbers."""
     ok = [r for r in rows if r["status"] == "ok"]
     drtune = {K: [r for r in ok if r["entry"] == 0 and r["K"] == K]
@@ -682,7 +750,8 @@ def reading(rows, parts):
         flat = " (flat next to full backprop)" if full_memory > 0 and largest < 0.1 * full_memory else ""
         out.append("Peak memory per extra sampling step: DRTune " +
                    ", ".join(f"K={K}: {v:+.2f} MiB" for K, v in memory_slopes.items()) + flat +
-                   f"; full backprop {full_memory:+.2f} MiB per step, since it keeps every step's activations.")
+                   f"; full backprop {full_memory:+.2f} MiB per trained step" +
+                   ("" if floor is None else f" (the floor, one step's input latents: {floor:.4f} MiB)") + ".")
     T_max = max((r["T"] for r in ok if r["entry"] == 0), default=None)
     at_T = [r for r in ok if r["entry"] == 0 and r["T"] == T_max]
     if len({r["K"] for r in at_T}) > 1:
@@ -698,6 +767,9 @@ def reading(rows, parts):
                            f"per iteration; full backprop {fmt(f['seconds_median'])} s and {fmt(mib(f))} MiB, "
                            f"{f['seconds_median'] / r['seconds_median']:.1f}x the time and "
                            f"{mib(f) / max(mib(r), 1e-9):.1f}x the memory.")
+    if "prompts_cached" in parts:
+        out.append(f"Prompt encoding: {fmt(1000 * parts['prompts'])} ms per iteration through the text encoders, "
+                   f"{fmt(1000 * parts['prompts_cached'])} ms from the --cache_prompt_embeds cache.")
     early = {(r["T"], r["K"]): r for r in ok if r["entry"] == 1}
     pairs = [(early[r["T"], r["K"]], r) for g in drtune.values() for r in g if (r["T"], r["K"]) in early]
     if pairs:
@@ -785,10 +857,18 @@ Generated by `bench.py`: do not edit by hand. Each mode replaces its own section
 - **DPO** (`--dpo`) and **SPO** (`--spo`): one training step of dpo.py (offline, pairs from a parquet) and of
   spo.py (sampling the pairs, then training on them) against the batch size, timed in parts; each adds a section
   of its own for a full-size model with `--full_size`.
+- **Peers** (`--peers`): alignprop.py and dpo.py next to TRL's AlignPropTrainer and diffusers'
+  `train_diffusion_dpo.py`, each with its own training loop in fresh processes, alternating; ratios ours / peer.
+- **Checkpointing** (`--checkpointing`): the peak memory per trained step of a backprop through the chain under
+  each `--checkpointing_granularity` (and none), next to the floor: one step's input latents.
 
 """
-SECTIONS = ["tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "dpo", "spo"]
+SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "dpo", "spo"]
 PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python bench.py --fig7`.\n",
+                "checkpointing": "## Gradient checkpointing granularities\n\nNot measured yet: run `python bench.py "
+                                 "--checkpointing`.\n",
+                "peers": "## Side by side with the public implementations\n\nNot measured yet: run `python bench.py "
+                         "--peers` (see its --help).\n",
                 "dpo": "## Offline Diffusion-DPO\n\nNot measured yet: run `python bench.py --dpo`.\n",
                 "spo": "## SPO\n\nNot measured yet: run `python bench.py --spo`.\n",
                 "table1": "## Miniature Table 1\n\nNot measured yet: run `python bench.py --table1`.\n",
@@ -813,13 +893,15 @@ def section(args, rows, parts, extra, seconds):
         spec = FULL_SIZE[args.full_size]
         title = f"## Full-size {spec['title']}, random weights, the paper's settings"
         settings = (f"The paper's settings (`{' '.join(spec['flags'])}`, T={spec['T']}, K={spec['K']}) on a "
-                    f"random-weight model built from the configs in bench.py ({extra}), batch 1, "
+                    f"random-weight model built from the configs in bench.py ({extra}), batch {spec['batch']}, "
                     f"{args.mixed_precision} frozen weights, "
                     f"fp32 LoRA rank 128, gradient checkpointing. Reward: symmetry (no weights); the paper's reward "
                     f"models add their own memory (HPS v2.1 is a ViT-H-14, about 1 B parameters: about 2 GiB in "
                     f"bf16 plus the activations of its backward at 224 px).")
     else:
-        title = "## Tiny model: DRTune against T and K, next to full backprop"
+        title = "## Tiny model: DRTune against T and K, next to full backprop" + (
+            f" (--gradient_checkpointing, granularity {args.checkpointing_granularity})" if args.gradient_checkpointing
+            else "")
         settings = (f"`{os.path.relpath(args.model, HERE)}`, {args.resolution} px, batch {args.train_batch_size}, "
                     f"{args.sampler}, CFG {args.guidance_scale}, symmetry reward, LoRA rank {args.rank}, "
                     f"mixed precision {args.mixed_precision}, gradient checkpointing "
@@ -834,15 +916,18 @@ def section(args, rows, parts, extra, seconds):
         text += ["**CPU figures: read the ratios, not the absolute times.**", ""]
     text += ["Parts:", "", parts_table(parts), "", "Iterations:", "",
              results_table(rows, args.device, args.full_size), ""]
-    if args.full_size == "sdxl":
-        goal = [r for r in rows if r["status"] == "ok" and r["entry"] == 0]
+    if args.full_size and not args.smoke:
+        goal, spec = [r for r in rows if r["status"] == "ok" and r["entry"] == 0], FULL_SIZE[args.full_size]
         if goal:
             gib = goal[0]["memory_peak_mb"] / 2 ** 10
-            text += [f"Goal: SDXL at 1024 under {MEMORY_GOAL_GIB} GiB. DRTune peaks at {gib:.1f} GiB allocated: "
-                     f"{'under' if gib < MEMORY_GOAL_GIB else 'over'} the goal.", ""]
+            text += [f"Goal: {spec['title']}, T={spec['T']}, K={spec['K']}, batch {spec['batch']} under "
+                     f"{spec['goal_gib']} GiB. DRTune peaks at {gib:.1f} GiB allocated: "
+                     f"{'under' if gib < spec['goal_gib'] else 'over'} the goal.", ""]
     if not args.full_size:
-        text += ["Reading (computed from the numbers above):", "", reading(rows, parts), "",
-                 "![time and memory against T](bench_drtune.png)", ""]
+        floor = latent_floor_mib(args.model, args.resolution, args.train_batch_size)
+        text += ["Reading (computed from the numbers above):", "", reading(rows, parts, floor), ""]
+        if not args.gradient_checkpointing:
+            text += ["![time and memory against T](bench_drtune.png)", ""]
     return "\n".join(text)
 
 
@@ -1574,11 +1659,423 @@ def preference_section(args, table, text, seconds, clock, extra):
 
 
 # ---------------------------------------------------------------------------------------------
+# --checkpointing: memory per trained step and time of each --checkpointing_granularity
+# ---------------------------------------------------------------------------------------------
+
+GRANULARITIES = ["off", "call", "block", "both"]
+
+
+def latent_floor_mib(model, resolution, batch_size):
+    """One trained step's input, the latents (B, C, h, w) in fp32: what a backward through a chain must keep."""
+    with open(os.path.join(model, "unet", "config.json")) as f:
+        channels = json.load(f)["in_channels"]
+    with open(os.path.join(model, "vae", "config.json")) as f:
+        factor = 2 ** (len(json.load(f)["block_out_channels"]) - 1)
+    return batch_size * channels * (resolution // factor) ** 2 * 4 / 2 ** 20
+
+
+def checkpointing_plan(args):
+    """Full backprop (every step trained, through the UNet inputs) at several T, and DRTune with one trained step
+    (a single UNet call with gradient, as ReFL), at every granularity."""
+    jobs = []
+    for granularity in GRANULARITIES:
+        flags = [] if granularity == "off" else ["--gradient_checkpointing", "--checkpointing_granularity", granularity]
+        for label, entry, T, K in [*[("full backprop", -1, T, None) for T in args.T], ("DRTune, K=1", 0, max(args.T), 1)]:
+            argv = base_argv(args, T, None) + flags + ["--num_trained_steps", str(K or 1), "--early_stop_max", "1"]
+            jobs.append(dict(entry=entry, label=label, module="drtune", T=T, K=K, argv=argv, granularity=granularity,
+                             loss="full_backprop" if entry == -1 else "algorithm"))
+    return jobs
+
+
+def checkpointing_table(rows, floor):
+    head = ["granularity", "method", "T", "trained UNet calls", "s / iteration", "peak over loaded models (MiB)",
+            "MiB per trained step (slope over T)", "floor: one step's input (MiB)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"| {r['granularity']} | {r['label']} | {r['T']} | {r['status']}: {r['reason']} |" + " |" * 4)
+            continue
+        per_step = r.get("per_step")
+        lines.append("| " + " | ".join([
+            r["granularity"], r["label"], str(r["T"]), str(r["T"] if r["K"] is None else r["K"]),
+            fmt(r["seconds_median"]), fmt(r["memory_delta_mb"]), "—" if per_step is None else f"{per_step:.2f}",
+            f"{floor:.4f}"]) + " |")
+    return "\n".join(lines)
+
+
+def checkpointing_reading(rows, floor):
+    ok = [r for r in rows if r["status"] == "ok"]
+    out = []
+    per_step = {g: next((r["per_step"] for r in ok if r["granularity"] == g and r.get("per_step") is not None), None)
+                for g in GRANULARITIES}
+    if all(v is not None for v in per_step.values()):
+        out.append("Memory per trained step of a backward through the chain (full backprop, slope of the peak over "
+                   "T): " + ", ".join(f"{g} {v:.2f} MiB" for g, v in per_step.items()) +
+                   f"; the floor (one step's input latents) is {floor:.4f} MiB. On CPU the resident set also holds "
+                   f"the autograd graph that each non-reentrant checkpoint keeps until the backward (host memory: "
+                   f"nodes and holders, no activations), which a GPU's allocated memory does not count.")
+    T_max = max((r["T"] for r in ok), default=None)
+    full = {r["granularity"]: r for r in ok if r["entry"] == -1 and r["T"] == T_max}
+    one = {r["granularity"]: r for r in ok if r["entry"] == 0}
+    for name, group in [(f"full backprop T={T_max} ({T_max} trained calls)", full), ("DRTune K=1 (one trained call)", one)]:
+        if len(group) == len(GRANULARITIES):
+            best = min(group.values(), key=lambda r: r["memory_delta_mb"])
+            out.append(f"{name}: peak " + ", ".join(f"{g} {fmt(group[g]['memory_delta_mb'])} MiB" for g in group) +
+                       f"; time against off " + ", ".join(f"{g} {group[g]['seconds_median'] / group['off']['seconds_median']:.2f}x"
+                                                          for g in group if g != "off") +
+                       f". Lowest peak: {best['granularity']}.")
+    return "\n".join(f"- {s}" for s in out)
+
+
+def main_checkpointing(args):
+    started = time.time()
+    context = fork_context(["drtune"])
+    common = dict(device=args.device, num_threads=args.num_threads, warmup=args.warmup, iters=args.iters)
+    rows = []
+    jobs = checkpointing_plan(args)
+    for i, job in enumerate(jobs, 1):
+        row = dict(job, **run_in_fresh_process(context, dict(job, kind="iteration", **common)))
+        if row["status"] == "ok":
+            row.update(seconds_median=statistics.median(row["seconds"]),
+                       memory_delta_mb=row["memory_peak_mb"] - row["memory_base_mb"])
+            print(f"[{i}/{len(jobs)}] {row['granularity']} {row['label']} T={row['T']}: {row['seconds_median']:.3f} "
+                  f"s/iteration, peak +{row['memory_delta_mb']:.1f} MiB", flush=True)
+        else:
+            print(f"[{i}/{len(jobs)}] {row['granularity']} {row['label']} T={row['T']}: {row['status']}: "
+                  f"{row['reason']}", flush=True)
+        rows.append(row)
+    for granularity in GRANULARITIES:
+        chain = [r for r in rows if r["status"] == "ok" and r["granularity"] == granularity and r["entry"] == -1]
+        per_step = slope(chain, "T", lambda r: r["memory_delta_mb"])
+        for r in chain:
+            r["per_step"] = per_step
+    floor = latent_floor_mib(args.model, args.resolution, args.train_batch_size)
+    seconds = time.time() - started
+    clock = next((r["clock"] for r in rows if r["status"] == "ok" and "clock" in r),
+                 "CPU time of the process (one torch thread)" if args.device == "cpu" else "wall-clock time")
+    table, text = checkpointing_table(rows, floor), checkpointing_reading(rows, floor)
+    print("\n" + table + "\n\n" + text + f"\n\nbenchmark time: {seconds:.0f} s")
+    if args.output_dir is not None:
+        os.makedirs(args.output_dir, exist_ok=True)
+        settings = (f"`{os.path.relpath(args.model, HERE)}`, {args.resolution} px (larger than the sweep's, so that "
+                    f"one call's activations stand out of the resident-set noise), batch {args.train_batch_size}, "
+                    f"{args.sampler}, CFG {args.guidance_scale}, symmetry reward, LoRA rank {args.rank}, mixed precision "
+                    f"{args.mixed_precision}; {args.warmup} warm-up + median of {args.iters} iterations, each "
+                    f"configuration in a fresh process" + (
+                        f", glibc's mmap threshold at {args.malloc_mmap_threshold} bytes (freed large tensors go back "
+                        f"to the system, so the resident set follows live memory, not heap fragmentation; each large "
+                        f"allocation then costs page faults, which the times include)"
+                        if args.malloc_mmap_threshold is not None else "") + ". Full backprop: every step under gradient through the UNet "
+                    f"inputs, then decode and reward (DRaFT-T; AlignProp trains a suffix of such steps). DRTune K=1: "
+                    f"one UNet call with gradient (like ReFL, DRaFT-1). Granularities (`--checkpointing_granularity` "
+                    f"with `--gradient_checkpointing`): call = each UNet call and decode with gradient one checkpoint; "
+                    f"block = diffusers' per-block checkpointing; both = blocks inside the call checkpoint; off = none.")
+        body = ["## Gradient checkpointing: memory per trained step and time of each granularity", "",
+                *header_lines(args, seconds, clock), "", settings, ""]
+        if args.device == "cpu":
+            body += ["**CPU figures: read the ratios, not the absolute times.**", ""]
+        body += [table, "", "Reading (computed from the numbers above):", "", text, ""]
+        write_section(os.path.join(args.output_dir, "BENCHMARKS.md"), "checkpointing", "\n".join(body))
+        print(f"wrote {os.path.join(args.output_dir, 'BENCHMARKS.md')}")
+    if any(r["status"] == "failed" for r in rows):
+        sys.exit(1)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# --peers: side by side with the public implementations, on the same tiny model and settings
+# ---------------------------------------------------------------------------------------------
+
+# The peers, pinned: TRL 0.23.1 (its AlignPropTrainer, deprecated there, removed in later releases; `pip install
+# trl==0.23.1` into the interpreter given by --peer_python) and diffusers' examples/research_projects/diffusion_dpo/
+# train_diffusion_dpo.py as of diffusers commit c9c82173068d628b0569ccb6d656adfa37a389e8 (its last change, 2025-08-11;
+# a copy anywhere outside this repo, passed with --peer_dpo_script; it imports wandb and torchvision). Neither is
+# copied here: the bench runs them unmodified and only sets their flags or config fields.
+PEER_VERSIONS = dict(trl="0.23.1", diffusion_dpo="c9c82173068d628b0569ccb6d656adfa37a389e8")
+# (key, label, our script, peer, T, trained steps per update): the AlignProp settings take T and the trained steps
+PEER_SETTINGS = [
+    ("alignprop_all", "AlignProp T=50, every step trained, gradient checkpointing", "alignprop", "trl", 50, 50),
+    ("alignprop_all_reentrant", "AlignProp T=50, every step trained, gradient checkpointing; ours with a reentrant "
+     "call checkpoint (a bench-only variant, see below)", "alignprop", "trl", 50, 50),
+    ("alignprop_last", "AlignProp T=50, last step only, gradient checkpointing", "alignprop", "trl", 50, 1),
+    ("dpo", "Diffusion-DPO, offline pairs", "dpo", "diffusion_dpo", None, None),
+]
+
+
+class StopTiming(Exception):
+    """Raised by the optimizer-step hook after the last timed update: it ends the run being measured."""
+
+
+def peer_job(job):
+    """One side of one setting in this (fresh) process: the script's own training loop (ours: main(); TRL:
+    AlignPropTrainer.train(); diffusers: the example's main()), timed between optimizer steps by a global
+    optimizer-step hook (CPU time of the process, one torch thread): the warm-up updates, then `iters` timed ones.
+    Peak memory: VmHWM reset at the end of the warm-up (after malloc_trim) and read after the last timed update;
+    `start_mb` is the resident set at that reset (models, optimizer state, everything loaded)."""
+    torch.set_num_threads(1)
+    device, state = torch.device("cpu"), dict(steps=0, seconds=[])
+
+    def hook(optimizer, args, kwargs):
+        state["steps"] += 1
+        now = time.process_time()
+        if state["steps"] > job["warmup"]:
+            state["seconds"].append(now - state["last"])
+        if len(state["seconds"]) == job["iters"]:
+            state["peak_mb"] = memory_mb(device, peak=True)
+            raise StopTiming
+        if state["steps"] == job["warmup"]:
+            reset_peak_memory(device)
+            state["start_mb"] = memory_mb(device)
+        state["last"] = time.process_time()
+
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    register_optimizer_step_post_hook(hook)
+    run = {"ours": run_ours, "trl": run_trl_alignprop, "diffusion_dpo": run_diffusers_dpo}[job["side"]]
+    with open(os.path.join(job["folder"], "log.txt"), "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        try:
+            run(job)
+        except StopTiming:
+            pass
+    if "peak_mb" not in state:
+        raise RuntimeError(f"{job['side']}: the run ended after {state['steps']} optimizer steps, before the timed ones")
+    return dict(seconds=state["seconds"], start_mb=state["start_mb"], peak_mb=state["peak_mb"])
+
+
+def run_ours(job):
+    script = importlib.import_module(job["script"])
+    if job.get("reentrant"):
+        script.checkpointed = reentrant_checkpointed  # rollout and decode look it up at each call
+    script.main(script.parse_args(job["argv"]))
+
+
+def reentrant_checkpointed(module, fn, *inputs):
+    """A bench-only variant of the scripts' checkpointed(): torch.utils.checkpoint with use_reentrant=True. Its first
+    pass runs under no_grad, so a trained call keeps no autograd graph (one node) and skips the saved-tensor hooks;
+    a dummy input that requires grad puts the call in the graph when its inputs are detached (stop-gradient). What
+    it gives up: the non-reentrant checks on the recomputation (a backward through a call made with the adapters
+    disabled raises there, see TRAPS.md; here it would be silently wrong) and torch.autograd.grad."""
+    if getattr(module, "checkpoint_calls", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+        anchor = torch.ones((), requires_grad=True)
+        return checkpoint(lambda _, *x: fn(*x), anchor, *inputs, use_reentrant=True)
+    return fn(*inputs)
+
+
+def run_trl_alignprop(job):
+    """TRL's AlignPropTrainer with its DefaultDDPOStableDiffusionPipeline (LoRA rank 4, gradient checkpointing of
+    every UNet call, always on), our symmetry reward and prompts."""
+    import random
+
+    import trl
+    from accelerate import PartialState
+
+    import rewards
+    PartialState()  # TRL's pipeline logs through accelerate's logger before its trainer makes the Accelerator
+    symmetry = rewards.build_reward("symmetry")
+    prompts, rng = importlib.import_module("alignprop").DEFAULT_PROMPTS, random.Random(0)
+    pipeline = trl.DefaultDDPOStableDiffusionPipeline(job["model"], use_lora=True)
+    # TRL samples at the UNet config's sample_size (the tiny model says 16, 128 px): set it to our resolution
+    pipeline.unet.register_to_config(sample_size=job["resolution"] // pipeline.sd_pipeline.vae_scale_factor)
+    T, trained = job["T"], job["trained"]
+    config = trl.AlignPropConfig(
+        num_epochs=10 ** 6, sample_num_steps=T, sample_eta=1.0, sample_guidance_scale=5.0, train_batch_size=2,
+        train_learning_rate=1e-3, train_max_grad_norm=1.0, mixed_precision="no", seed=0, log_with=None,
+        truncated_backprop_rand=False, truncated_backprop_timestep=T - trained, save_freq=10 ** 9,
+        project_kwargs=dict(project_dir=job["folder"], logging_dir=os.path.join(job["folder"], "logs")))
+    trainer = trl.AlignPropTrainer(config, lambda images, p, metadata: (symmetry(images, list(p)), {}),
+                                   lambda: (rng.choice(prompts), {}), pipeline)
+    trainer.train()
+
+
+def run_diffusers_dpo(job):
+    """diffusers' train_diffusion_dpo.py, unmodified, loaded from its path, its main() with its own flags."""
+    spec = importlib.util.spec_from_file_location("train_diffusion_dpo", job["peer_script"])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(module.parse_args(job["argv"]))
+
+
+def peer_plan(args, folder):
+    """(setting, job of the peer, job of ours) for each setting whose peer is available; and the reasons of the
+    others. Every job: B = 2, 32 px, LoRA rank 4, fp32, one torch thread."""
+    model = os.path.join(HERE, "tiny_models", "sd15")
+    check = subprocess.run([args.peer_python, "-c", "import trl; print(trl.__version__)"], capture_output=True,
+                           text=True)
+    trl_version = check.stdout.strip() if check.returncode == 0 else None
+    common = dict(model=model, resolution=32, python=args.peer_python)
+    plans, missing = [], []
+    for key, label, script, peer, T, trained in PEER_SETTINGS:
+        if args.peer_settings and key not in args.peer_settings:
+            continue
+        if peer == "trl" and trl_version is None:
+            missing.append(f"{label}: TRL is not importable by {args.peer_python} "
+                           f"(`pip install trl=={PEER_VERSIONS['trl']}` into it, or pass --peer_python)")
+            continue
+        if peer == "diffusion_dpo" and not (args.peer_dpo_script and os.path.isfile(args.peer_dpo_script)):
+            missing.append(f"{label}: no --peer_dpo_script (diffusers' examples/research_projects/diffusion_dpo/"
+                           f"train_diffusion_dpo.py, commit {PEER_VERSIONS['diffusion_dpo'][:8]})")
+            continue
+        ours = ["--pretrained_model_name_or_path", model, "--resolution", "32", "--train_batch_size", "2",
+                "--rank", "4", "--mixed_precision", "no", "--report_to", "none", "--seed", "0",
+                "--validation_steps", "1000000", "--checkpointing_steps", "1000000", "--logging_steps", "1000000",
+                "--max_train_steps", "1000", "--num_eval_prompts", "1"]
+        if peer == "trl":
+            warmup, iters = 1, args.peer_iters or 3
+            ours += ["--num_inference_steps", str(T), "--sampler", "ddim", "--eta", "1.0", "--guidance_scale", "5.0",
+                     "--truncation_min", str(trained), "--truncation_max", str(trained), "--gradient_checkpointing",
+                     "--reward", "symmetry", "--learning_rate", "1e-3", "--max_grad_norm", "1.0",
+                     "--adam_weight_decay", "1e-4"]
+            peer_job_ = dict(common, side="trl", T=T, trained=trained, version=trl_version)
+        else:
+            warmup, iters = 2, args.peer_iters or 20
+            ours += ["--dataset_name", os.path.join(folder, "pairs"), "--beta_dpo", "5000", "--learning_rate", "1e-5",
+                     "--num_inference_steps", "2", "--reward", "symmetry"]
+            theirs = ["--pretrained_model_name_or_path", model, "--dataset_name", os.path.join(folder, "pairs"),
+                      "--dataset_split_name", "train", "--resolution", "32", "--train_batch_size", "2", "--rank", "4",
+                      "--mixed_precision", "no", "--max_train_steps", "1000", "--learning_rate", "1e-5",
+                      "--beta_dpo", "2500", "--seed", "0", "--checkpointing_steps", "1000000", "--no_hflip",
+                      "--report_to", "tensorboard"]
+            peer_job_ = dict(common, side="diffusion_dpo", argv=theirs, peer_script=args.peer_dpo_script)
+        ours_job = dict(common, side="ours", script=script, argv=ours, reentrant=key.endswith("_reentrant"))
+        plans.append(dict(key=key, label=label, warmup=warmup, iters=iters,
+                          jobs=dict(peer=dict(peer_job_, warmup=warmup, iters=iters),
+                                    ours=dict(ours_job, warmup=warmup, iters=iters))))
+    return plans, missing, trl_version
+
+
+def run_peer_job(job, folder):
+    """Run one job in a fresh process of job["python"] (the interpreter that has the peers installed); both sides
+    use it, so that both run on the same libraries."""
+    os.makedirs(folder, exist_ok=True)
+    job = dict(job, folder=folder)
+    if "argv" in job:
+        job["argv"] = job["argv"] + ["--output_dir", os.path.join(folder, "out")]
+    result_path = os.path.join(folder, "result.json")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               WANDB_MODE="disabled")
+    done = subprocess.run([job["python"], os.path.abspath(__file__), "--peer_job", json.dumps(job), result_path],
+                          env=env, cwd=folder, capture_output=True, text=True)
+    if done.returncode != 0 or not os.path.exists(result_path):
+        tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        log = os.path.join(folder, "log.txt")
+        if os.path.exists(log):
+            tail += " | log: " + " ".join(open(log).read().strip().splitlines()[-3:])[-300:]
+        return dict(status="failed", reason=tail)
+    with open(result_path) as f:
+        return dict(status="ok", **json.load(f))
+
+
+def peer_summary(results):
+    """Median over repetitions of each run's median s/update, peak RSS and peak over the start of the timing."""
+    ok = [r for r in results if r["status"] == "ok"]
+    if not ok:
+        return None
+    return dict(seconds=statistics.median(statistics.median(r["seconds"]) for r in ok),
+                peak_mb=statistics.median(r["peak_mb"] for r in ok),
+                over_mb=statistics.median(r["peak_mb"] - r["start_mb"] for r in ok), runs=len(ok))
+
+
+def peers_table(rows):
+    head = ["setting", "peer s / update", "ours", "ratio", "peer peak RSS (MiB)", "ours", "ratio",
+            "peer peak over the start of timing (MiB)", "ours", "ratio", "runs (peer / ours)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        p, o = r["peer"], r["ours"]
+        if p is None or o is None:
+            lines.append(f"| {r['label']} | failed: {r['reason']} |" + " |" * (len(head) - 2))
+            continue
+        lines.append("| " + " | ".join([
+            r["label"], fmt(p["seconds"]), fmt(o["seconds"]), f"{o['seconds'] / p['seconds']:.2f}",
+            fmt(p["peak_mb"]), fmt(o["peak_mb"]), f"{o['peak_mb'] / p['peak_mb']:.2f}",
+            fmt(p["over_mb"]), fmt(o["over_mb"]), f"{o['over_mb'] / max(p['over_mb'], 1e-9):.2f}",
+            f"{p['runs']} / {o['runs']}"]) + " |")
+    return "\n".join(lines)
+
+
+PEER_DIFFERENCES = """\
+- Both sides run in fresh processes of the same interpreter (the one with the peers installed), on the same
+  libraries, tiny SD1.5 (`tiny_models/sd15`), 32 px, batch 2, LoRA rank 4 (alpha 4, gaussian init, to_q/k/v/out.0),
+  fp32, one torch thread, AdamW, clipping 1.0; repetitions alternate which side runs first.
+- AlignProp: both sample DDIM eta 1.0, CFG 5.0, T=50 and score with the same symmetry reward; TRL's loss is
+  10 - reward, ours -reward (the same gradient). TRL samples at its UNet config's sample_size, set to 32 px here.
+  TRL checkpoints every UNet call (always) and runs every call with gradient, detaching the model output of the
+  untrained steps; ours runs untrained steps under no_grad and checkpoints each trained call and the decode
+  (`--gradient_checkpointing`, granularity call). Our truncation is contiguous (`--truncation_min/max` = the trained
+  steps), TRL's fixed truncation (`truncated_backprop_rand=False`, `truncated_backprop_timestep` = T - trained)
+  is the same set. TRL computes DDPO's log-probabilities at every step (unused by AlignProp); we do not.
+  The reentrant row runs the same alignprop.py with bench.py's `reentrant_checkpointed` in place of the scripts'
+  `checkpointed` (torch.utils.checkpoint with use_reentrant=True and a dummy input that requires grad): not what the
+  scripts do, measured to show what the first pass under no_grad is worth.
+  On CPU the peak RSS also counts what a GPU's allocated memory would not: the autograd graph that each
+  non-reentrant checkpoint keeps in host memory until the backward (nodes and holders, no activations), and the
+  allocator's fragmentation, which moves with the order in which temporaries are freed.
+  TRL's weight decay 1e-4 and lr 1e-3 are passed to ours; TRL's checkpoint saving is off (save_freq 1e9), ours
+  (checkpointing_steps 1e6) too. Ours evaluates a grid before training (outside the timing); TRL does not.
+- DPO: the same Pick-a-Pic parquet (smooth random JPEGs at 5:4, label_0 alternating, no ties), shortest side
+  resized to 32 and center-cropped by both; beta: ours 5000 with eq. 14's -beta/2, theirs 2500 with its own form
+  (the same loss); the same noise and timestep for the two images of a pair in both. The diffusers script flips
+  at random unless --no_hflip (passed), tokenizes in its dataset transform and logs to tensorboard (its default;
+  `none` is not one of its trackers); ours logs metrics.jsonl. Ours evaluates a grid before training (outside
+  the timing); theirs runs no validation (its default)."""
+
+
+def main_peers(args):
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as folder:
+        os.makedirs(os.path.join(folder, "pairs"))
+        pairs_parquet(os.path.join(folder, "pairs", "train.parquet"), 256, 32)
+        plans, missing, trl_version = peer_plan(args, folder)
+        for reason in missing:
+            print(f"skipped: {reason}", flush=True)
+        rows = []
+        for plan_ in plans:
+            results = dict(peer=[], ours=[])
+            for rep in range(args.repeats):
+                for side in ("peer", "ours") if rep % 2 == 0 else ("ours", "peer"):
+                    out = run_peer_job(plan_["jobs"][side], os.path.join(folder, plan_["key"], f"{side}-{rep}"))
+                    results[side].append(out)
+                    where = f"{plan_['label']} [{rep + 1}/{args.repeats}] {side}"
+                    if out["status"] == "ok":
+                        print(f"{where}: {statistics.median(out['seconds']):.3f} s/update, peak "
+                              f"{out['peak_mb']:.0f} MiB (+{out['peak_mb'] - out['start_mb']:.1f})", flush=True)
+                    else:
+                        print(f"{where}: failed: {out['reason']}", flush=True)
+            reason = next((r["reason"] for side in results.values() for r in side if r["status"] != "ok"), "")
+            rows.append(dict(key=plan_["key"], label=plan_["label"], reason=reason.replace("|", "/"),
+                             iters=plan_["iters"], warmup=plan_["warmup"],
+                             peer=peer_summary(results["peer"]), ours=peer_summary(results["ours"])))
+    seconds = time.time() - started
+    table = peers_table(rows)
+    print("\n" + table + f"\n\nbenchmark time: {seconds:.0f} s")
+    if args.output_dir is not None and rows:
+        os.makedirs(args.output_dir, exist_ok=True)
+        runs = ", ".join(f"{r['label']}: {r['warmup']} warm-up + {r['iters']} timed updates" for r in rows)
+        body = ["## Side by side with the public implementations (tiny SD1.5, 32 px, batch 2, LoRA rank 4, fp32)", "",
+                *[line + "  " for line in header_lines(args, seconds, "CPU time of each one-thread process")],
+                f"Peers: TRL {trl_version} (AlignPropTrainer); diffusers' train_diffusion_dpo.py at commit "
+                f"{PEER_VERSIONS['diffusion_dpo'][:8]}" + (f"; not run: {'; '.join(missing)}" if missing else ""), "",
+                f"Each side trains with its own loop in a fresh process, {args.repeats} alternating repetitions; "
+                f"per run {runs}, timed between optimizer steps (a global optimizer-step hook); the table gives the "
+                f"median over runs of each run's median. Peak RSS: the process's peak resident set during the timed "
+                f"updates (VmHWM reset after the warm-up); peak over the start: that peak minus the resident set at "
+                f"the reset (what training adds to the loaded models and optimizer). Ratio = ours / peer: below 1 "
+                f"we are faster or smaller.", "",
+                "**CPU figures: read the ratios, not the absolute times.**", "", table, "",
+                "Settings, and every difference that remains:", "", PEER_DIFFERENCES, ""]
+        write_section(os.path.join(args.output_dir, "BENCHMARKS.md"), "peers", "\n".join(body))
+        print(f"wrote {os.path.join(args.output_dir, 'BENCHMARKS.md')}")
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------------
 
 
 def main(args):
+    if args.malloc_mmap_threshold is not None:  # read by glibc at the start of each process measured from here on
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
     if args.full_size and args.device == "cpu" and not args.allow_cpu:
         sys.exit(f"bench.py: error: --full_size {args.full_size} needs a GPU (a full-size UNet forward+backward takes "
                  f"seconds on a CPU); pass --allow_cpu for a one-iteration smoke at 64 px, T=1, K=1")
@@ -1588,6 +2085,10 @@ def main(args):
         return main_table1(args)
     if args.method:
         return main_preference(args)
+    if args.peers:
+        return main_peers(args)
+    if args.checkpointing:
+        return main_checkpointing(args)
     started = time.time()
     context = fork_context([e[1] for e in METHODS + [FULL_BACKPROP]])
     common = dict(device=args.device, num_threads=args.num_threads)
@@ -1600,7 +2101,7 @@ def main(args):
         if parts["status"] != "ok":
             sys.exit(f"bench.py: error: timing the parts failed: {parts['reason']}\n{parts.get('traceback', '')}")
         parts, args.clock = parts["parts"], parts["clock"]
-        print("parts (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in parts.items()), flush=True)
+        print("parts (ms): " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in parts.items() if k in PARTS), flush=True)
         rows = []
         for i, job in enumerate(jobs, 1):
             result = run_in_fresh_process(context, dict(job, kind="iteration", warmup=args.warmup, iters=args.iters,
@@ -1622,12 +2123,13 @@ def main(args):
     print(results_table(rows, args.device, args.full_size))
     if not args.full_size:
         print()
-        print(reading(rows, parts))
+        print(reading(rows, parts, latent_floor_mib(args.model, args.resolution, args.train_batch_size)))
     print(f"\nbenchmark time: {seconds:.0f} s")
     if args.output_dir is not None:
         os.makedirs(args.output_dir, exist_ok=True)
-        key = f"full_size_{args.full_size}" if args.full_size else "tiny"
-        if not args.full_size:
+        key = f"full_size_{args.full_size}" if args.full_size else \
+            f"tiny_checkpointing_{args.checkpointing_granularity}" if args.gradient_checkpointing else "tiny"
+        if not args.full_size and not args.gradient_checkpointing:
             plot(rows, os.path.join(args.output_dir, "bench_drtune.png"), args.clock)
         write_section(os.path.join(args.output_dir, "BENCHMARKS.md"), key, section(args, rows, parts, extra, seconds))
         print(f"wrote {os.path.join(args.output_dir, 'BENCHMARKS.md')}")
@@ -1637,4 +2139,8 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    if sys.argv[1:2] == ["--peer_job"]:  # one side of --peers, in a fresh process of --peer_python
+        with open(sys.argv[3], "w") as result:
+            json.dump(peer_job(json.loads(sys.argv[2])), result)
+    else:
+        main(parse_args())

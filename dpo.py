@@ -192,6 +192,9 @@ def check_algorithm_arguments(args):
         if args.pair_margin < 0:
             raise UsageError(f"--pair_margin must be >= 0, got {args.pair_margin}")
         return
+    if args.cache_prompt_embeds:
+        raise UsageError("--cache_prompt_embeds needs a finite prompt list: offline DPO's captions come from "
+                         "--dataset_name (use it with --online)")
     if args.ref_update_rate > 0:
         raise UsageError("--ref_update_rate moves the reference between rounds of --online; offline DPO keeps the "
                          "frozen base as reference")
@@ -244,7 +247,7 @@ PRESETS = {
         dataset_name="yuvalkirstain/pickapic_v2", streaming=True, resolution=512, beta_dpo=5000.0,
         train_batch_size=8, gradient_accumulation_steps=16, learning_rate=1e-5, lr_scheduler="constant_with_warmup",
         lr_warmup_steps=500, max_train_steps=2000, rank=64, max_grad_norm=1.0, mixed_precision="fp16",
-        gradient_checkpointing=True, dataloader_num_workers=8, reward="pickscore", sampler="ddim",
+        gradient_checkpointing=True, checkpointing_granularity="block", dataloader_num_workers=8, reward="pickscore", sampler="ddim",
         num_inference_steps=50, guidance_scale=7.5, validation_steps=200, checkpointing_steps=500,
     ),
     # The same for SDXL at 1024 px with the fp16-fix VAE, 200 warmup steps (the official SDXL launcher; the
@@ -255,7 +258,8 @@ PRESETS = {
         pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix", dataset_name="yuvalkirstain/pickapic_v2",
         streaming=True, resolution=1024, beta_dpo=5000.0, train_batch_size=2, gradient_accumulation_steps=64,
         learning_rate=1e-5, lr_scheduler="constant_with_warmup", lr_warmup_steps=200, max_train_steps=2000, rank=64,
-        max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, dataloader_num_workers=8,
+        max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, checkpointing_granularity="block",
+        dataloader_num_workers=8,
         vae_encode_batch_size=4, reward="pickscore", sampler="dpmpp", num_inference_steps=25, guidance_scale=5.0,
         validation_steps=200, checkpointing_steps=500,
     ),
@@ -268,7 +272,7 @@ PRESETS = {
         sampler="dpmpp", num_inference_steps=25, guidance_scale=5.0, reward="pickscore", images_per_prompt=4,
         prompts_per_round=32, steps_per_round=25, ref_update_rate=0.1, pair_margin=0.0, beta_dpo=5000.0,
         train_batch_size=2, gradient_accumulation_steps=4, learning_rate=1e-5, max_train_steps=1000, rank=64,
-        max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, validation_steps=100,
+        max_grad_norm=1.0, mixed_precision="fp16", gradient_checkpointing=True, checkpointing_granularity="block", validation_steps=100,
         checkpointing_steps=100,
     ),
 }
@@ -365,7 +369,17 @@ def build_parser():
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="dtype of the frozen weights and autocast; trainable LoRA weights stay fp32 "
                         "(default: accelerate's config or launch flag)")
-    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--gradient_checkpointing", action="store_true",
+                   help="recompute activations in the backward pass instead of keeping them (see "
+                        "--checkpointing_granularity)")
+    g.add_argument("--checkpointing_granularity", choices=["call", "block", "both"], default="call",
+                   help="with --gradient_checkpointing: call = each UNet call and VAE decode with gradient is one "
+                        "checkpoint (a trained step keeps only its input: the floor for backprop through a chain); "
+                        "block = diffusers' per-block checkpointing (lower peak inside one large call: DPO, SPO, few "
+                        "trained steps at full size); both = blocks checkpointed inside the call checkpoint")
+    g.add_argument("--cache_prompt_embeds", action="store_true",
+                   help="encode every training and evaluation prompt once per run, then move the text encoders off "
+                        "the accelerator (for a finite prompt list)")
     g.add_argument("--allow_tf32", action="store_true")
     g.add_argument("--max_nonfinite_steps", type=int, default=20,
                    help="stop after this many updates in a row skipped for a NaN/inf loss or gradient")
@@ -691,7 +705,7 @@ def load_models(args, info, device, weight_dtype):
     force_zeros = info["model_index"].get("force_zeros_for_empty_prompt", info["is_sdxl"])
     return argparse.Namespace(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
                               is_sdxl=info["is_sdxl"], force_zeros_for_empty_prompt=force_zeros,
-                              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1))
+                              vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1), prompt_cache={})
 
 
 def make_scheduler(args):
@@ -716,70 +730,138 @@ def tokenize(tokenizer, prompts, device):
 
 
 @torch.no_grad()
+def encode_text(models, prompts, cache=False):
+    """Embeddings of the prompts alone, in the UNet's dtype and on its device: (B, 77, D) and, for SDXL, the pooled
+    (B, D2) of text encoder 2 (None for SD1.5). Each distinct prompt runs through the text encoders once, in one
+    batch; prompts in models.prompt_cache not at all. cache=True keeps the new ones there."""
+    new, missing = {}, [p for p in dict.fromkeys(prompts) if p not in models.prompt_cache]
+    if missing:  # (a diffusers model's .device and .dtype walk all its modules: only when there is work)
+        device, dtype, states = models.unet.device, models.unet.dtype, []
+        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+            out = encoder(tokenize(tokenizer, missing, encoder.device), output_hidden_states=models.is_sdxl)
+            # SDXL: penultimate states of both encoders side by side, pooled from encoder 2; SD1.5: the last states
+            states.append(out.hidden_states[-2] if models.is_sdxl else out[0])
+        embeds = torch.cat(states, dim=-1).to(device, dtype)
+        pooled = out[0].to(device, dtype) if models.is_sdxl else [None] * len(missing)
+        new = {p: (e, q) for p, e, q in zip(missing, embeds, pooled)}
+        if cache:
+            models.prompt_cache.update(new)
+    rows = [new[p] if p in new else models.prompt_cache[p] for p in prompts]
+    return torch.stack([e for e, _ in rows]), torch.stack([q for _, q in rows]) if models.is_sdxl else None
+
+
 def encode_prompts(models, prompts, resolution):
     """Conditioning of [negative; prompt] for classifier-free guidance, as the diffusers pipelines build it:
-    UNet keyword arguments with batch 2B."""
-    device, negatives = models.unet.device, [""] * len(prompts)
-    if not models.is_sdxl:
-        encoder = models.text_encoders[0]
-        embeds = encoder(tokenize(models.tokenizers[0], negatives + list(prompts), device))[0]  # (2B, 77, D)
-        return dict(encoder_hidden_states=embeds.to(models.unet.dtype))
-
-    def encode_sdxl(texts):  # penultimate states of both encoders side by side; pooled from encoder 2
-        states = []
-        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
-            out = encoder(tokenize(tokenizer, texts, device), output_hidden_states=True)
-            states.append(out.hidden_states[-2])
-        return torch.cat(states, dim=-1), out[0]
-
-    embeds, pooled = encode_sdxl(list(prompts))
-    if models.force_zeros_for_empty_prompt:
+    UNet keyword arguments with batch 2B. The negative (the empty prompt) is encoded once per run."""
+    n = len(prompts)
+    embeds, pooled = encode_text(models, prompts)
+    if models.is_sdxl and models.force_zeros_for_empty_prompt:
         negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
     else:
-        negative_embeds, negative_pooled = encode_sdxl(negatives)
+        negative_embeds, negative_pooled = (None if x is None else x.expand(n, *x.shape[1:])
+                                            for x in encode_text(models, [""], cache=True))
+    if not models.is_sdxl:
+        return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]))  # (2B, 77, D)
     # add_time_ids: original size, crop top-left, target size (we generate at the target size, uncropped)
-    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device)
-    dtype = models.unet.dtype
-    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]).to(dtype),
-                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]).to(dtype),
-                                       time_ids=time_ids.repeat(2 * len(prompts), 1).to(dtype)))
+    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=embeds.device)
+    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]),
+                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]),
+                                       time_ids=time_ids.repeat(2 * n, 1).to(embeds.dtype)))
+
+
+def cache_prompt_embeds(models, prompts, batch_size=32):
+    """--cache_prompt_embeds: encode each distinct prompt once for the whole run, then move the text encoders off
+    the accelerator (SDXL's two are 0.8 B parameters that training never runs). Returns the cache's MiB."""
+    distinct = list(dict.fromkeys(["", *prompts]))
+    for start in range(0, len(distinct), batch_size):
+        encode_text(models, distinct[start:start + batch_size], cache=True)
+    for encoder in models.text_encoders:
+        encoder.to("cpu")
+    tensors = [x for pair in models.prompt_cache.values() for x in pair if x is not None]
+    return sum(x.numel() * x.element_size() for x in tensors) / 2 ** 20
 
 
 def predict_noise(unet, latents, t, cond, guidance_scale):
-    """Model output with classifier-free guidance; latents (B, C, h, w), cond of batch 2B."""
+    """Model output with classifier-free guidance; latents (B, C, h, w), t a scalar or one timestep per sample (B,),
+    cond of batch 2B. One activation checkpoint when enable_checkpointing marked the UNet (see checkpointed)."""
+    t = torch.as_tensor(t, device=latents.device)
     if guidance_scale <= 1:  # no guidance: the prompt half only
         half = {k: (v[len(latents):] if torch.is_tensor(v) else {n: x[len(latents):] for n, x in v.items()})
                 for k, v in cond.items()}
-        return unet(latents, t, **half, return_dict=False)[0]
-    noise_uncond, noise_text = unet(torch.cat([latents] * 2), t, **cond, return_dict=False)[0].chunk(2)
+        return checkpointed(unet, lambda x: unet(x, t, **half, return_dict=False)[0], latents)
+    t2 = t.repeat(2) if t.ndim else t  # the two halves of the batch share each sample's timestep
+    noise_uncond, noise_text = checkpointed(
+        unet, lambda x: unet(torch.cat([x] * 2), t2, **cond, return_dict=False)[0], latents).chunk(2)
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
+def checkpointed(module, fn, *inputs):
+    """fn(*inputs), a call of `module`, as one activation checkpoint when enable_checkpointing marked the module
+    and gradient is on: the forward keeps only the inputs, the backward recomputes the call. Non-reentrant, so
+    LoRA weights get their gradients even from detached inputs; the RNG state is preserved for the recomputation."""
+    if getattr(module, "checkpoint_calls", False) and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+        return checkpoint(fn, *inputs, use_reentrant=False)
+    return fn(*inputs)
+
+
+def enable_checkpointing(unet, vae, granularity):
+    """--gradient_checkpointing at --checkpointing_granularity.
+    call: every UNet call and VAE decode with gradient is one checkpoint (predict_noise, decode): a trained step
+      keeps only its input latents, the floor for backpropagating through a chain of steps, for one more forward
+      per call. The backward of one call still holds all that call's activations at once.
+    block: diffusers' per-block checkpointing: every block's input and the operations between blocks stay (several
+      times the floor per trained step) but the backward holds one block's activations at a time.
+    both: the call checkpoint with the blocks checkpointed inside: the floor per step and the per-block peak, for a
+      third forward per call."""
+    if granularity in ("block", "both"):
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+    if granularity in ("call", "both"):
+        unet.checkpoint_calls = vae.checkpoint_calls = True
+
+
 def alphas_at(scheduler, t):
-    """abar_t and abar_prev of a DDPM/DDIM step with the scheduler's own conventions for the last step."""
-    abar = scheduler.alphas_cumprod
+    """abar_t and abar_prev of a DDPM/DDIM step with the scheduler's own conventions for the last step; t a scalar
+    or one timestep per sample (B,), the results of the same shape."""
+    abar, t = scheduler.alphas_cumprod, torch.as_tensor(t).cpu()
     if type(scheduler).__name__ == "DDIMScheduler":
         prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-        return abar[t], abar[prev] if prev >= 0 else scheduler.final_alpha_cumprod
-    prev = scheduler.previous_timestep(t)
-    return abar[t], abar[prev] if prev >= 0 else torch.tensor(1.0)
+        return abar[t], torch.where(prev >= 0, abar[prev.clamp(min=0)], scheduler.final_alpha_cumprod)
+    if scheduler.num_inference_steps is None:  # DDPM's previous_timestep without a schedule
+        prev = t - 1
+    else:  # the next entry of the schedule (DDPM's previous_timestep, for every sample at once)
+        schedule = scheduler.timesteps.cpu()
+        following = torch.cat([schedule[1:], schedule.new_tensor([-1])])
+        found = schedule == t.reshape(-1, 1)  # (B, T)
+        if not found.any(1).all():
+            raise ValueError(f"timestep {t.tolist()} is not in the schedule {schedule.tolist()}")
+        prev = following[found.int().argmax(1)].reshape(t.shape)
+    return abar[t], torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.tensor(1.0))
+
+
+def per_sample(value, x):
+    """A scalar as it is, or one value per sample (B,) as (B, 1, 1, 1) to broadcast over x; on x's device."""
+    value = value.to(x.device)
+    return value.view(-1, *[1] * (x.ndim - 1)) if value.ndim else value
 
 
 def predict_x0_eps(scheduler, model_output, t, x):
-    """(x_0, eps) from the model output at x_t: linear in both."""
-    abar = scheduler.alphas_cumprod[t].to(x.device)
+    """(x_0, eps) from the model output at x_t: linear in both; t a scalar or (B,)."""
+    abar = per_sample(scheduler.alphas_cumprod[torch.as_tensor(t).cpu()], x)
     if scheduler.config.prediction_type == "v_prediction":
         return abar.sqrt() * x - (1 - abar).sqrt() * model_output, abar.sqrt() * model_output + (1 - abar).sqrt() * x
     return (x - (1 - abar).sqrt() * model_output) / abar.sqrt(), model_output
 
 
 def sampler_step(scheduler, model_output, t, x, noise, eta):
-    """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output.
-    DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal scheduler.step).
-    DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step, which is linear too."""
+    """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output; t a scalar or one
+    timestep per sample (B,). DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal
+    scheduler.step, row by row). DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step,
+    which is linear too (one scalar t)."""
     if type(scheduler).__name__ == "DPMSolverMultistepScheduler":
         return scheduler.step(model_output, t, x).prev_sample
-    abar_t, abar_prev = (a.to(x.device) for a in alphas_at(scheduler, t))
+    abar_t, abar_prev = (per_sample(a, x) for a in alphas_at(scheduler, t))
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     if type(scheduler).__name__ == "DDPMScheduler":
         sigma = variance.clamp(min=1e-20).sqrt()
@@ -820,7 +902,7 @@ def initial_latents(models, args, batch_size, generator, device):
 
 
 def decode(vae, latents):
-    """Latents -> images (B, 3, H, W) in [0, 1], with gradient."""
+    """Latents -> images (B, 3, H, W) in [0, 1], with gradient (one checkpoint under enable_checkpointing)."""
     if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
@@ -830,7 +912,7 @@ def decode(vae, latents):
     # a VAE kept in fp32 (SDXL's overflows in fp16) must not be autocast back to half precision
     fp32 = vae.dtype == torch.float32
     with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        images = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        images = checkpointed(vae, lambda z: vae.decode(z, return_dict=False)[0], latents.to(vae.dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -1502,14 +1584,20 @@ def encode_images(vae, pixels, generator, batch_size):
 
 
 def prompt_conditioning(models, prompts, resolution, time_ids=None):
-    """UNet keyword arguments of the prompts alone (training uses no guidance: the prompt half of
-    encode_prompts), batch B; for SDXL, per-image time ids (B, 6) replace the generated-image ones."""
-    cond = encode_prompts(models, prompts, resolution)
-    n = len(prompts)
-    half = {k: (v[n:] if torch.is_tensor(v) else {name: x[n:] for name, x in v.items()}) for k, v in cond.items()}
-    if models.is_sdxl and time_ids is not None:
-        half["added_cond_kwargs"]["time_ids"] = time_ids.to(models.unet.device, models.unet.dtype)
-    return half
+    """UNet keyword arguments of the prompts alone, batch B: training uses no guidance, so no negative prompt is
+    encoded. For SDXL, per-image time ids (B, 6), or those of a generated image (uncropped, at the resolution)."""
+    embeds, pooled = encode_text(models, prompts)
+    if not models.is_sdxl:
+        return dict(encoder_hidden_states=embeds)
+    if time_ids is None:
+        time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution]).repeat(len(prompts), 1)
+    return dict(encoder_hidden_states=embeds,
+                added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids.to(embeds.device, embeds.dtype)))
+
+
+def unet_output(unet, noisy, timesteps, cond):
+    """The UNet's output without guidance, one checkpoint at --checkpointing_granularity call (see checkpointed)."""
+    return checkpointed(unet, lambda x: unet(x, timesteps, **cond, return_dict=False)[0], noisy)
 
 
 def noised(noise_scheduler, latents, generator, groups, timestep_range=None):
@@ -1572,14 +1660,14 @@ def algorithm_loss(models, noise_scheduler, unet, latents, prompts, time_ids, ge
     timestep_range = training_timesteps(args, noise_scheduler.config.num_train_timesteps)
     if args.sft:  # the paper's SFT baseline: the diffusion loss on the winners alone
         noisy, timesteps, target = noised(noise_scheduler, latents[: len(prompts)], generator, 1, timestep_range)
-        error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
+        error = per_sample_error(unet_output(unet, noisy, timesteps, cond), target)
         return error.mean(), dict(model_error_w=error.mean().detach())
     cond = {k: (torch.cat([v, v]) if torch.is_tensor(v) else {n: torch.cat([x, x]) for n, x in v.items()})
             for k, v in cond.items()}
     noisy, timesteps, target = noised(noise_scheduler, latents, generator, 2, timestep_range)  # same noise, t per pair
-    model_error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
+    model_error = per_sample_error(unet_output(unet, noisy, timesteps, cond), target)
     with reference_unet(unet, None if reference is None else reference.adapter):
-        ref_error = per_sample_error(unet(noisy, timesteps, **cond, return_dict=False)[0], target)
+        ref_error = per_sample_error(unet_output(unet, noisy, timesteps, cond), target)
     loss, logits = dpo_loss(model_error, ref_error, args.beta_dpo)
     model_w, model_l = model_error.detach().chunk(2)
     ref_w, ref_l = ref_error.chunk(2)
@@ -1797,6 +1885,10 @@ def main(args):
                                              "--validation_dataset_name")
 
     models = load_models(args, info, device, weight_dtype)
+    if args.cache_prompt_embeds:
+        size = cache_prompt_embeds(models, args.train_prompt_list + args.eval_prompt_list)
+        accelerator.print(f"prompt embeddings cached: {len(models.prompt_cache)} prompts, {size:.1f} MiB; text "
+                          f"encoders moved to the CPU")
     scheduler = make_scheduler(args)  # sampling: online rounds and the evaluation grid
     noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler",
                                                     revision=args.revision)  # training: the forward process
@@ -1809,7 +1901,7 @@ def main(args):
     params = add_lora(unet, args)
     reference = ReferenceLoRA(unet, args.ref_update_rate) if args.online and args.ref_update_rate > 0 else None
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+        enable_checkpointing(unet, models.vae, args.checkpointing_granularity)
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,

@@ -137,3 +137,40 @@ def test_spo_quick_counts_unet_rows_and_pairs_per_trajectory(tmp_path):
         assert float(cells[8]) >= 0 and float(cells[9]) >= 0
     report = (tmp_path / "BENCHMARKS.md").read_text()
     assert "<!-- begin spo -->" in report and f"| {xl} | 2 |" in report
+
+
+def test_checkpointing_quick_reports_memory_per_trained_step_for_each_granularity(tmp_path):
+    result = subprocess.run([sys.executable, "bench.py", "--checkpointing", "--quick", "--output_dir", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = table_cells(result.stdout, "granularity")
+    assert {(cells[0], cells[1]) for cells in rows} == {
+        (g, m) for g in ("off", "call", "block", "both") for m in ("full backprop", "DRTune, K=1")}
+    for cells in rows:
+        assert float(cells[4]) > 0 and cells[3] == (cells[2] if cells[1] == "full backprop" else "1")
+        assert cells[6] != "—" if cells[1] == "full backprop" else cells[6] == "—"
+    assert float(rows[0][7]) == pytest.approx(2 * 4 * 8 * 8 * 4 / 2 ** 20, rel=0.05)  # B C h w fp32 (tiny VAE: 32 px / 4)
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin checkpointing -->" in report and "| both | full backprop | 4 |" in report
+
+
+def test_peers_harness_times_our_side_between_optimizer_steps(tmp_path):
+    """--peers runs each side's own loop in a fresh process and times it between optimizer steps; without the peers
+    it says which are missing and how to get them."""
+    model = str(bench.HERE) + "/tiny_models/sd15"
+    job = dict(side="ours", script="alignprop", python=sys.executable, warmup=1, iters=2, argv=[
+        "--pretrained_model_name_or_path", model, "--resolution", "32", "--train_batch_size", "1", "--rank", "4",
+        "--num_inference_steps", "2", "--sampler", "ddim", "--report_to", "none", "--gradient_checkpointing",
+        "--reward", "symmetry",
+        "--validation_steps", "100", "--checkpointing_steps", "100", "--num_eval_prompts", "1",
+        "--max_train_steps", "100"])
+    out = bench.run_peer_job(job, str(tmp_path / "ours"))
+    assert out["status"] == "ok", out
+    assert len(out["seconds"]) == 2 and min(out["seconds"]) > 0 and out["peak_mb"] >= out["start_mb"] > 0
+    if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode == 0:
+        pytest.skip("TRL is installed here: the missing-peer message is not shown")
+    result = subprocess.run([sys.executable, "bench.py", "--peers", "--output_dir", str(tmp_path)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "TRL is not importable" in result.stdout and "pip install trl==0.23.1" in result.stdout
+    assert "no --peer_dpo_script" in result.stdout

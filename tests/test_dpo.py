@@ -117,6 +117,17 @@ def test_one_step_lowers_winner_error_relative_to_loser(pairs_file):
     assert after["ref_error_w"] == before["ref_error_w"] and after["ref_error_l"] == before["ref_error_l"]
 
 
+def test_prompt_path_encodes_each_caption_once_and_no_negative(tiny_model, pairs_file):
+    """Training runs without guidance: only the batch's distinct captions go through the text encoders."""
+    args, models = setup(tiny_model, pairs_file)
+    rows = []
+    for encoder in models.text_encoders:
+        encoder.register_forward_pre_hook(lambda m, a: rows.append(len(a[0])))
+    dpo.algorithm_loss(models, noise_scheduler(tiny_model), models.unet, torch.randn(6, 4, 4, 4),
+                       ["a cat", "a dog", "a cat"], None, torch.Generator().manual_seed(0), args)
+    assert rows == [2] * len(models.text_encoders)
+
+
 def test_reference_is_the_same_unet_with_adapters_off(pairs_file):
     """One module, two forwards (policy with grad, reference without); the reference equals the base UNet, a
     backward works under gradient checkpointing, and LoRA requires_grad is left as it was."""
@@ -288,7 +299,7 @@ def test_ema_reference_moves_by_exactly_the_rate(pairs_file):
 def test_online_rounds_log_pairs_and_resume_with_the_reference(tmp_path):
     out = str(tmp_path / "online")
     common = dict(online=True, images_per_prompt=2, prompts_per_round=2, steps_per_round=1, ref_update_rate=0.5,
-                  checkpointing_steps=2, num_eval_prompts=1)
+                  checkpointing_steps=2, num_eval_prompts=1, cache_prompt_embeds=True)
     row = dpo.main(dpo.parse_args(tiny_argv(TINY_SD, out, **common)))
     rows = read_metrics(out)
     assert [r.get("round") for r in rows] == [None, 1, 2]
@@ -334,6 +345,7 @@ def test_cli_offline_writes_outputs_and_lora_loads_in_diffusers(tiny_model, pair
     (dict(online=True), "pass --offline to train on the pairs"),
     (dict(preset="demo"), r"online self-rewarding is on \(--preset demo\): pass --offline"),
     (dict(beta_dpo=0), "beta_dpo"),
+    (dict(cache_prompt_embeds=True), "finite prompt list"),
 ])
 def test_bad_input_is_one_clear_error(overrides, message, pairs_file, tmp_path):
     args = dpo.parse_args(tiny_argv(TINY_SD, str(tmp_path), **dict(dict(dataset_name=pairs_file), **overrides)))

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -43,6 +44,87 @@ def test_sampler_step_matches_scheduler_step(sampler, eta, prediction_type):
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
         got = drtune.sampler_step(ours, model_output, t, x, noise, eta)
         torch.testing.assert_close(got, expected.prev_sample, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("sampler,eta,prediction_type", [("ddpm", 0.0, "epsilon"), ("ddim", 0.7, "epsilon"),
+                                                          ("ddim", 1.0, "v_prediction")])
+def test_per_sample_timesteps_match_scheduler_step_row_by_row(sampler, eta, prediction_type):
+    """sampler_step and predict_x0_eps take one timestep per sample (DPO, SPO): row i equals diffusers'
+    scheduler.step at t_i, the last step's conventions included."""
+    args = drtune.parse_args(tiny_argv(TINY_SD, "unused", sampler=sampler, eta=eta, num_inference_steps=25))
+    ours = drtune.make_scheduler(args)
+    ours.register_to_config(prediction_type=prediction_type)
+    cls = DDPMScheduler if sampler == "ddpm" else DDIMScheduler
+    reference = cls.from_pretrained(TINY_SD, subfolder="scheduler", clip_sample=False, prediction_type=prediction_type)
+    for s in (ours, reference):
+        s.set_timesteps(25)
+    t = reference.timesteps[[0, 24, 7, 24, 13]]  # the last step twice
+    x, model_output = torch.randn(5, 4, 8, 8) * 3, torch.randn(5, 4, 8, 8)
+    noise = torch.cat([torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(5)])
+    got = drtune.sampler_step(ours, model_output, t, x, noise, eta)
+    x0 = drtune.predict_x0_eps(ours, model_output, t, x)[0]
+    for i, t_i in enumerate(t):
+        kwargs = dict(eta=eta) if sampler == "ddim" else {}
+        expected = reference.step(model_output[i:i + 1], t_i, x[i:i + 1], generator=torch.Generator().manual_seed(i),
+                                  **kwargs)
+        torch.testing.assert_close(got[i:i + 1], expected.prev_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x0[i:i + 1], expected.pred_original_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(drtune.sampler_step(ours, model_output[i:i + 1], int(t_i), x[i:i + 1],
+                                                       noise[i:i + 1], eta), got[i:i + 1])  # scalar t as before
+
+
+def rows_of(cond, rows):
+    """The rows of a conditioning dict (tensors and SDXL's added_cond_kwargs)."""
+    return {k: v[rows] if torch.is_tensor(v) else {n: x[rows] for n, x in v.items()} for k, v in cond.items()}
+
+
+@pytest.mark.parametrize("guidance", [5.0, 1.0])
+def test_predict_noise_takes_one_timestep_per_sample(tiny_model, guidance):
+    args, models, _ = setup(tiny_model)
+    cond = drtune.encode_prompts(models, ["a cat", "a red bicycle"], args.resolution)
+    x, t = torch.randn(2, 4, 4, 4), torch.tensor([901, 341])
+    got = drtune.predict_noise(models.unet, x, t, cond, guidance)
+    for i in range(2):
+        expected = drtune.predict_noise(models.unet, x[i:i + 1], t[i], rows_of(cond, [i, 2 + i]), guidance)
+        torch.testing.assert_close(got[i:i + 1], expected, atol=1e-5, rtol=1e-5)
+
+
+# --- prompt encoding ---------------------------------------------------------------------------------
+
+def encoder_rows(models):
+    """Rows each text encoder call receives, in call order."""
+    rows = []
+    for encoder in models.text_encoders:
+        encoder.register_forward_pre_hook(lambda module, inputs: rows.append(len(inputs[0])))
+    return rows
+
+
+def test_prompts_encoded_once_per_batch_and_the_negative_once_per_run(tiny_model):
+    args, models, _ = setup(tiny_model)
+    rows = encoder_rows(models)
+    prompts = ["a cat", "a red bicycle", "a cat"]
+    cond = drtune.encode_prompts(models, prompts, args.resolution)
+    again = drtune.encode_prompts(models, prompts, args.resolution)
+    n = len(models.text_encoders)
+    if tiny_model == TINY_SD:  # two distinct prompts, then the negative "" once for the run
+        assert rows == [2, 1, 2]
+    else:  # SDXL's negatives are zeros (force_zeros_for_empty_prompt): no negative is encoded
+        assert rows == [2] * n * 2
+    assert cond["encoder_hidden_states"].shape[0] == 6
+    torch.testing.assert_close(cond, again)
+    torch.testing.assert_close(rows_of(cond, [3]), rows_of(cond, [5]))  # a repeated prompt, the same row
+
+
+def test_cached_prompt_embeds_equal_encoding_without_text_encoders(tiny_model):
+    args, models, _ = setup(tiny_model)
+    prompts = ["a cat", "a red bicycle"]
+    expected = drtune.encode_prompts(models, prompts, args.resolution)
+    models.prompt_cache.clear()
+    size = drtune.cache_prompt_embeds(models, prompts + ["a dog", "a cat"])
+    assert set(models.prompt_cache) == {"", "a cat", "a red bicycle", "a dog"} and size > 0
+    rows = encoder_rows(models)
+    torch.testing.assert_close(drtune.encode_prompts(models, prompts, args.resolution), expected)
+    assert rows == []  # the text encoders are not run again
 
 
 @pytest.mark.parametrize("sampler,eta,guidance", [("ddpm", 0.0, 5.0), ("ddim", 0.0, 5.0), ("ddim", 1.0, 5.0),
@@ -115,6 +197,40 @@ def test_stop_gradient_dpmpp_jacobian_is_a_scalar():
     c = (g1 / v1).median()
     torch.testing.assert_close(g1, c * v1, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g2, c * v2, atol=1e-4, rtol=1e-4)
+
+
+# --- gradient checkpointing -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("granularity,stop_grad_input", [("call", False), ("call", True), ("block", False),
+                                                         ("both", False)])
+def test_checkpointing_gives_the_gradients_of_plain_autograd(granularity, stop_grad_input):
+    """Backprop through every step of the chain and the decode (DRaFT-T, AlignProp; DRTune with stop-gradient):
+    with --gradient_checkpointing the LoRA gradients and the gradient at x_T equal plain autograd's."""
+    def gradients(checkpointing):
+        args, models, scheduler = setup(TINY_SD, sampler="ddpm", num_inference_steps=4)  # DDPM: noise at every step
+        params = drtune.add_lora(models.unet, args)
+        generator = torch.Generator().manual_seed(0)
+        for p in params:  # a LoRA away from its zero init, so that every LoRA weight has a gradient
+            p.data = torch.randn(p.shape, generator=generator) * 0.1
+        calls = Counter()
+        models.unet.register_forward_pre_hook(lambda m, a: calls.update(["unet"]))
+        models.vae.decoder.register_forward_pre_hook(lambda m, a: calls.update(["decode"]))
+        if checkpointing:
+            drtune.enable_checkpointing(models.unet, models.vae, granularity)
+        cond = drtune.encode_prompts(models, ["a cat", "a red bicycle"], args.resolution)
+        x_T = torch.randn(2, 4, 4, 4, generator=generator, requires_grad=True)
+        x0 = drtune.rollout(models.unet, scheduler, cond, x_T, torch.Generator().manual_seed(1), args,
+                            grad_steps=set(range(4)), stop_grad_input=stop_grad_input)
+        reward = drtune.rewards.build_reward("symmetry")(drtune.decode(models.vae, x0), ["a cat", "a red bicycle"])
+        reward.mean().backward()
+        return [p.grad for p in params] + [x_T.grad], calls
+
+    expected, plain_calls = gradients(False)
+    got, calls = gradients(True)
+    assert all(g.abs().sum() > 0 for g in expected)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-4)
+    recomputed = 2 if granularity in ("call", "both") else 1  # a call checkpoint reruns the call in the backward
+    assert plain_calls == Counter(unet=4, decode=1) and calls == Counter(unet=4 * recomputed, decode=recomputed)
 
 
 # --- Alg. 1: which steps run and which train ---------------------------------------------------------
@@ -215,12 +331,13 @@ def test_two_processes_end_with_identical_lora(tmp_path):
 
 # --- the CLI ---------------------------------------------------------------------------------------
 
-def test_bf16_mixed_precision_with_gradient_checkpointing_trains(tmp_path):
-    """Frozen weights in bf16, trainable LoRA weights in fp32, autocast around every forward."""
+def test_bf16_mixed_precision_with_gradient_checkpointing_and_cached_prompts_trains(tmp_path):
+    """Frozen weights in bf16, trainable LoRA weights in fp32, autocast around every forward (and around its
+    recomputation in the backward); prompt embeddings computed once for the run."""
     from safetensors.torch import load_file
     out = str(tmp_path / "bf16")
     row = drtune.main(drtune.parse_args(tiny_argv(TINY_SDXL, out, mixed_precision="bf16", gradient_checkpointing=True,
-                                                  **DRTUNE)))
+                                                  cache_prompt_embeds=True, **DRTUNE)))
     assert row["grad_norm"] > 0 and not row["skipped"]
     assert {t.dtype for t in load_file(os.path.join(out, "pytorch_lora_weights.safetensors")).values()} == {torch.float32}
 

@@ -64,11 +64,13 @@ def test_candidates_are_ddim_eta1_steps_from_one_mean():
         for j in range(3):
             expected = reference.step(model_output, t, x, eta=1.0, variance_noise=noise[j]).prev_sample
             torch.testing.assert_close(pool[j], expected, atol=1e-5, rtol=1e-5)
-    # per-sample timesteps: the row-by-row mean equals the scalar step of each row
+    # per-sample timesteps (spo_loss): each row's mean and sigma equal the scalar step's of that row
     timesteps = reference.timesteps[[3, 11]]
-    got = spo.step_mean(ours, model_output, timesteps, x, 1.0)
+    got = spo.sampler_step(ours, model_output, timesteps, x, None, 1.0)
+    sigmas = spo.step_sigma(ours, timesteps, 1.0)
     for i, t in enumerate(timesteps):
         torch.testing.assert_close(got[i], spo.sampler_step(ours, model_output[i:i + 1], t, x[i:i + 1], None, 1.0)[0])
+        torch.testing.assert_close(sigmas[i], spo.step_sigma(ours, int(t), 1.0))
 
 
 def test_pool_shares_x_t_and_the_step_mean(sd):
@@ -80,8 +82,9 @@ def test_pool_shares_x_t_and_the_step_mean(sd):
     cond = spo.encode_prompts(models, pairs["prompts"], args.resolution)
     x_t, t = pairs["latents"][:, 0], pairs["timesteps"]
     with torch.no_grad():
-        model_output = spo.predict_noise(models.unet, x_t, t.repeat(2), cond, args.guidance_scale)
-    mean = spo.step_mean(scheduler, model_output, t, x_t, args.eta)
+        model_output = spo.predict_noise(models.unet, x_t, t, cond, args.guidance_scale)
+    mean = torch.cat([spo.sampler_step(scheduler, model_output[i:i + 1], s, x_t[i:i + 1], None, args.eta)
+                      for i, s in enumerate(t.tolist())])  # row by row, each at its own timestep
     sigma = torch.stack([spo.step_sigma(scheduler, s, args.eta) for s in t.tolist()]).view(-1, 1, 1, 1)
     z = (pairs["next_latents"] - mean.unsqueeze(1)) / sigma.unsqueeze(1)  # (P, 2, C, h, w)
     assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
@@ -179,8 +182,9 @@ def test_loss_matches_a_forward_per_side_with_inner_steps():
             x_t, logps = pairs["latents"][:, side], []
             for adapters in (True, False):
                 (models.unet.enable_adapters if adapters else models.unet.disable_adapters)()
-                out = spo.predict_noise(models.unet, x_t, t.repeat(2), cond, args.guidance_scale)
-                mean = spo.step_mean(scheduler, out, t, x_t, args.eta)
+                out = spo.predict_noise(models.unet, x_t, t, cond, args.guidance_scale)
+                mean = torch.cat([spo.sampler_step(scheduler, out[i:i + 1], s, x_t[i:i + 1], None, args.eta)
+                                  for i, s in enumerate(t.tolist())])  # row by row
                 sigma = torch.stack([spo.step_sigma(scheduler, s, args.eta) for s in t.tolist()])
                 logps.append(spo.gaussian_log_density(pairs["next_latents"][:, side], mean, sigma))
             models.unet.enable_adapters()
