@@ -37,7 +37,7 @@ sys.path.insert(0, HERE)
 import world  # noqa: E402
 
 FULL = dict(num_scenes=100_000, vae_steps=3000, vae_batch=32, clip_steps=800, clip_batch=256,
-            unet_steps=8000, unet_batch=64, unet_checkpoint_every=500, aesthetic_steps=1500)
+            unet_steps=5500, unet_batch=64, unet_checkpoint_every=500, aesthetic_steps=1500)
 SMOKE = dict(num_scenes=256, vae_steps=3, vae_batch=8, clip_steps=3, clip_batch=16, unet_steps=4, unet_batch=8,
              unet_checkpoint_every=2, aesthetic_steps=3)
 # The real SD1.5 scheduler file (PNDM); the scripts and the pipelines build DDPM / DDIM / DPM++ from it.

@@ -1,0 +1,121 @@
+"""The tiny world: its generator and pixel check, the shipped pipeline and reward models, the build script."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import rewards
+from conftest import ROOT, WORLD_CLIP, WORLD_REWARD_OPTIONS, WORLD_SD
+
+sys.path.insert(0, os.path.join(ROOT, "tiny_models"))
+import world  # noqa: E402
+
+
+def test_scenes_are_deterministic_and_follow_the_grammar():
+    a, b = world.sample_scene(123), world.sample_scene(123)
+    assert a == b and np.array_equal(world.render(a), world.render(b))
+    for seed in range(300):
+        scene = world.sample_scene(seed)
+        parsed = world.parse(world.caption(scene))
+        assert parsed["background"] == scene["background"]
+        assert [(s["color"], s["shape"], s["position"]) for s in parsed["shapes"]] == \
+               [(s["color"], s["shape"], s["position"]) for s in scene["shapes"]]
+        assert all((s["color"], s["shape"]) not in world.HELD_OUT for s in scene["shapes"])  # training scenes
+    held = [world.sample_scene(seed, held_out="only") for seed in range(20)]
+    assert all((s["color"], s["shape"]) in world.HELD_OUT for scene in held for s in scene["shapes"])
+
+
+def test_world_json_is_the_vocabulary():
+    with open(os.path.join(ROOT, "tiny_models", "world.json")) as f:
+        assert json.load(f) == json.loads(json.dumps(world.vocabulary()))
+
+
+def test_pixel_check_reads_the_rendered_scenes_and_rejects_wrong_captions():
+    images, captions, _ = world.dataset(range(400))
+
+    def rates(pairs):
+        checks = [world.check(image, text) for image, text in pairs]
+        return {m: np.mean([c[m] for c in checks if c[m] is not None]) for m in checks[0]}
+
+    right = rates(zip(images, captions))
+    assert min(right.values()) >= 0.97, right
+    wrong = rates(zip(images, captions[1:] + captions[:1]))  # another scene's caption
+    assert wrong["background"] < 0.3 and wrong["color"] < 0.3 and wrong["colors_pair"] < 0.2, wrong
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3)).astype(np.uint8)
+    one, two = (next(c for c in captions if (" and " in c) == pair) for pair in (False, True))
+    assert not any(world.check(noise, one)[m] for m in ("color", "shape"))
+    assert not world.check(noise, two)["colors_pair"]
+
+
+def test_shipped_pipeline_draws_the_prompted_background_in_plain_diffusers():
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(WORLD_SD)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a white circle on a red background", "a yellow square on a blue background",
+               "a black triangle on a green background", "a purple circle on a yellow background",
+               "a orange square on a black background", "a red triangle on a white background"]
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=6.0, height=32, width=32, output_type="np",
+                  generator=torch.Generator().manual_seed(0)).images
+    assert sum(world.check(image, text)["background"] for image, text in zip(images, prompts)) >= 5
+
+
+@pytest.fixture(scope="module")
+def world_reward():
+    return rewards.build_reward("pickscore:1,clipscore:1,hpsv21:1,aesthetic:1", **WORLD_REWARD_OPTIONS)
+
+
+def test_world_clip_ranks_the_matching_caption_first(world_reward):
+    images, captions, _ = world.dataset(range(10**7, 10**7 + 32), held_out="any")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    world_reward(x, captions)
+    right = world_reward.last_raw
+    world_reward(x, captions[1:] + captions[:1])
+    wrong = world_reward.last_raw
+    for name in ("pickscore", "clipscore"):
+        assert (right[name] > wrong[name]).float().mean() >= 0.9, name
+    # one model, two layouts: open_clip's cosine (clipscore, hpsv21) is transformers' (pickscore / logit scale)
+    from transformers import CLIPModel
+    scale = CLIPModel.from_pretrained(WORLD_CLIP).logit_scale.exp().item()
+    torch.testing.assert_close(right["clipscore"], right["pickscore"] / scale, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(right["hpsv21"], right["clipscore"])
+
+
+def test_world_aesthetic_prefers_one_large_centered_shape(world_reward):
+    clean = dict(background="black", texture=None,
+                 shapes=[dict(color="yellow", shape="circle", position=None, size=0.55, x=0.5, y=0.5)])
+    cluttered = dict(background="purple", texture=dict(kind="noise", seed=0, amplitude=0.12),
+                     shapes=[dict(color="red", shape="triangle", position=None, size=0.28, x=0.2, y=0.2),
+                             dict(color="blue", shape="square", position=None, size=0.28, x=0.78, y=0.8)])
+    x = torch.from_numpy(np.stack([world.render(clean), world.render(cluttered)])).permute(0, 3, 1, 2).float() / 255
+    world_reward(x, [world.caption(clean), world.caption(cluttered)])
+    score = world_reward.last_raw["aesthetic"]
+    assert score[0] > score[1] + 2, score  # on the world's 1..10 quality scale
+
+
+def test_build_script_smoke(tmp_path):
+    """A few steps of every phase on a small subset; the outputs load as the shipped ones do."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, os.path.join(ROOT, "tiny_models", "build_world.py"), "--smoke",
+                    "--work", str(tmp_path / "work"), "--out", str(out)], check=True, env=env, timeout=300)
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(out / "world-sd15")
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    clip = out / "world-clip"
+    reward = rewards.build_reward(
+        "clipscore:1,pickscore:1,aesthetic:1", clip_model=str(clip / "open_clip_config.json"),
+        clip_pretrained=str(clip / "open_clip_model.pt"), pickscore_model=str(clip), pickscore_processor=str(clip),
+        aesthetic_clip=str(clip), aesthetic_mlp=str(out / "world-aesthetic.safetensors"))
+    assert torch.isfinite(reward(torch.rand(2, 3, 32, 32), ["a red circle on a blue background"] * 2)).all()
+    # a finished phase is skipped when the build runs again
+    log = subprocess.run([sys.executable, os.path.join(ROOT, "tiny_models", "build_world.py"), "--smoke",
+                          "--work", str(tmp_path / "work"), "--out", str(out), "--phases", "vae,clip"],
+                         check=True, env=env, timeout=300, capture_output=True, text=True).stdout
+    assert "vae: done already" in log and "clip: done already" in log
