@@ -75,6 +75,18 @@ from tqdm.auto import tqdm
 import rewards
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The trained tiny world (tiny_models/build_world.py): every --preset demo runs on it, on CPU. Its reward models
+# stand in for the real ones under the same names (clipscore, hpsv21, pickscore, aesthetic; see the README).
+WORLD = os.path.join(HERE, "tiny_models")
+WORLD_DEMO = dict(
+    pretrained_model_name_or_path=os.path.join(WORLD, "world-sd15"), resolution=32, mixed_precision="no",
+    train_prompts=os.path.join(WORLD, "world-train-prompts.txt"), eval_prompts=os.path.join(WORLD, "world-eval-prompts.txt"),
+    reward_options=",".join(f"{k}={os.path.join(WORLD, v)}" for k, v in [
+        ("clip_model", "world-clip/open_clip_config.json"), ("clip_pretrained", "world-clip/open_clip_model.pt"),
+        ("hps_model", "world-clip/open_clip_config.json"), ("hps_checkpoint", "world-clip/open_clip_model.pt"),
+        ("pickscore_model", "world-clip"), ("pickscore_processor", "world-clip"), ("aesthetic_clip", "world-clip"),
+        ("aesthetic_mlp", "world-aesthetic.safetensors")]),
+)
 
 # ---------------------------------------------------------------------------------------------
 # Algorithm: arguments and presets
@@ -116,10 +128,9 @@ SD15_PAPER = dict(
 
 PRESETS = {
     "demo": dict(
-        pretrained_model_name_or_path=os.path.join(HERE, "tiny_models", "sd15"), output_dir="outputs/alignprop-demo",
-        resolution=64, sampler="ddpm", num_inference_steps=20, guidance_scale=7.5, reward="symmetry",
-        train_batch_size=4, learning_rate=3e-3, max_grad_norm=1.0, rank=8, max_train_steps=60,
-        validation_steps=20, checkpointing_steps=1000, mixed_precision="no",
+        WORLD_DEMO, output_dir="outputs/alignprop-demo", sampler="ddpm", num_inference_steps=20, guidance_scale=6.0,
+        reward="symmetry:1,clipscore:1", train_batch_size=4, learning_rate=3e-3, max_grad_norm=1.0, rank=8, max_train_steps=60,
+        validation_steps=20, checkpointing_steps=1000,
     ),
     "paper": dict(SD15_PAPER),
 }

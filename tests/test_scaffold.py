@@ -58,6 +58,17 @@ def test_scaffold_is_identical(name):
             assert theirs[key] == code, f"{name}: {key} differs from drtune.py's scaffold"
 
 
+@pytest.mark.parametrize("name", [s for s in PRESENT if s != "drtune.py"])
+def test_world_demo_settings_are_identical(name):
+    """Every --preset demo starts from the same trained tiny world (the constants above each script's presets)."""
+    reference, other = top_level(source("drtune.py")), top_level(source(name))
+    for key in ("HERE", "WORLD", "WORLD_DEMO"):
+        assert other[key] == reference[key], f"{name}: {key} differs from drtune.py"
+    import importlib
+    assert importlib.import_module(name.removesuffix(".py")).PRESETS["demo"]["pretrained_model_name_or_path"].endswith(
+        os.path.join("tiny_models", "world-sd15"))
+
+
 @pytest.mark.parametrize("name", PRESENT)
 def test_scripts_import_only_rewards_from_this_repo(name):
     imported = set()
