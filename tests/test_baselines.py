@@ -237,7 +237,8 @@ def test_presets_pass_their_own_checks(module):
     for name in module.PRESETS:
         args = module.parse_args(["--preset", name])
         module.check_algorithm_arguments(args)
-    assert module.PRESETS["demo"]["reward"] == "symmetry"
+    # the demo: symmetry with the CLIPScore regularizer, as the paper always has it
+    assert module.PRESETS["demo"]["reward"] == "symmetry:1,clipscore:1"
 
 
 @pytest.mark.parametrize("module,flags,message", [

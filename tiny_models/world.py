@@ -291,12 +291,17 @@ if __name__ == "__main__":
     parser.add_argument("--write_json", action="store_true",
                         help="write tiny_models/world.json and the demos' world-train-prompts.txt, world-eval-prompts.txt")
     parser.add_argument("--show", nargs=2, metavar=("N", "PNG"), help="save a grid of N scenes, print captions")
+    parser.add_argument("--enlarge", nargs=2, metavar=("SRC", "DST"),
+                        help="copy a grid of 32 px images 4x larger, pixels kept sharp (the README's gallery)")
     args = parser.parse_args()
     if args.write_json:
         print(write_json())
         for name, prompts in zip(("world-train-prompts.txt", "world-eval-prompts.txt"), demo_prompts()):
             with open(os.path.join(HERE, name), "w") as f:
                 f.write("\n".join(prompts) + "\n")
+    if args.enlarge:
+        with Image.open(args.enlarge[0]) as image:
+            image.resize((image.width * 4, image.height * 4), Image.NEAREST).save(args.enlarge[1])
     if args.show:
         n, path = int(args.show[0]), args.show[1]
         images, captions, _ = dataset(range(n))
