@@ -69,6 +69,17 @@ def test_world_demo_settings_are_identical(name):
         os.path.join("tiny_models", "world-sd15"))
 
 
+def test_evaluate_copies_the_scaffold_pieces_it_shares():
+    """evaluate.py needs only rewards.py too: the scaffold pieces it copies (prompt sets, errors, loading checks)
+    stay identical; it writes its own parser, checks and main."""
+    shared = top_level(scaffold_region(source("drtune.py")))
+    theirs = top_level(source("evaluate.py"))
+    copied = [key for key in shared if key in theirs and key not in ("build_parser", "check_arguments", "main", "cli")]
+    assert "read_prompt_set" in copied
+    for key in copied:
+        assert theirs[key] == shared[key], f"evaluate.py: {key} differs from drtune.py's scaffold"
+
+
 @pytest.mark.parametrize("name", PRESENT)
 def test_scripts_import_only_rewards_from_this_repo(name):
     imported = set()
