@@ -56,8 +56,7 @@ def done(work, phase):
 
 
 def mark_done(work, phase, **info):
-    with open(os.path.join(work, f"{phase}.done"), "w") as f:
-        json.dump(info, f)
+    write_json(os.path.join(work, f"{phase}.done"), info)
 
 
 def atomic_save(save, path):
@@ -65,6 +64,11 @@ def atomic_save(save, path):
     tmp = path + ".tmp"
     save(tmp)
     os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
 
 
 def to_tensor(images):
@@ -324,7 +328,7 @@ def phase_unet(work, cfg, seed):
             atomic_save(lambda p: save_file({n: t.contiguous() for n, t in zip(names, ema)}, p),
                         os.path.join(ckpt_dir, "ema.safetensors"))
             atomic_save(lambda p: torch.save(optimizer.state_dict(), p), os.path.join(ckpt_dir, "optimizer.pt"))
-            atomic_save(lambda p: json.dump(dict(step=step), open(p, "w")), os.path.join(ckpt_dir, "state.json"))
+            atomic_save(lambda p: write_json(p, dict(step=step)), os.path.join(ckpt_dir, "state.json"))
             save_world_pipeline(work, unet, text_encoder, ema, params, os.path.join(work, "pipeline-ema"))
     return dict(seconds=time.time() - start, steps=step, final_loss=float(np.mean(losses[-100:])) if losses else None)
 
