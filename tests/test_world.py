@@ -119,3 +119,16 @@ def test_build_script_smoke(tmp_path):
                           "--work", str(tmp_path / "work"), "--out", str(out), "--phases", "vae,clip"],
                          check=True, env=env, timeout=300, capture_output=True, text=True).stdout
     assert "vae: done already" in log and "clip: done already" in log
+
+
+@pytest.mark.parametrize("script", ["drtune.py", "refl.py", "draft.py", "alignprop.py", "dpo.py", "spo.py"])
+def test_every_demo_preset_runs_on_the_world(script, tmp_path):
+    """`--preset demo` as a user runs it (one step here): the world pipeline, its prompt files and reward models."""
+    out = tmp_path / "out"
+    subprocess.run([sys.executable, os.path.join(ROOT, script), "--preset", "demo", "--output_dir", str(out),
+                    "--max_train_steps", "1", "--validation_steps", "1", "--num_eval_prompts", "2", "--report_to",
+                    "none"], check=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    with open(out / "config.json") as f:
+        config = json.load(f)
+    assert config["pretrained_model_name_or_path"] == WORLD_SD and config["resolution"] == 32
+    assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "samples" / "before_after.png").exists()
