@@ -167,10 +167,15 @@ def test_peers_harness_times_our_side_between_optimizer_steps(tmp_path):
     out = bench.run_peer_job(job, str(tmp_path / "ours"))
     assert out["status"] == "ok", out
     assert len(out["seconds"]) == 2 and min(out["seconds"]) > 0 and out["peak_mb"] >= out["start_mb"] > 0
-    if subprocess.run([sys.executable, "-c", "import trl"], capture_output=True).returncode == 0:
-        pytest.skip("TRL is installed here: the missing-peer message is not shown")
-    result = subprocess.run([sys.executable, "bench.py", "--peers", "--output_dir", str(tmp_path)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    # a peer interpreter that cannot import TRL, whether or not this one can: trl shadowed by a failing package
+    hidden = tmp_path / "no_trl" / "trl"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ImportError('hidden for this test')\n")
+    peer = tmp_path / "peer_python"
+    peer.write_text(f'#!/bin/sh\nPYTHONPATH={hidden.parent} exec {sys.executable} "$@"\n')
+    peer.chmod(0o755)
+    result = subprocess.run([sys.executable, "bench.py", "--peers", "--output_dir", str(tmp_path),
+                             "--peer_python", str(peer)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TRL is not importable" in result.stdout and "pip install trl==0.23.1" in result.stdout
     assert "no --peer_dpo_script" in result.stdout
