@@ -9,11 +9,16 @@ TINY_SDXL = os.path.join(ROOT, "tiny_models", "sdxl")
 # The trained tiny world (tiny_models/build_world.py) and its reward models
 WORLD_SD = os.path.join(ROOT, "tiny_models", "world-sd15")
 WORLD_CLIP = os.path.join(ROOT, "tiny_models", "world-clip")
-WORLD_REWARD_OPTIONS = dict(
-    clip_model=os.path.join(WORLD_CLIP, "open_clip_config.json"), clip_pretrained=os.path.join(WORLD_CLIP, "open_clip_model.pt"),
-    hps_model=os.path.join(WORLD_CLIP, "open_clip_config.json"), hps_checkpoint=os.path.join(WORLD_CLIP, "open_clip_model.pt"),
-    pickscore_model=WORLD_CLIP, pickscore_processor=WORLD_CLIP, aesthetic_clip=WORLD_CLIP,
-    aesthetic_mlp=os.path.join(ROOT, "tiny_models", "world-aesthetic.safetensors"))
+
+
+def _world_reward_options():
+    """The reward options every --preset demo passes (WORLD_DEMO), as build_reward keyword arguments."""
+    import drtune
+    import rewards
+    return rewards.parse_options(drtune.WORLD_DEMO["reward_options"])
+
+
+WORLD_REWARD_OPTIONS = _world_reward_options()
 
 
 def tiny_argv(model, output_dir, **overrides):

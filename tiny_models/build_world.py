@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 
@@ -273,6 +274,7 @@ def phase_unet(work, cfg, seed):
     text_encoder.load_state_dict(clip.text_model.state_dict())
     unet = make_unet(text_encoder.config.hidden_size)
     params = list(unet.parameters()) + list(text_encoder.parameters())
+    names = [f"p{i}" for i in range(len(params))]  # safetensors keys of the flat parameter list
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
@@ -284,7 +286,6 @@ def phase_unet(work, cfg, seed):
     if os.path.exists(os.path.join(ckpt_dir, "state.json")):
         with open(os.path.join(ckpt_dir, "state.json")) as f:
             step = json.load(f)["step"]
-        names = [f"p{i}" for i in range(len(params))]
         for path, tensors in (("params", params), ("ema", ema)):
             loaded = load_file(os.path.join(ckpt_dir, f"{path}.safetensors"))
             with torch.no_grad():
@@ -322,7 +323,6 @@ def phase_unet(work, cfg, seed):
             log(f"unet step {step} loss {np.mean(losses[-100:]):.4f} ({time.time() - start:.0f} s)")
         if step % cfg["unet_checkpoint_every"] == 0 or step == total:
             os.makedirs(ckpt_dir, exist_ok=True)
-            names = [f"p{i}" for i in range(len(params))]
             atomic_save(lambda p: save_file({n: t.detach().contiguous() for n, t in zip(names, params)}, p),
                         os.path.join(ckpt_dir, "params.safetensors"))
             atomic_save(lambda p: save_file({n: t.contiguous() for n, t in zip(names, ema)}, p),
@@ -335,8 +335,6 @@ def phase_unet(work, cfg, seed):
 
 def save_world_pipeline(work, unet, text_encoder, ema, params, path):
     """The EMA weights as an SD1.5-format pipeline folder (written aside, then renamed into place)."""
-    import shutil
-
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
 
     backup = [p.detach().clone() for p in params]
@@ -455,8 +453,6 @@ def to_open_clip_state_dict(model):
 
 
 def phase_export(work, out):
-    import shutil
-
     from transformers import CLIPImageProcessor, CLIPModel
 
     os.makedirs(out, exist_ok=True)
