@@ -18,6 +18,7 @@ nearest to its centroid.
 
     python tiny_models/world.py --write_json          # tiny_models/world.json
     python tiny_models/world.py --show 16 out.png     # a grid of 16 scenes and their captions
+    python tiny_models/world.py --read outputs/drtune-demo   # a demo's before/after grid, read back
 """
 
 import argparse
@@ -279,6 +280,53 @@ def demo_prompts():
     return train, chosen
 
 
+def symmetry_error(image):
+    """The DRTune paper's eq. 6 on one image, computed here with numpy: mean |x - mirror(x)| / std(x), x in [0, 1]
+    (H, W, 3); 0 for a mirror-symmetric image."""
+    x = np.asarray(image, dtype=np.float64)
+    x = x / 255 if x.max() > 1 else x
+    return float(np.abs(x - x[:, ::-1]).mean() / np.sqrt(x.var() + 1e-6))
+
+
+def drawn(result):
+    """Whether a check() result still shows what the prompt asks for, position and type aside (a symmetry reward
+    may move and reshape a shape): the background color, and every shape's color."""
+    return bool(result["background"] and (result["color"] if result["colors_pair"] is None else result["colors_pair"]))
+
+
+def split_grid(path, n):
+    """The 2 n images of a before/after grid as the scripts save it (samples/before_after.png: the n "before"
+    images, then the n "after" ones, row-major in two rows): (before, after), lists of (H, W, 3) uint8."""
+    with Image.open(path) as image:
+        grid = np.asarray(image.convert("RGB"))
+    h, w = grid.shape[0] // 2, grid.shape[1] // n
+    tiles = [grid[r * h:(r + 1) * h, c * w:(c + 1) * w] for r in range(2) for c in range(n)]
+    return tiles[:n], tiles[n:]
+
+
+def read_grid(path, prompts):
+    """A before/after grid against its prompts: per image, eq. 6 symmetry error and drawn(check()); returns
+    dict(before=..., after=...) of dict(symmetry=[...], drawn=[...], checks=[...])."""
+    out = {}
+    for name, images in zip(("before", "after"), split_grid(path, len(prompts))):
+        checks = [check(image, prompt) for image, prompt in zip(images, prompts)]
+        out[name] = dict(symmetry=[symmetry_error(image) for image in images], drawn=[drawn(c) for c in checks],
+                         checks=checks)
+    return out
+
+
+def read_run(output_dir):
+    """read_grid of a training run's samples/before_after.png, with the eval prompts its config.json names."""
+    with open(os.path.join(output_dir, "config.json")) as f:
+        config = json.load(f)
+    prompts = config.get("eval_prompt_list") or []
+    if not prompts:
+        with open(config["eval_prompts"]) as f:
+            prompts = [line.strip() for line in f if line.strip()]
+        prompts = prompts[: config.get("num_eval_prompts") or len(prompts)]
+    return read_grid(os.path.join(output_dir, "samples", "before_after.png"), prompts), prompts
+
+
 def write_json(path=os.path.join(HERE, "world.json")):
     with open(path, "w") as f:
         json.dump(vocabulary(), f, indent=2)
@@ -293,7 +341,19 @@ if __name__ == "__main__":
     parser.add_argument("--show", nargs=2, metavar=("N", "PNG"), help="save a grid of N scenes, print captions")
     parser.add_argument("--enlarge", nargs=2, metavar=("SRC", "DST"),
                         help="copy a grid of 32 px images 4x larger, pixels kept sharp (the README's gallery)")
+    parser.add_argument("--read", metavar="OUTPUT_DIR",
+                        help="read a run's samples/before_after.png back: eq. 6 symmetry error and whether each "
+                             "prompt is still drawn, before and after")
     args = parser.parse_args()
+    if args.read:
+        result, prompts = read_run(args.read)
+        for i, prompt in enumerate(prompts):
+            b, a = result["before"], result["after"]
+            print(f"{b['symmetry'][i]:.3f} -> {a['symmetry'][i]:.3f}  drawn {b['drawn'][i]:d} -> {a['drawn'][i]:d}  "
+                  f"{prompt}")
+        for name in ("before", "after"):
+            r = result[name]
+            print(f"{name}: mean symmetry error {np.mean(r['symmetry']):.3f}, drawn {sum(r['drawn'])}/{len(prompts)}")
     if args.write_json:
         print(write_json())
         for name, prompts in zip(("world-train-prompts.txt", "world-eval-prompts.txt"), demo_prompts()):
