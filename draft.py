@@ -1246,6 +1246,22 @@ def main(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generator = step_generator(args, accelerator.process_index, step)
+        # The algorithm's own update before the reward update, where it has one (extra_update_loss returns None
+        # otherwise; refl.py: the pre-training loss of ImageReward's Alg. 2): its micro-batches, then its step.
+        extra_metrics, extra_row = [], {}
+        for _ in range(args.gradient_accumulation_steps):
+            with accelerator.autocast():
+                extra = extra_update_loss(models, scheduler, unet, generator, args)
+            if extra is None:
+                break
+            loss, logged = extra
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+            extra_metrics.append(logged)
+        if extra_metrics:
+            extra_row["extra_grad_norm"] = optimizer_step(accelerator, params, optimizer, args)
+            names = list(extra_metrics[0])  # its metrics, averaged over micro-batches and processes
+            means = torch.tensor([[m[k] for k in names] for m in extra_metrics], device=device).mean(0)
+            extra_row.update(zip(names, accelerator.gather(means[None]).mean(0).tolist()))
         losses, scores, raw, extras = [], [], {}, []
         for _ in range(args.gradient_accumulation_steps):
             idx = torch.randint(len(args.train_prompt_list), (args.train_batch_size,), generator=generator)
@@ -1258,14 +1274,9 @@ def main(args):
             scores.append(reward.detach())
             for name, value in reward_fn.last_raw.items():
                 raw.setdefault(name, []).append(value.detach())
-        all_reduce_grads(accelerator, params)
-        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        finite = math.isfinite(grad_norm)
-        if finite or accelerator.scaler is not None:  # the fp16 scaler skips non-finite updates itself
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, params, optimizer, args)
+        finite = math.isfinite(grad_norm) and math.isfinite(extra_row.get("extra_grad_norm", 0.0))
+        lr_scheduler.step()  # once per step: both updates of a step take the same learning rate
 
         scores = accelerator.gather(torch.cat(scores)).float()
         row = dict(step=step, loss=accelerator.gather(torch.cat(losses)).mean().item(), reward_mean=scores.mean().item(),
@@ -1273,7 +1284,8 @@ def main(args):
                    lr=lr_scheduler.get_last_lr()[0], seconds=time.time() - start, peak_memory_mb=peak_memory_mb(device),
                    skipped=not finite, **{f"raw_{k}": accelerator.gather(torch.cat(v)).float().mean().item()
                                            for k, v in raw.items()},
-                   **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]})  # the method's own, per micro-batch
+                   **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]},  # the method's own, per micro-batch
+                   **extra_row)
         if step % args.validation_steps == 0 or step == args.max_train_steps:
             if main_process:
                 with accelerator.autocast():
@@ -1301,6 +1313,18 @@ def main(args):
         plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
     accelerator.end_training()
     return row
+
+
+def optimizer_step(accelerator, params, optimizer, args):
+    """One update from the accumulated LoRA gradients: averaged over processes, clipped to --max_grad_norm, skipped
+    when NaN/inf (the fp16 scaler skips those itself), then zeroed. Returns the norm before clipping."""
+    all_reduce_grads(accelerator, params)
+    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if math.isfinite(grad_norm) or accelerator.scaler is not None:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def all_reduce_grads(accelerator, params):
@@ -1383,6 +1407,11 @@ def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args)
                  stop_grad_input=args.stop_grad_unet_input)
     reward = compute_reward(reward_fn, decode(models.vae, x0), prompts, args)
     return -reward.mean(), reward, dict(num_trained_steps=K, first_trained_step=T - K)
+
+
+def extra_update_loss(models, scheduler, unet, generator, args):
+    """None: no update besides the reward update (the scaffold's extra update serves refl.py's pre-training loss)."""
+    return None
 
 
 if __name__ == "__main__":

@@ -30,16 +30,18 @@ Choices where the sources leave room:
   in one way: LoRA on SD1.5 (the official code fine-tunes all of SD1.4's UNet, with EMA). Like the public ReFL.py
   it has no pre-training loss; add --pretrain_dataset for the paper's Alg. 2.
 - Pre-training loss (ImageReward paper, Alg. 2; the public ReFL.py and the DRTune paper's baseline leave it out, so
-  it is off unless --pretrain_dataset is given): each micro-batch also draws a batch of real image-caption pairs
-  (train_batch_size of them, uniformly with replacement), encodes the images with the VAE and adds
-  --pretrain_loss_weight times the latent diffusion training loss (MSE of the UNet's noise or v prediction at a
-  uniform training timestep, with the caption, no guidance) to the reward loss. Alg. 2 takes two updates per
-  iteration, first on L_pre, then on L_reward; here both losses of an iteration enter one update, because the four
-  gradient scripts share one training loop with one optimizer step per iteration. For plain gradient steps the two
-  orders agree to first order in the learning rate; with Adam the pre-training gradient shares the update's
-  normalization and clipping instead of getting its own step. Images are resized (shorter side, bilinear) and
-  center-cropped to --resolution, as diffusers' text-to-image examples do; SDXL gets each image's original size
-  and crop as its time ids. A hub id is downloaded in full (datasets, no streaming).
+  it is off unless --pretrain_dataset is given). As in Alg. 2, each iteration takes two updates: first one on the
+  pre-training loss L_pre, then the ReFL update on the reward loss, whose trajectories the first update's weights
+  sample. L_pre is the latent diffusion training loss (MSE of the UNet's noise or v prediction at a uniform training
+  timestep, with the caption, no guidance) on real image-caption pairs, train_batch_size of them (uniformly with
+  replacement) per micro-batch, over as many micro-batches as the reward update; its update minimizes
+  --pretrain_loss_weight x L_pre (Alg. 2: weight 1; its lambda scales the reward loss only) with a gradient average
+  over processes, clipping and optimizer step of its own, at the same learning rate (the scaffold's extra update,
+  extra_update_loss below). Alg. 2 does not name an optimizer: here both updates share one AdamW and its moments.
+  metrics.jsonl logs pretrain_loss (L_pre, unweighted) and extra_grad_norm beside the reward update's loss and
+  grad_norm. Images are resized (shorter side, bilinear) and center-cropped to --resolution, as diffusers'
+  text-to-image examples do; SDXL gets each image's original size and crop as its time ids. A hub id is downloaded
+  in full (datasets, no streaming).
 - The public ReFL.py (commit 1beb4e4) calls the UNet at the stop step with the integer index mid_timestep (30..39)
   as its timestep and takes pred_original_sample with the previous step's t. We read that as a bug: the stop step
   uses its own timestep for both, as the paper describes and later forks of the code do.
@@ -115,8 +117,8 @@ def add_algorithm_arguments(parser):
                             "(images + metadata.jsonl/csv, or parquet files), a .parquet file or a hub dataset id; "
                             "off when not given (the DRTune paper's unified setting and the official code)")
     group.add_argument("--pretrain_loss_weight", type=float, default=1.0,
-                       help="weight of the denoising loss on --pretrain_dataset (Alg. 2: 1, the reward loss "
-                            "weighted by --loss_scale)")
+                       help="the pre-training update minimizes this x the denoising loss on --pretrain_dataset "
+                            "(Alg. 2: 1; --loss_scale weights the reward update's loss)")
 
 
 def check_algorithm_arguments(args):
@@ -1281,6 +1283,22 @@ def main(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generator = step_generator(args, accelerator.process_index, step)
+        # The algorithm's own update before the reward update, where it has one (extra_update_loss returns None
+        # otherwise; refl.py: the pre-training loss of ImageReward's Alg. 2): its micro-batches, then its step.
+        extra_metrics, extra_row = [], {}
+        for _ in range(args.gradient_accumulation_steps):
+            with accelerator.autocast():
+                extra = extra_update_loss(models, scheduler, unet, generator, args)
+            if extra is None:
+                break
+            loss, logged = extra
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+            extra_metrics.append(logged)
+        if extra_metrics:
+            extra_row["extra_grad_norm"] = optimizer_step(accelerator, params, optimizer, args)
+            names = list(extra_metrics[0])  # its metrics, averaged over micro-batches and processes
+            means = torch.tensor([[m[k] for k in names] for m in extra_metrics], device=device).mean(0)
+            extra_row.update(zip(names, accelerator.gather(means[None]).mean(0).tolist()))
         losses, scores, raw, extras = [], [], {}, []
         for _ in range(args.gradient_accumulation_steps):
             idx = torch.randint(len(args.train_prompt_list), (args.train_batch_size,), generator=generator)
@@ -1293,14 +1311,9 @@ def main(args):
             scores.append(reward.detach())
             for name, value in reward_fn.last_raw.items():
                 raw.setdefault(name, []).append(value.detach())
-        all_reduce_grads(accelerator, params)
-        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        finite = math.isfinite(grad_norm)
-        if finite or accelerator.scaler is not None:  # the fp16 scaler skips non-finite updates itself
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, params, optimizer, args)
+        finite = math.isfinite(grad_norm) and math.isfinite(extra_row.get("extra_grad_norm", 0.0))
+        lr_scheduler.step()  # once per step: both updates of a step take the same learning rate
 
         scores = accelerator.gather(torch.cat(scores)).float()
         row = dict(step=step, loss=accelerator.gather(torch.cat(losses)).mean().item(), reward_mean=scores.mean().item(),
@@ -1308,7 +1321,8 @@ def main(args):
                    lr=lr_scheduler.get_last_lr()[0], seconds=time.time() - start, peak_memory_mb=peak_memory_mb(device),
                    skipped=not finite, **{f"raw_{k}": accelerator.gather(torch.cat(v)).float().mean().item()
                                            for k, v in raw.items()},
-                   **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]})  # the method's own, per micro-batch
+                   **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]},  # the method's own, per micro-batch
+                   **extra_row)
         if step % args.validation_steps == 0 or step == args.max_train_steps:
             if main_process:
                 with accelerator.autocast():
@@ -1336,6 +1350,18 @@ def main(args):
         plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
     accelerator.end_training()
     return row
+
+
+def optimizer_step(accelerator, params, optimizer, args):
+    """One update from the accumulated LoRA gradients: averaged over processes, clipped to --max_grad_norm, skipped
+    when NaN/inf (the fp16 scaler skips those itself), then zeroed. Returns the norm before clipping."""
+    all_reduce_grads(accelerator, params)
+    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if math.isfinite(grad_norm) or accelerator.scaler is not None:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def all_reduce_grads(accelerator, params):
@@ -1507,8 +1533,7 @@ def pretrain_loss(models, scheduler, unet, args, generator):
 
 def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args):
     """One ReFL trajectory per prompt: no-grad sampling down to the stop step, one UNet call with gradient there,
-    the x_0 predicted at that step, decoded and scored. With --pretrain_dataset, plus the pre-training loss of a
-    batch of real pairs (Alg. 2; one update for both, see the module docstring)."""
+    the x_0 predicted at that step, decoded and scored (Alg. 2's reward update)."""
     T = args.num_inference_steps
     stop_index = refl_stop_index(T, args.stop_range, generator)
     cond = encode_prompts(models, prompts, args.resolution)
@@ -1517,12 +1542,17 @@ def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args)
     x0 = rollout(unet, scheduler, cond, latents, generator, args, grad_steps={stop_index}, stop_index=stop_index,
                  stop_grad_input=True)
     reward = compute_reward(reward_fn, decode(models.vae, x0), prompts, args)
-    loss, extra = refl_loss(reward, args), dict(t_min=T - stop_index, stop_index=stop_index)
-    if args.pretrain_dataset is not None:  # drawn after the trajectory: with or without it, the same trajectories
-        pre = pretrain_loss(models, scheduler, unet, args, generator)
-        extra.update(reward_loss=loss.item(), pretrain_loss=pre.item())
-        loss = loss + args.pretrain_loss_weight * pre
-    return loss, reward, extra
+    return refl_loss(reward, args), reward, dict(t_min=T - stop_index, stop_index=stop_index)
+
+
+def extra_update_loss(models, scheduler, unet, generator, args):
+    """Alg. 2's pre-training update, which the scaffold's main runs before each reward update, with its own
+    optimizer step: --pretrain_loss_weight x L_pre of one micro-batch of real pairs, and L_pre for metrics.jsonl
+    (pretrain_loss). None without --pretrain_dataset: no update but the reward update."""
+    if args.pretrain_dataset is None:
+        return None
+    pre = pretrain_loss(models, scheduler, unet, args, generator)
+    return args.pretrain_loss_weight * pre, dict(pretrain_loss=pre.item())
 
 
 if __name__ == "__main__":
