@@ -351,10 +351,11 @@ def build_parser():
     g.add_argument("--reward_resolution", type=int, default=None,
                    help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
     g.add_argument("--train_prompts", default=None,
-                   help="hpsv2-train or hpsv2-benchmark (the HPS v2 prompts of the hub dataset zhwang/HPDv2; "
-                        "NAME:/folder for a local copy), a .txt file (one prompt per line), a .json list of prompts or "
-                        "of records (or a folder of them), a .csv/.jsonl/.parquet file, or a dataset id / folder, with "
-                        "a 'prompt', 'caption' or 'text' column")
+                   help="hpsv2-train or hpsv2-benchmark (HPS v2's prompts, from the hub dataset zhwang/HPDv2), "
+                        "pickapic-train or pickapic-validation (Pick-a-Pic v1's, from the hub dataset "
+                        "yuvalkirstain/pickapic_v1_no_images; NAME:/folder for a local copy), a .txt file (one prompt "
+                        "per line), a .json list of prompts or of records (or a folder of them), a .csv/.jsonl/"
+                        ".parquet file, or a dataset id / folder, with a 'prompt', 'caption' or 'text' column")
     g.add_argument("--eval_prompts", default=None, help="as --train_prompts; the fixed evaluation grid")
     g.add_argument("--prompt_template", default=None,
                    help="put each training and evaluation prompt in place of {}, e.g. '{}, and books.' (the DRTune "
@@ -442,9 +443,15 @@ PROMPT_FIELDS = ("prompt", "caption", "text")
 # README gives, not checked against the hub here).
 HPSV2_DATASET = "zhwang/HPDv2"
 HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+# Pick-a-Pic v1's prompts (Kirstain et al. 2023), in the hub dataset PICKAPIC_DATASET (its comparisons without the
+# images) or a local copy of its files data/{split}-*.parquet: one row per comparison, the prompt in 'caption'.
+PICKAPIC_DATASET = "yuvalkirstain/pickapic_v1_no_images"
+PICKAPIC_SPLITS = {"pickapic-train": "train", "pickapic-validation": "validation_unique"}
 PROMPT_SETS = {
     "hpsv2-benchmark": "the DRTune paper's 400 evaluation prompts: 100 of each HPS v2 benchmark style",
     "hpsv2-train": "the HPS v2 training prompts (train.json), each once",
+    "pickapic-train": "the prompts of Pick-a-Pic v1's train split, each once (SPO's 4k training prompts come from it)",
+    "pickapic-validation": "Pick-a-Pic v1's validation_unique split: 500 prompts (the SPO paper's evaluation prompts)",
 }
 
 
@@ -512,11 +519,31 @@ def hpsv2_prompts(name, source, flag):
     return [prompt for prompt, _ in ordered], [style for _, style in ordered]
 
 
+def pickapic_prompts(name, source, flag):
+    """The prompts of the Pick-a-Pic split PICKAPIC_SPLITS[name], each once, in first-seen order: from the hub
+    dataset `source` (only that split's files, data/{split}-*.parquet, are downloaded) or a local folder laid out
+    like it."""
+    import datasets
+    split = PICKAPIC_SPLITS[name]
+    if not os.path.isdir(source) and not is_hub_id(source):
+        raise UsageError(f"{flag}: no such folder {source}")
+    try:
+        data = datasets.load_dataset(source, data_files={split: f"data/{split}-*.parquet"}, split=split)
+    except Exception as e:  # offline, not cached, no such files
+        raise UsageError(f"{flag}: could not read data/{split}-*.parquet of {source} ({type(e).__name__}); without "
+                         f"network copy those files of the hub dataset {PICKAPIC_DATASET} into a folder (as "
+                         f"data/{split}-*.parquet) and pass {flag} {name}:/path/to/folder") from e
+    if "caption" not in data.column_names:
+        raise UsageError(f"{flag}: {source} data/{split}-*.parquet has no 'caption' column ({data.column_names})")
+    return list(dict.fromkeys(str(c).strip() for c in data["caption"] if c is not None))
+
+
 def read_prompt_set(source, flag="--train_prompts"):
     """(prompts, styles) of `source`; styles names each prompt's style (HPS v2 benchmark) or JSON file (a folder of
     them), else None. Sources:
-    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2; NAME:FOLDER reads a local copy
-      of its JSON files, NAME:OWNER/DATASET a mirror;
+    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2, pickapic-train and
+      pickapic-validation from yuvalkirstain/pickapic_v1_no_images; NAME:FOLDER reads a local copy of its files,
+      NAME:OWNER/DATASET a mirror;
     - a .txt file, one prompt per line;
     - a .json file holding a list of prompts or of records with a 'prompt', 'caption' or 'text' field (HPS v2's
       benchmark and training annotations; see prompts_of_json), or a folder of such .json files (HPS v2's
@@ -526,7 +553,9 @@ def read_prompt_set(source, flag="--train_prompts"):
     name, _, where = source.partition(":")
     suffix = os.path.splitext(source)[1].lower()
     styles = None
-    if name in PROMPT_SETS:
+    if name in PICKAPIC_SPLITS:
+        prompts = pickapic_prompts(name, where or PICKAPIC_DATASET, flag)
+    elif name in PROMPT_SETS:
         prompts, styles = hpsv2_prompts(name, where or HPSV2_DATASET, flag)
     elif os.path.isdir(source) and not os.listdir(source):
         raise UsageError(f"{flag} {source} is an empty folder")

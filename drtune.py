@@ -210,10 +210,11 @@ def build_parser():
     g.add_argument("--reward_resolution", type=int, default=None,
                    help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
     g.add_argument("--train_prompts", default=None,
-                   help="hpsv2-train or hpsv2-benchmark (the HPS v2 prompts of the hub dataset zhwang/HPDv2; "
-                        "NAME:/folder for a local copy), a .txt file (one prompt per line), a .json list of prompts or "
-                        "of records (or a folder of them), a .csv/.jsonl/.parquet file, or a dataset id / folder, with "
-                        "a 'prompt', 'caption' or 'text' column")
+                   help="hpsv2-train or hpsv2-benchmark (HPS v2's prompts, from the hub dataset zhwang/HPDv2), "
+                        "pickapic-train or pickapic-validation (Pick-a-Pic v1's, from the hub dataset "
+                        "yuvalkirstain/pickapic_v1_no_images; NAME:/folder for a local copy), a .txt file (one prompt "
+                        "per line), a .json list of prompts or of records (or a folder of them), a .csv/.jsonl/"
+                        ".parquet file, or a dataset id / folder, with a 'prompt', 'caption' or 'text' column")
     g.add_argument("--eval_prompts", default=None, help="as --train_prompts; the fixed evaluation grid")
     g.add_argument("--prompt_template", default=None,
                    help="put each training and evaluation prompt in place of {}, e.g. '{}, and books.' (the DRTune "
@@ -301,9 +302,15 @@ PROMPT_FIELDS = ("prompt", "caption", "text")
 # README gives, not checked against the hub here).
 HPSV2_DATASET = "zhwang/HPDv2"
 HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+# Pick-a-Pic v1's prompts (Kirstain et al. 2023), in the hub dataset PICKAPIC_DATASET (its comparisons without the
+# images) or a local copy of its files data/{split}-*.parquet: one row per comparison, the prompt in 'caption'.
+PICKAPIC_DATASET = "yuvalkirstain/pickapic_v1_no_images"
+PICKAPIC_SPLITS = {"pickapic-train": "train", "pickapic-validation": "validation_unique"}
 PROMPT_SETS = {
     "hpsv2-benchmark": "the DRTune paper's 400 evaluation prompts: 100 of each HPS v2 benchmark style",
     "hpsv2-train": "the HPS v2 training prompts (train.json), each once",
+    "pickapic-train": "the prompts of Pick-a-Pic v1's train split, each once (SPO's 4k training prompts come from it)",
+    "pickapic-validation": "Pick-a-Pic v1's validation_unique split: 500 prompts (the SPO paper's evaluation prompts)",
 }
 
 
@@ -371,11 +378,31 @@ def hpsv2_prompts(name, source, flag):
     return [prompt for prompt, _ in ordered], [style for _, style in ordered]
 
 
+def pickapic_prompts(name, source, flag):
+    """The prompts of the Pick-a-Pic split PICKAPIC_SPLITS[name], each once, in first-seen order: from the hub
+    dataset `source` (only that split's files, data/{split}-*.parquet, are downloaded) or a local folder laid out
+    like it."""
+    import datasets
+    split = PICKAPIC_SPLITS[name]
+    if not os.path.isdir(source) and not is_hub_id(source):
+        raise UsageError(f"{flag}: no such folder {source}")
+    try:
+        data = datasets.load_dataset(source, data_files={split: f"data/{split}-*.parquet"}, split=split)
+    except Exception as e:  # offline, not cached, no such files
+        raise UsageError(f"{flag}: could not read data/{split}-*.parquet of {source} ({type(e).__name__}); without "
+                         f"network copy those files of the hub dataset {PICKAPIC_DATASET} into a folder (as "
+                         f"data/{split}-*.parquet) and pass {flag} {name}:/path/to/folder") from e
+    if "caption" not in data.column_names:
+        raise UsageError(f"{flag}: {source} data/{split}-*.parquet has no 'caption' column ({data.column_names})")
+    return list(dict.fromkeys(str(c).strip() for c in data["caption"] if c is not None))
+
+
 def read_prompt_set(source, flag="--train_prompts"):
     """(prompts, styles) of `source`; styles names each prompt's style (HPS v2 benchmark) or JSON file (a folder of
     them), else None. Sources:
-    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2; NAME:FOLDER reads a local copy
-      of its JSON files, NAME:OWNER/DATASET a mirror;
+    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2, pickapic-train and
+      pickapic-validation from yuvalkirstain/pickapic_v1_no_images; NAME:FOLDER reads a local copy of its files,
+      NAME:OWNER/DATASET a mirror;
     - a .txt file, one prompt per line;
     - a .json file holding a list of prompts or of records with a 'prompt', 'caption' or 'text' field (HPS v2's
       benchmark and training annotations; see prompts_of_json), or a folder of such .json files (HPS v2's
@@ -385,7 +412,9 @@ def read_prompt_set(source, flag="--train_prompts"):
     name, _, where = source.partition(":")
     suffix = os.path.splitext(source)[1].lower()
     styles = None
-    if name in PROMPT_SETS:
+    if name in PICKAPIC_SPLITS:
+        prompts = pickapic_prompts(name, where or PICKAPIC_DATASET, flag)
+    elif name in PROMPT_SETS:
         prompts, styles = hpsv2_prompts(name, where or HPSV2_DATASET, flag)
     elif os.path.isdir(source) and not os.listdir(source):
         raise UsageError(f"{flag} {source} is an empty folder")
@@ -1261,6 +1290,22 @@ def main(args):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         generator = step_generator(args, accelerator.process_index, step)
+        # The algorithm's own update before the reward update, where it has one (extra_update_loss returns None
+        # otherwise; refl.py: the pre-training loss of ImageReward's Alg. 2): its micro-batches, then its step.
+        extra_metrics, extra_row = [], {}
+        for _ in range(args.gradient_accumulation_steps):
+            with accelerator.autocast():
+                extra = extra_update_loss(models, scheduler, unet, generator, args)
+            if extra is None:
+                break
+            loss, logged = extra
+            accelerator.backward(loss / args.gradient_accumulation_steps)
+            extra_metrics.append(logged)
+        if extra_metrics:
+            extra_row["extra_grad_norm"] = optimizer_step(accelerator, params, optimizer, args)
+            names = list(extra_metrics[0])  # its metrics, averaged over micro-batches and processes
+            means = torch.tensor([[m[k] for k in names] for m in extra_metrics], device=device).mean(0)
+            extra_row.update(zip(names, accelerator.gather(means[None]).mean(0).tolist()))
         losses, scores, raw, extras = [], [], {}, []
         for _ in range(args.gradient_accumulation_steps):
             idx = torch.randint(len(args.train_prompt_list), (args.train_batch_size,), generator=generator)
@@ -1273,14 +1318,9 @@ def main(args):
             scores.append(reward.detach())
             for name, value in reward_fn.last_raw.items():
                 raw.setdefault(name, []).append(value.detach())
-        all_reduce_grads(accelerator, params)
-        grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
-        finite = math.isfinite(grad_norm)
-        if finite or accelerator.scaler is not None:  # the fp16 scaler skips non-finite updates itself
-            optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = optimizer_step(accelerator, params, optimizer, args)
+        finite = math.isfinite(grad_norm) and math.isfinite(extra_row.get("extra_grad_norm", 0.0))
+        lr_scheduler.step()  # once per step: both updates of a step take the same learning rate
 
         scores = accelerator.gather(torch.cat(scores)).float()
         row = dict(step=step, loss=accelerator.gather(torch.cat(losses)).mean().item(), reward_mean=scores.mean().item(),
@@ -1288,7 +1328,8 @@ def main(args):
                    lr=lr_scheduler.get_last_lr()[0], seconds=time.time() - start, peak_memory_mb=peak_memory_mb(device),
                    skipped=not finite, **{f"raw_{k}": accelerator.gather(torch.cat(v)).float().mean().item()
                                            for k, v in raw.items()},
-                   **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]})  # the method's own, per micro-batch
+                   **{k: float(np.mean([e[k] for e in extras])) for k in extras[0]},  # the method's own, per micro-batch
+                   **extra_row)
         if step % args.validation_steps == 0 or step == args.max_train_steps:
             if main_process:
                 with accelerator.autocast():
@@ -1316,6 +1357,18 @@ def main(args):
         plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
     accelerator.end_training()
     return row
+
+
+def optimizer_step(accelerator, params, optimizer, args):
+    """One update from the accumulated LoRA gradients: averaged over processes, clipped to --max_grad_norm, skipped
+    when NaN/inf (the fp16 scaler skips those itself), then zeroed. Returns the norm before clipping."""
+    all_reduce_grads(accelerator, params)
+    grad_norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
+    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if math.isfinite(grad_norm) or accelerator.scaler is not None:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def all_reduce_grads(accelerator, params):
@@ -1380,6 +1433,11 @@ def algorithm_loss(models, scheduler, unet, reward_fn, prompts, generator, args)
                  stop_index=stop_index, stop_grad_input=True)  # l.13-23
     reward = compute_reward(reward_fn, decode(models.vae, x0), prompts, args)  # l.24
     return -reward.mean(), reward, dict(t_min=args.num_inference_steps - stop_index)
+
+
+def extra_update_loss(models, scheduler, unet, generator, args):
+    """None: no update besides the reward update (the scaffold's extra update serves refl.py's pre-training loss)."""
+    return None
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ rewards.py reward, a table in the layout of the DRTune paper's Table 1 and a gri
 What it does, and the choices made:
 - Prompts: any source the training scripts' --eval_prompts take (read_prompt_set, duplicated from their scaffold
   and kept identical by tests/test_evaluate.py): hpsv2-benchmark (the 400 prompts of the DRTune paper, 100 per HPS v2
-  style, in the order their docstring gives; NAME:/folder for a local copy of zhwang/HPDv2), a .txt/.json file, ...
+  style, in the order their docstring gives; NAME:/folder for a local copy of zhwang/HPDv2), pickapic-validation
+  (the SPO paper's 500 Pick-a-Pic v1 validation_unique prompts), a .txt/.json file, ...
   --prompt_template puts each in a template; --num_prompts keeps the first N (the benchmark's order interleaves the
   styles, so any N covers them evenly).
 - Images: StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the model's components (two text encoders
@@ -119,9 +120,15 @@ PROMPT_FIELDS = ("prompt", "caption", "text")
 # README gives, not checked against the hub here).
 HPSV2_DATASET = "zhwang/HPDv2"
 HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+# Pick-a-Pic v1's prompts (Kirstain et al. 2023), in the hub dataset PICKAPIC_DATASET (its comparisons without the
+# images) or a local copy of its files data/{split}-*.parquet: one row per comparison, the prompt in 'caption'.
+PICKAPIC_DATASET = "yuvalkirstain/pickapic_v1_no_images"
+PICKAPIC_SPLITS = {"pickapic-train": "train", "pickapic-validation": "validation_unique"}
 PROMPT_SETS = {
     "hpsv2-benchmark": "the DRTune paper's 400 evaluation prompts: 100 of each HPS v2 benchmark style",
     "hpsv2-train": "the HPS v2 training prompts (train.json), each once",
+    "pickapic-train": "the prompts of Pick-a-Pic v1's train split, each once (SPO's 4k training prompts come from it)",
+    "pickapic-validation": "Pick-a-Pic v1's validation_unique split: 500 prompts (the SPO paper's evaluation prompts)",
 }
 
 
@@ -189,11 +196,31 @@ def hpsv2_prompts(name, source, flag):
     return [prompt for prompt, _ in ordered], [style for _, style in ordered]
 
 
+def pickapic_prompts(name, source, flag):
+    """The prompts of the Pick-a-Pic split PICKAPIC_SPLITS[name], each once, in first-seen order: from the hub
+    dataset `source` (only that split's files, data/{split}-*.parquet, are downloaded) or a local folder laid out
+    like it."""
+    import datasets
+    split = PICKAPIC_SPLITS[name]
+    if not os.path.isdir(source) and not is_hub_id(source):
+        raise UsageError(f"{flag}: no such folder {source}")
+    try:
+        data = datasets.load_dataset(source, data_files={split: f"data/{split}-*.parquet"}, split=split)
+    except Exception as e:  # offline, not cached, no such files
+        raise UsageError(f"{flag}: could not read data/{split}-*.parquet of {source} ({type(e).__name__}); without "
+                         f"network copy those files of the hub dataset {PICKAPIC_DATASET} into a folder (as "
+                         f"data/{split}-*.parquet) and pass {flag} {name}:/path/to/folder") from e
+    if "caption" not in data.column_names:
+        raise UsageError(f"{flag}: {source} data/{split}-*.parquet has no 'caption' column ({data.column_names})")
+    return list(dict.fromkeys(str(c).strip() for c in data["caption"] if c is not None))
+
+
 def read_prompt_set(source, flag="--train_prompts"):
     """(prompts, styles) of `source`; styles names each prompt's style (HPS v2 benchmark) or JSON file (a folder of
     them), else None. Sources:
-    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2; NAME:FOLDER reads a local copy
-      of its JSON files, NAME:OWNER/DATASET a mirror;
+    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2, pickapic-train and
+      pickapic-validation from yuvalkirstain/pickapic_v1_no_images; NAME:FOLDER reads a local copy of its files,
+      NAME:OWNER/DATASET a mirror;
     - a .txt file, one prompt per line;
     - a .json file holding a list of prompts or of records with a 'prompt', 'caption' or 'text' field (HPS v2's
       benchmark and training annotations; see prompts_of_json), or a folder of such .json files (HPS v2's
@@ -203,7 +230,9 @@ def read_prompt_set(source, flag="--train_prompts"):
     name, _, where = source.partition(":")
     suffix = os.path.splitext(source)[1].lower()
     styles = None
-    if name in PROMPT_SETS:
+    if name in PICKAPIC_SPLITS:
+        prompts = pickapic_prompts(name, where or PICKAPIC_DATASET, flag)
+    elif name in PROMPT_SETS:
         prompts, styles = hpsv2_prompts(name, where or HPSV2_DATASET, flag)
     elif os.path.isdir(source) and not os.listdir(source):
         raise UsageError(f"{flag} {source} is an empty folder")
@@ -278,8 +307,9 @@ def build_parser():
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="the pipeline's dtype")
     g = parser.add_argument_group("prompts and sampling")
     g.add_argument("--prompts", default="hpsv2-benchmark",
-                   help="hpsv2-benchmark (NAME:/folder for a local copy of zhwang/HPDv2), a .txt/.json file, a "
-                        "folder of .json prompt files, a dataset; as the training scripts' --eval_prompts")
+                   help="hpsv2-benchmark (NAME:/folder for a local copy of zhwang/HPDv2), pickapic-validation (SPO's "
+                        "500), a .txt/.json file, a folder of .json prompt files, a dataset; as the training scripts' "
+                        "--eval_prompts")
     g.add_argument("--prompt_template", default=None, help="put each prompt in place of {}, e.g. '{}, and books.'")
     g.add_argument("--num_prompts", type=int, default=None, help="the first N prompts only")
     g.add_argument("--seed", type=int, default=0, help="prompt i is generated from SeedSequence([seed, i])")

@@ -15,6 +15,10 @@ Knobs that matter: --num_candidates (k: 4 SD1.5, 2 SDXL), --pair_threshold (0.3 
 --beta (10), --clip_eps (0.1), --num_inner_steps (0 SD1.5, 3 SDXL), --reward (the preference model).
 
 Choices, with the official code as the reference where the paper is silent:
+- Prompts: the paper presets evaluate on the paper's prompts, Pick-a-Pic v1's validation_unique split
+  (pickapic-validation, 500; the grids show the first --num_eval_prompts, evaluate.py scores all), and train on
+  Pick-a-Pic v1's training prompts (pickapic-train), the split the official 4k prompts were drawn from: that file
+  lives in the official GitHub repo only, so a run cannot fetch it; --train_prompts reads it as it is.
 - Step-aware preference model (SPM): the paper presets use SPO's own, rewards.py `spo_pm`: PickScore's CLIP whose
   vision tower is conditioned on the timestep (adaLN in every encoder layer and on the pooled output, a
   sinusoidal timestep embedder), with the released checkpoints of SPO-Diffusion-Models/Step-Aware_Preference_Models
@@ -55,13 +59,18 @@ Choices, with the official code as the reference where the paper is silent:
   policy that samples is always the current one, and the paper presets use 1 prompt per process, about as
   many pairs per update as the official updates use.
 
-    # the paper's SD1.5 recipe (official: 4 GPUs, fp16, 10 epochs of the 4k prompts in the official repo's
-    # assets/prompts/4k_training_prompts.json, one per line in prompts.txt), with the SD1.5 SPM
-    accelerate launch --num_processes 4 spo.py --preset sd15-paper --train_prompts prompts.txt
+    # the paper's SD1.5 recipe (official: 4 GPUs, fp16, 10 epochs of 4k prompts), with the SD1.5 SPM, on Pick-a-Pic
+    # v1's training prompts; grids from its validation_unique prompts
+    accelerate launch --num_processes 4 spo.py --preset sd15-paper --output_dir outputs/spo-sd15
+    # ... on the official 4k prompts themselves (assets/prompts/4k_training_prompts.json of the official repo)
+    accelerate launch --num_processes 4 spo.py --preset sd15-paper --train_prompts 4k_training_prompts.json
     # the same with plain PickScore on the x_0 predictions instead of the SPM
-    accelerate launch --num_processes 4 spo.py --preset sd15-paper --train_prompts prompts.txt --reward pickscore
+    accelerate launch --num_processes 4 spo.py --preset sd15-paper --reward pickscore
     # SDXL (k = 2, threshold 0.4, 3 inner steps, LoRA rank 64, the SDXL SPM)
-    accelerate launch --num_processes 4 spo.py --preset sdxl-paper --train_prompts prompts.txt
+    accelerate launch --num_processes 4 spo.py --preset sdxl-paper
+    # score the LoRA on the paper's 500 evaluation prompts
+    python evaluate.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --lora outputs/spo-sd15 --prompts pickapic-validation --rewards pickscore,hpsv21,imagereward,aesthetic
     # the CPU demo on the tiny model shipped in tiny_models/ (symmetry reward, no download)
     python spo.py --preset demo
 """
@@ -147,6 +156,12 @@ def check_algorithm_arguments(args):
 
 
 SDXL_SPM = "spo_pm_checkpoint=SPO-Diffusion-Models/Step-Aware_Preference_Models/sdxl_step-aware_preference_model.bin"
+# The paper's prompts. The official runs train on 4,000 prompts of Pick-a-Pic v1's train split (the official repo's
+# assets/prompts/4k_training_prompts.json: records of a caption and its row there, trainset_idx; the model cards name
+# yuvalkirstain/pickapic_v1), a file on GitHub only, which a run cannot fetch: the presets train on that split's
+# prompts (pickapic-train), the file itself is read as it is (--train_prompts 4k_training_prompts.json). Evaluation,
+# as the paper's: Pick-a-Pic v1's validation_unique prompts (the official repo's issue #9).
+PAPER_PROMPTS = dict(train_prompts="pickapic-train", eval_prompts="pickapic-validation")
 PRESETS = {
     # CPU, about two minutes: the trained tiny world toward symmetric images with the tiny CLIP's score as the
     # regularizer. Scores of candidates differ by about 0.01-0.1, hence the temperature 0.1. Measured (README): within
@@ -162,7 +177,7 @@ PRESETS = {
     # epochs, the SD1.5 step-aware preference model (rewards.py spo_pm, its default checkpoint). One prompt per
     # process per update (see the docstring).
     "sd15-paper": dict(
-        pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
+        PAPER_PROMPTS, pretrained_model_name_or_path="stable-diffusion-v1-5/stable-diffusion-v1-5", resolution=512,
         num_inference_steps=20, guidance_scale=5.0, reward="spo_pm", train_batch_size=1,
         learning_rate=6e-5, lr_scheduler="constant", adam_weight_decay=1e-4, max_grad_norm=1.0, rank=4,
         max_train_steps=10000, mixed_precision="fp16", num_candidates=4, pair_threshold=0.3, warm_steps=4,
@@ -171,7 +186,7 @@ PRESETS = {
     # Official SDXL config (num-sam-2_3-is_10ep_bs2_gradacc2): SDXL 1.0 with the fp16-fix VAE, 1024 px, k 2,
     # threshold 0.4, 3 inner steps, LoRA rank 64, lr 1e-5, the SDXL step-aware preference model, otherwise as SD1.5.
     "sdxl-paper": dict(
-        pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0",
+        PAPER_PROMPTS, pretrained_model_name_or_path="stabilityai/stable-diffusion-xl-base-1.0",
         pretrained_vae_model_name_or_path="madebyollin/sdxl-vae-fp16-fix", resolution=1024,
         num_inference_steps=20, guidance_scale=5.0, reward="spo_pm", reward_options=SDXL_SPM, train_batch_size=1,
         learning_rate=1e-5, lr_scheduler="constant", adam_weight_decay=1e-4, max_grad_norm=1.0, rank=64,
@@ -245,10 +260,11 @@ def build_parser():
     g.add_argument("--reward_resolution", type=int, default=None,
                    help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
     g.add_argument("--train_prompts", default=None,
-                   help="hpsv2-train or hpsv2-benchmark (the HPS v2 prompts of the hub dataset zhwang/HPDv2; "
-                        "NAME:/folder for a local copy), a .txt file (one prompt per line), a .json list of prompts or "
-                        "of records (or a folder of them), a .csv/.jsonl/.parquet file, or a dataset id / folder, with "
-                        "a 'prompt', 'caption' or 'text' column")
+                   help="hpsv2-train or hpsv2-benchmark (HPS v2's prompts, from the hub dataset zhwang/HPDv2), "
+                        "pickapic-train or pickapic-validation (Pick-a-Pic v1's, from the hub dataset "
+                        "yuvalkirstain/pickapic_v1_no_images; NAME:/folder for a local copy), a .txt file (one prompt "
+                        "per line), a .json list of prompts or of records (or a folder of them), a .csv/.jsonl/"
+                        ".parquet file, or a dataset id / folder, with a 'prompt', 'caption' or 'text' column")
     g.add_argument("--eval_prompts", default=None, help="as --train_prompts; the fixed evaluation grid")
     g.add_argument("--prompt_template", default=None,
                    help="put each training and evaluation prompt in place of {}, e.g. '{}, and books.' (the DRTune "
@@ -336,9 +352,15 @@ PROMPT_FIELDS = ("prompt", "caption", "text")
 # README gives, not checked against the hub here).
 HPSV2_DATASET = "zhwang/HPDv2"
 HPSV2_STYLES = ("anime", "concept-art", "paintings", "photo")
+# Pick-a-Pic v1's prompts (Kirstain et al. 2023), in the hub dataset PICKAPIC_DATASET (its comparisons without the
+# images) or a local copy of its files data/{split}-*.parquet: one row per comparison, the prompt in 'caption'.
+PICKAPIC_DATASET = "yuvalkirstain/pickapic_v1_no_images"
+PICKAPIC_SPLITS = {"pickapic-train": "train", "pickapic-validation": "validation_unique"}
 PROMPT_SETS = {
     "hpsv2-benchmark": "the DRTune paper's 400 evaluation prompts: 100 of each HPS v2 benchmark style",
     "hpsv2-train": "the HPS v2 training prompts (train.json), each once",
+    "pickapic-train": "the prompts of Pick-a-Pic v1's train split, each once (SPO's 4k training prompts come from it)",
+    "pickapic-validation": "Pick-a-Pic v1's validation_unique split: 500 prompts (the SPO paper's evaluation prompts)",
 }
 
 
@@ -406,11 +428,31 @@ def hpsv2_prompts(name, source, flag):
     return [prompt for prompt, _ in ordered], [style for _, style in ordered]
 
 
+def pickapic_prompts(name, source, flag):
+    """The prompts of the Pick-a-Pic split PICKAPIC_SPLITS[name], each once, in first-seen order: from the hub
+    dataset `source` (only that split's files, data/{split}-*.parquet, are downloaded) or a local folder laid out
+    like it."""
+    import datasets
+    split = PICKAPIC_SPLITS[name]
+    if not os.path.isdir(source) and not is_hub_id(source):
+        raise UsageError(f"{flag}: no such folder {source}")
+    try:
+        data = datasets.load_dataset(source, data_files={split: f"data/{split}-*.parquet"}, split=split)
+    except Exception as e:  # offline, not cached, no such files
+        raise UsageError(f"{flag}: could not read data/{split}-*.parquet of {source} ({type(e).__name__}); without "
+                         f"network copy those files of the hub dataset {PICKAPIC_DATASET} into a folder (as "
+                         f"data/{split}-*.parquet) and pass {flag} {name}:/path/to/folder") from e
+    if "caption" not in data.column_names:
+        raise UsageError(f"{flag}: {source} data/{split}-*.parquet has no 'caption' column ({data.column_names})")
+    return list(dict.fromkeys(str(c).strip() for c in data["caption"] if c is not None))
+
+
 def read_prompt_set(source, flag="--train_prompts"):
     """(prompts, styles) of `source`; styles names each prompt's style (HPS v2 benchmark) or JSON file (a folder of
     them), else None. Sources:
-    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2; NAME:FOLDER reads a local copy
-      of its JSON files, NAME:OWNER/DATASET a mirror;
+    - hpsv2-benchmark, hpsv2-train (PROMPT_SETS) from the hub dataset zhwang/HPDv2, pickapic-train and
+      pickapic-validation from yuvalkirstain/pickapic_v1_no_images; NAME:FOLDER reads a local copy of its files,
+      NAME:OWNER/DATASET a mirror;
     - a .txt file, one prompt per line;
     - a .json file holding a list of prompts or of records with a 'prompt', 'caption' or 'text' field (HPS v2's
       benchmark and training annotations; see prompts_of_json), or a folder of such .json files (HPS v2's
@@ -420,7 +462,9 @@ def read_prompt_set(source, flag="--train_prompts"):
     name, _, where = source.partition(":")
     suffix = os.path.splitext(source)[1].lower()
     styles = None
-    if name in PROMPT_SETS:
+    if name in PICKAPIC_SPLITS:
+        prompts = pickapic_prompts(name, where or PICKAPIC_DATASET, flag)
+    elif name in PROMPT_SETS:
         prompts, styles = hpsv2_prompts(name, where or HPSV2_DATASET, flag)
     elif os.path.isdir(source) and not os.listdir(source):
         raise UsageError(f"{flag} {source} is an empty folder")

@@ -18,8 +18,8 @@ import evaluate
 
 REWARDS = "hpsv21,pickscore,aesthetic,clipscore,symmetry,compressibility"
 COPIED = ["UsageError", "OneLineParser", "is_hub_id", "load_config_or_fail", "PROMPT_FILE_TYPES", "PROMPT_FIELDS",
-          "HPSV2_DATASET", "HPSV2_STYLES", "PROMPT_SETS", "prompts_of_json", "hpsv2_file", "hpsv2_prompts",
-          "read_prompt_set", "prompts_from_dataset", "apply_template"]
+          "HPSV2_DATASET", "HPSV2_STYLES", "PICKAPIC_DATASET", "PICKAPIC_SPLITS", "PROMPT_SETS", "prompts_of_json",
+          "hpsv2_file", "hpsv2_prompts", "pickapic_prompts", "read_prompt_set", "prompts_from_dataset", "apply_template"]
 
 
 def top_level(path):

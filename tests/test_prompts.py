@@ -1,5 +1,6 @@
 """The papers' prompt sets: JSON prompt files, the HPS v2 benchmark (400 prompts, 100 per style, drawn once for all)
 and training prompts from a folder laid out like the hub dataset zhwang/HPDv2 (or from the hub itself, mocked here),
+Pick-a-Pic v1's training and validation_unique prompts from a folder laid out like yuvalkirstain/pickapic_v1_no_images,
 --prompt_template, the presets that use them, and --validation_lora_scale."""
 import json
 
@@ -12,6 +13,7 @@ import dpo
 import draft
 import drtune
 import refl
+import spo
 
 K = dict(num_trained_steps=2, early_stop_max=2)  # drtune.py's K and m within the tiny runs' 4 steps
 
@@ -87,6 +89,75 @@ def test_offline_and_bad_sources_are_one_clear_error(hpdv2, tmp_path, monkeypatc
         drtune.read_prompt_set(f"hpsv2-benchmark:{tmp_path / 'short'}")
 
 
+@pytest.fixture(scope="module")
+def pickapic(tmp_path_factory):
+    """A tiny copy of yuvalkirstain/pickapic_v1_no_images: data/{split}-00000-of-00001-*.parquet, one row per
+    comparison (prompts repeat), the prompt in 'caption' beside other columns; validation is not validation_unique."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    root = tmp_path_factory.mktemp("pickapic_v1_no_images")
+    (root / "data").mkdir()
+    splits = {"train": [" a cat ", "a dog", "a cat", None, "a red car", "a dog"],
+              "validation": ["not unique 0", "not unique 1"],
+              "validation_unique": [f"held-out prompt {i}" for i in range(5)]}
+    for split, captions in splits.items():
+        rows = [dict(caption=c, ranking_id=i, label_0=1.0) for i, c in enumerate(captions)]
+        pq.write_table(pa.Table.from_pylist(rows), root / "data" / f"{split}-00000-of-00001-0123abcd.parquet")
+    return root
+
+
+def test_pickapic_sets_from_a_local_copy(pickapic):
+    assert drtune.read_prompt_set(f"pickapic-train:{pickapic}") == (["a cat", "a dog", "a red car"], None)
+    held_out = [f"held-out prompt {i}" for i in range(5)]
+    assert drtune.read_prompt_set(f"pickapic-validation:{pickapic}", "--eval_prompts") == (held_out, None)
+    for preset in ("sd15-paper", "sdxl-paper"):  # SPO's presets name sets that a local copy serves
+        args = spo.parse_args(["--preset", preset])
+        assert spo.read_prompts(f"{args.train_prompts}:{pickapic}", []) == ["a cat", "a dog", "a red car"]
+        assert spo.read_prompts(f"{args.eval_prompts}:{pickapic}", [], "--eval_prompts") == held_out
+
+
+def test_pickapic_sets_from_the_hub_read_only_their_split(pickapic, monkeypatch):
+    """Without a folder the split's files come from yuvalkirstain/pickapic_v1_no_images, and only them."""
+    import datasets
+    calls, load = [], datasets.load_dataset
+
+    def from_hub(path, data_files=None, split=None, **kwargs):
+        calls.append((path, data_files, split))
+        return load(str(pickapic), data_files=data_files, split=split, **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", from_hub)
+    assert drtune.read_prompts("pickapic-validation", []) == [f"held-out prompt {i}" for i in range(5)]
+    assert calls == [("yuvalkirstain/pickapic_v1_no_images",
+                      {"validation_unique": "data/validation_unique-*.parquet"}, "validation_unique")]
+    assert drtune.read_prompts("pickapic-train:someone/pickapic-mirror", []) == ["a cat", "a dog", "a red car"]
+    assert calls[-1] == ("someone/pickapic-mirror", {"train": "data/train-*.parquet"}, "train")
+
+
+def test_pickapic_offline_and_bad_sources_are_one_clear_error(pickapic, tmp_path, monkeypatch):
+    import datasets.config
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "empty-cache")
+    with pytest.raises(drtune.UsageError, match=r"--eval_prompts: could not read data/validation_unique-\*.parquet of "
+                                                r"yuvalkirstain/pickapic_v1_no_images.*--eval_prompts "
+                                                r"pickapic-validation:/path/to/folder"):
+        drtune.read_prompt_set("pickapic-validation", "--eval_prompts")
+    with pytest.raises(drtune.UsageError, match="no such folder"):
+        drtune.read_prompt_set("pickapic-train:/no/such/folder")
+    with pytest.raises(drtune.UsageError, match=r"could not read data/train-\*.parquet"):
+        drtune.read_prompt_set(f"pickapic-train:{pickapic / 'data'}")  # the data folder itself, not its parent
+
+
+def test_the_official_spo_prompt_file_reads_as_it_is(tmp_path):
+    """SPO's assets/prompts/4k_training_prompts.json: a list of records with 'caption' and 'trainset_idx'."""
+    records = [{"caption": "a cat driving a car", "trainset_idx": 215221}, {"caption": "a lake", "trainset_idx": 53}]
+    (tmp_path / "4k_training_prompts.json").write_text(json.dumps(records))
+    args = spo.parse_args(["--preset", "sd15-paper", "--train_prompts", str(tmp_path / "4k_training_prompts.json")])
+    assert spo.read_prompts(args.train_prompts, []) == ["a cat driving a car", "a lake"]
+
+
 def test_prompt_template_applies_to_training_and_evaluation_prompts(hpdv2, tmp_path):
     args = drtune.parse_args(tiny_argv(TINY_SD, str(tmp_path / "out"), train_prompts=f"hpsv2-train:{hpdv2}",
                                        eval_prompts=f"hpsv2-benchmark:{hpdv2}", prompt_template="{}, and books.", **K))
@@ -106,6 +177,8 @@ def test_paper_presets_use_the_papers_prompts():
         assert (args.train_prompts, args.eval_prompts) == ("hpsv2-train", "hpsv2-benchmark"), (module, preset)
     for preset in ("sd15-paper", "sdxl-paper"):
         assert dpo.parse_args(["--preset", preset]).eval_prompts == "hpsv2-benchmark"
+        args = spo.parse_args(["--preset", preset])  # SPO's paper: Pick-a-Pic v1's prompts
+        assert (args.train_prompts, args.eval_prompts) == ("pickapic-train", "pickapic-validation"), preset
     assert drtune.parse_args(["--preset", "sdxl-paper"]).validation_lora_scale == 0.7  # FDXL's inference scale
     assert drtune.parse_args(["--preset", "sd15-paper"]).validation_lora_scale == 1.0
     objectness = drtune.parse_args(["--preset", "sd15-objectness"])

@@ -113,25 +113,26 @@ class UNetInputs:
 
 
 @pytest.mark.parametrize("model", [TINY_SD, TINY_SDXL], ids=["sd15", "sdxl"])
-def test_pretrain_loss_joins_the_reward_loss(model, image_folder):
-    """Off: ReFL as before. On: the same trajectory and reward, plus w * the denoising loss of a real batch, whose
+def test_pretrain_loss_is_the_extra_update(model, image_folder):
+    """Off: no extra update, and the reward loss is ReFL's alone. On: w * the denoising loss of a real batch, whose
     UNet call runs with gradient on the captions (no guidance) at per-image training timesteps."""
     args, models, scheduler = setup(model, stop_range=2)
     reward_fn = refl.rewards.build_reward(args.reward)
-    plain_loss, plain_reward, plain_extra = refl.algorithm_loss(models, scheduler, models.unet, reward_fn,
-                                                                ["a cat", "a dog"], torch.Generator().manual_seed(0),
-                                                                args)
-    args.pretrain_dataset, args.pretrain_loss_weight = image_folder, 0.5
-    unet = UNetInputs(models.unet)
+    assert refl.extra_update_loss(models, scheduler, models.unet, torch.Generator().manual_seed(0), args) is None
     loss, reward, extra = refl.algorithm_loss(models, scheduler, models.unet, reward_fn, ["a cat", "a dog"],
                                               torch.Generator().manual_seed(0), args)
-    torch.testing.assert_close(reward, plain_reward)
-    assert extra["reward_loss"] == pytest.approx(plain_loss.item())
-    assert loss.item() == pytest.approx(extra["reward_loss"] + 0.5 * extra["pretrain_loss"], rel=1e-6)
-    assert extra["pretrain_loss"] > 0 and {k: extra[k] for k in plain_extra} == plain_extra
+    torch.testing.assert_close(loss, -reward.mean())
+    assert "pretrain_loss" not in extra
 
-    batch, t, states, added, grad = unet.calls[-1]  # the denoising call comes after the trajectory
-    assert batch == 2 and grad and t.shape == (2,) and (t >= 0).all() and (t < 1000).all()
+    args.pretrain_dataset, args.pretrain_loss_weight = image_folder, 0.5
+    unet = UNetInputs(models.unet)
+    loss, metrics = refl.extra_update_loss(models, scheduler, models.unet, torch.Generator().manual_seed(0), args)
+    pre = refl.pretrain_loss(models, scheduler, models.unet, args, torch.Generator().manual_seed(0))
+    assert metrics == {"pretrain_loss": pytest.approx(pre.item())} and pre.item() > 0
+    torch.testing.assert_close(loss, 0.5 * pre)
+
+    batch, t, states, added, grad = unet.calls[0]  # the one UNet call of the denoising loss
+    assert len(unet.calls) == 2 and batch == 2 and grad and t.shape == (2,) and (t >= 0).all() and (t < 1000).all()
     encoded = {c: refl.encode_prompts(models, [c], args.resolution)["encoder_hidden_states"][1] for c in CAPTIONS}
     assert all(any(torch.allclose(s, e) for e in encoded.values()) for s in states)  # conditioned on captions
     if model == TINY_SDXL:  # each real image's own size and crop, not the generated images' time ids
@@ -142,15 +143,58 @@ def test_pretrain_loss_joins_the_reward_loss(model, image_folder):
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.unet.parameters() if p.requires_grad)
 
 
-def test_cli_logs_the_pretrain_loss(image_folder, tmp_path):
+class OptimizerSteps:
+    """The gradients of the LoRA parameters at every AdamW step, as the step sees them (after clipping)."""
+
+    def __init__(self, monkeypatch):
+        self.grads = []
+        step = torch.optim.AdamW.step
+
+        def record(optimizer, *args, **kwargs):
+            self.grads.append([p.grad.clone() for group in optimizer.param_groups for p in group["params"]])
+            return step(optimizer, *args, **kwargs)
+
+        monkeypatch.setattr(torch.optim.AdamW, "step", record)
+
+
+def test_alg2_takes_a_pretrain_step_then_a_reward_step(image_folder, tmp_path, monkeypatch):
+    """With --pretrain_dataset each iteration takes two optimizer steps; the first one's gradient is autograd's of
+    w x the denoising loss alone (no reward loss in it), over the step's micro-batches, from the step's generator."""
+    steps = OptimizerSteps(monkeypatch)
     argv = tiny_argv(TINY_SD, str(tmp_path / "run"), stop_range=2, pretrain_dataset=image_folder,
-                     pretrain_loss_weight=0.1, max_train_steps=2)
+                     pretrain_loss_weight=0.1, max_train_steps=2, gradient_accumulation_steps=2, max_grad_norm=1e9)
     row = refl.main(refl.parse_args(argv))
+    assert len(steps.grads) == 4  # 2 iterations x (pre-training step, reward step)
+
+    # the first step again, by hand: main's LoRA init and step generator, w x L_pre of two micro-batches, averaged
+    from accelerate.utils import set_seed
+    args = refl.parse_args(argv)
+    models, scheduler = refl.load_models(args, refl.check_arguments(args), CPU, torch.float32), refl.make_scheduler(args)
+    set_seed(args.seed)  # as main() before add_lora
+    params = refl.add_lora(models.unet, args)
+    generator = refl.step_generator(args, 0, 1)
+    for _ in range(2):
+        loss, _ = refl.extra_update_loss(models, scheduler, models.unet, generator, args)
+        (loss / 2).backward()
+    for expected, got in zip([p.grad for p in params], steps.grads[0]):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-8)
+    assert any(g.abs().sum() > 0 for g in steps.grads[0])
+    assert not all(torch.allclose(a, b) for a, b in zip(steps.grads[0], steps.grads[1]))  # the reward step's differs
+
     rows = read_metrics(tmp_path / "run")
-    assert [r["step"] for r in rows] == [0, 1, 2] and row["pretrain_loss"] > 0
-    assert row["loss"] == pytest.approx(row["reward_loss"] + 0.1 * row["pretrain_loss"], rel=1e-5)
+    assert [r["step"] for r in rows] == [0, 1, 2]  # one row per iteration, both updates in it
+    assert row["pretrain_loss"] > 0 and row["extra_grad_norm"] > 0 and row["grad_norm"] > 0
+    assert row["loss"] == pytest.approx(-row["reward_mean"], rel=1e-5)  # the reward update's loss alone
     with open(tmp_path / "run" / "config.json") as f:
         assert json.load(f)["pretrain_dataset"] == image_folder
+
+
+def test_without_pretrain_one_step_per_iteration(tmp_path, monkeypatch):
+    steps = OptimizerSteps(monkeypatch)
+    row = refl.main(refl.parse_args(tiny_argv(TINY_SD, str(tmp_path / "run"), stop_range=2, max_train_steps=2)))
+    assert len(steps.grads) == 2 and row["skipped"] is False  # one step per iteration: the reward update
+    for logged in read_metrics(tmp_path / "run"):
+        assert "pretrain_loss" not in logged and "extra_grad_norm" not in logged
 
 
 def test_pretrain_is_off_by_default():
