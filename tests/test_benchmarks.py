@@ -1,5 +1,8 @@
-"""bench.py: the full-size configs have the published sizes, and --quick runs end to end in seconds."""
+"""benchmarks/: the full-size configs have the published sizes, and each benchmark's --quick runs end to end in
+seconds, as a user runs it (python -m benchmarks.<name>)."""
 import itertools
+import os
+import re
 import subprocess
 import sys
 
@@ -7,7 +10,12 @@ import pytest
 import torch
 from conftest import ROOT
 
-import bench
+from benchmarks import common, full_size, peers
+
+
+def run_benchmark(name, *flags, timeout=300):
+    return subprocess.run([sys.executable, "-m", f"benchmarks.{name}", *flags], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("name,unet,vae,text_encoders", [
@@ -17,7 +25,7 @@ import bench
 def test_full_size_configs_have_the_published_parameter_counts(name, unet, vae, text_encoders):
     """SD1.5 UNet 859.5 M and SDXL UNet 2.567 B (TRAPS.md), built on the meta device: nothing is allocated."""
     with torch.device("meta"):
-        models = bench.full_size_models(name)
+        models = full_size.full_size_models(name)
     count = lambda model: sum(p.numel() for p in model.parameters())  # noqa: E731
     assert count(models["unet"]) == pytest.approx(unet, rel=1e-5)
     assert count(models["vae"]) == pytest.approx(vae, rel=1e-4)
@@ -28,8 +36,7 @@ def test_full_size_configs_have_the_published_parameter_counts(name, unet, vae, 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
 def test_full_size_refuses_cpu_without_allow_cpu():
-    result = subprocess.run([sys.executable, "bench.py", "--full_size", "sdxl"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+    result = run_benchmark("sweep", "--full_size", "sdxl", timeout=120)
     assert result.returncode != 0 and "needs a GPU" in result.stderr and "--allow_cpu" in result.stderr
 
 
@@ -42,7 +49,7 @@ def table_cells(stdout, first_header_cell):
 
 
 def table_rows(stdout):
-    """{(method, T, K): cells} of the iterations table that bench.py prints."""
+    """{(method, T, K): cells} of the iterations table that benchmarks.sweep prints."""
     return {(cells[0], int(cells[1]), cells[2]): cells for cells in table_cells(stdout, "method")}
 
 
@@ -52,8 +59,7 @@ def markdown_rows(stdout, first_header_cell):
 
 
 def test_quick_run_prints_the_table_and_writes_the_report(tmp_path):
-    result = subprocess.run([sys.executable, "bench.py", "--quick", "--methods", "DRTune", "full backprop",
-                             "--output_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_benchmark("sweep", "--quick", "--methods", "DRTune", "full backprop", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = table_rows(result.stdout)
     expected = {("DRTune", T, str(K)) for T in (2, 4) for K in (1, 2)} | {("full backprop", T, "—") for T in (2, 4)}
@@ -70,8 +76,7 @@ def test_quick_run_prints_the_table_and_writes_the_report(tmp_path):
 
 
 def test_fig7_quick_prints_grad_norms_for_each_K_and_writes_its_section(tmp_path):
-    result = subprocess.run([sys.executable, "bench.py", "--fig7", "--quick", "--output_dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_benchmark("fig7", "--quick", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = markdown_rows(result.stdout, "K")
     assert set(rows) == {"1", "2", "4"}
@@ -86,8 +91,7 @@ def test_fig7_quick_prints_grad_norms_for_each_K_and_writes_its_section(tmp_path
 
 
 def test_table1_quick_trains_every_method_and_writes_its_section(tmp_path):
-    result = subprocess.run([sys.executable, "bench.py", "--table1", "--quick", "--output_dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = run_benchmark("table1", "--quick", "--output_dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = markdown_rows(result.stdout, "method")
     assert set(rows) == {"base model (step 0)", "DRTune", "ReFL", "DRaFT-LV", "DRaFT-K", "AlignProp"}
@@ -102,8 +106,7 @@ def test_table1_quick_trains_every_method_and_writes_its_section(tmp_path):
 
 
 def test_dpo_quick_times_each_batch_and_runs_policy_and_reference_on_one_unet(tmp_path):
-    result = subprocess.run([sys.executable, "bench.py", "--dpo", "--quick", "--output_dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_benchmark("preference", "--dpo", "--quick", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {(cells[0], int(cells[1])): cells for cells in table_cells(result.stdout, "model")}
     assert set(rows) == {(model, B) for model in ("SD1.5", "SDXL") for B in (1, 2)}
@@ -119,8 +122,7 @@ def test_dpo_quick_times_each_batch_and_runs_policy_and_reference_on_one_unet(tm
 
 
 def test_spo_quick_counts_unet_rows_and_pairs_per_trajectory(tmp_path):
-    result = subprocess.run([sys.executable, "bench.py", "--spo", "--quick", "--output_dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_benchmark("preference", "--spo", "--quick", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = {(cells[0], int(cells[1])): cells for cells in table_cells(result.stdout, "model")}
     sd, xl = "SD1.5, k=4", "SDXL, k=2, 3 inner steps"
@@ -140,8 +142,7 @@ def test_spo_quick_counts_unet_rows_and_pairs_per_trajectory(tmp_path):
 
 
 def test_checkpointing_quick_reports_memory_per_trained_step_for_each_granularity(tmp_path):
-    result = subprocess.run([sys.executable, "bench.py", "--checkpointing", "--quick", "--output_dir", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = run_benchmark("checkpointing", "--quick", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = table_cells(result.stdout, "granularity")
     assert {(cells[0], cells[1]) for cells in rows} == {
@@ -155,16 +156,16 @@ def test_checkpointing_quick_reports_memory_per_trained_step_for_each_granularit
 
 
 def test_peers_harness_times_our_side_between_optimizer_steps(tmp_path):
-    """--peers runs each side's own loop in a fresh process and times it between optimizer steps; without the peers
-    it says which are missing and how to get them."""
-    model = str(bench.HERE) + "/tiny_models/sd15"
+    """benchmarks.peers runs each side's own loop in a fresh process and times it between optimizer steps; without
+    the peers it says which are missing and how to get them."""
+    model = os.path.join(ROOT, "tiny_models", "sd15")
     job = dict(side="ours", script="alignprop", python=sys.executable, warmup=1, iters=2, argv=[
         "--pretrained_model_name_or_path", model, "--resolution", "32", "--train_batch_size", "1", "--rank", "4",
         "--num_inference_steps", "2", "--sampler", "ddim", "--report_to", "none", "--gradient_checkpointing",
         "--reward", "symmetry",
         "--validation_steps", "100", "--checkpointing_steps", "100", "--num_eval_prompts", "1",
         "--max_train_steps", "100"])
-    out = bench.run_peer_job(job, str(tmp_path / "ours"))
+    out = peers.run_peer_job(job, str(tmp_path / "ours"))
     assert out["status"] == "ok", out
     assert len(out["seconds"]) == 2 and min(out["seconds"]) > 0 and out["peak_mb"] >= out["start_mb"] > 0
     # a peer interpreter that cannot import TRL, whether or not this one can: trl shadowed by a failing package
@@ -174,8 +175,21 @@ def test_peers_harness_times_our_side_between_optimizer_steps(tmp_path):
     peer = tmp_path / "peer_python"
     peer.write_text(f'#!/bin/sh\nPYTHONPATH={hidden.parent} exec {sys.executable} "$@"\n')
     peer.chmod(0o755)
-    result = subprocess.run([sys.executable, "bench.py", "--peers", "--output_dir", str(tmp_path),
-                             "--peer_python", str(peer)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = run_benchmark("peers", "--output_dir", str(tmp_path), "--peer_python", str(peer), timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TRL is not importable" in result.stdout and "pip install trl==0.23.1" in result.stdout
     assert "no --peer_dpo_script" in result.stdout
+
+
+def test_the_report_reads_back_unchanged(tmp_path):
+    """BENCHMARKS.md is what write_section writes: its header is HEADER, and rewriting a section with its own body
+    changes nothing (so a run replaces only its section)."""
+    with open(os.path.join(ROOT, "BENCHMARKS.md"), encoding="utf-8") as f:
+        text = f.read()
+    assert text.startswith(common.HEADER)
+    copy = tmp_path / "BENCHMARKS.md"
+    copy.write_text(text, encoding="utf-8")
+    for key in common.SECTIONS:
+        body = re.search(rf"<!-- begin {key} -->\n(.*?)<!-- end {key} -->", text, re.S).group(1)
+        common.write_section(str(copy), key, body)
+    assert copy.read_text(encoding="utf-8") == text
