@@ -1257,7 +1257,8 @@ def main(args):
                                  num_training_steps=args.max_train_steps)
     # The UNet is not wrapped in DDP: one update runs it several times with gradient, which DDP's hooks refuse;
     # LoRA gradients are all-reduced by hand below. accelerate still owns the optimizer, scaler and autocast.
-    optimizer, lr_scheduler = accelerator.prepare(optimizer, lr_scheduler)
+    # the schedule is not prepared: accelerate would step it once per process at every step (N times too fast)
+    optimizer = accelerator.prepare(optimizer)
     start_step = resume_step(accelerator, unet, models, optimizer, lr_scheduler, args)
     metrics = MetricsLog(accelerator, os.path.join(args.output_dir, "metrics.jsonl"), start_step)
     if main_process and args.report_to != "none":

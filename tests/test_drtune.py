@@ -321,9 +321,20 @@ def test_nonfinite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_path
 
 def test_two_processes_end_with_identical_lora(tmp_path):
     out = str(tmp_path / "dist")
-    argv = tiny_argv(TINY_SD, out, num_trained_steps=2, early_stop_max=2, max_train_steps=3)
+    argv = tiny_argv(TINY_SD, out, num_trained_steps=2, early_stop_max=2, max_train_steps=3, lr_scheduler="linear",
+                     lr_warmup_steps=2)
     w0, w1 = two_process_loras("drtune", argv, port=29517)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    # the schedule advances once per step, not once per process (accelerate's prepared scheduler would step twice)
+    from diffusers.optimization import get_scheduler
+    args = drtune.parse_args(argv)
+    reference = get_scheduler("linear", torch.optim.SGD([torch.zeros(1)], lr=args.learning_rate), num_warmup_steps=2,
+                              num_training_steps=3)
+    expected = []
+    for _ in range(3):
+        reference.step()
+        expected.append(reference.get_last_lr()[0])
+    assert [r["lr"] for r in read_metrics(out)[1:]] == pytest.approx(expected)
     with open(os.path.join(out, "config.json")) as f:
         assert json.load(f)["num_processes"] == 2
     assert any("lora_B" in k and w0[k].abs().sum() > 0 for k in w0), "training changed nothing"
