@@ -164,12 +164,12 @@ SDXL_SPM = "spo_pm_checkpoint=SPO-Diffusion-Models/Step-Aware_Preference_Models/
 PAPER_PROMPTS = dict(train_prompts="pickapic-train", eval_prompts="pickapic-validation")
 PRESETS = {
     # CPU, about a minute: the trained tiny world toward symmetric images with the tiny CLIP's score as the
-    # regularizer. Scores of candidates differ by about 0.01-0.1, hence the temperature 0.1. CFG 1.5, not the 5-6 the
-    # world draws best at: on this model, at CFG 2 and above a step-level win does not carry to the final image (a
-    # candidate's x_0-prediction score and its final image's score are correlated with a sign that alternates from
-    # step to step at CFG 6, positive at every step from the fourth at CFG 1), and SPO lowered its reward at every lr
-    # tried; at CFG 1.5 the eval reward rises at every evaluation. Measured (README): mean symmetry error of the grid
-    # 0.29 -> 0.23, every prompt still drawn.
+    # regularizer. Scores of candidates differ by about 0.01-0.1, hence the temperature 0.1. CFG 1.5, not the 6 of the
+    # gradient demos: on this model a step-level win carries to the final image at CFG 1-1.5 (the correlation
+    # of a candidate's step score with its final score is positive at nearly every step), but at CFG 6 its sign
+    # alternates from step to step (`python -m benchmarks.step_preference`), and SPO lowered its reward at every lr
+    # tried. Measured (README): eval reward 0.60 -> 0.66, mean symmetry error of the grid 0.29 -> 0.23, every prompt
+    # still drawn.
     "demo": dict(
         WORLD_DEMO, output_dir="outputs/spo-demo", num_inference_steps=20, guidance_scale=1.5,
         reward="symmetry:1,clipscore:1", train_batch_size=4, learning_rate=1e-3, max_grad_norm=1.0, rank=8,

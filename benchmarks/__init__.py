@@ -5,6 +5,7 @@
 - fig7: Fig. 7, the LoRA gradient norm against K, with and without stop-gradient
 - table1: a miniature Table 1, every method's main() for the same CPU budget
 - preference: the training step of dpo.py (--dpo) and spo.py (--spo) against the batch size
+- step_preference: whether a step-level win (SPO's comparison) carries to the final image, per step and CFG
 - peers: alignprop.py and dpo.py next to TRL's AlignPropTrainer and diffusers' train_diffusion_dpo.py
 
 Run one as `python -m benchmarks.<name>` from the repo root (or `python benchmarks/<name>.py`); --help lists its

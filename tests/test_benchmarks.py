@@ -141,6 +141,20 @@ def test_spo_quick_counts_unet_rows_and_pairs_per_trajectory(tmp_path):
     assert "<!-- begin spo -->" in report and f"| {xl} | 2 |" in report
 
 
+def test_step_preference_quick_correlates_step_and_final_scores_per_cfg(tmp_path):
+    """At the last branching step the scored x_0 prediction (at t = 1) is nearly the final image, so the step's
+    ranking of the candidates must be the final one (correlation near 1) at every CFG; every cell is a correlation."""
+    result = run_benchmark("step_preference", "--quick", "--output_dir", str(tmp_path))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = markdown_rows(result.stdout, "step")
+    assert list(rows) == ["0", "1", "2", "3", "4"]  # T = 6: every step but the last branches
+    for cells in rows.values():
+        assert len(cells) == 2 + 2 * 2 and all(-1 <= float(c) <= 1 for c in cells[2:] if c != "—")
+    assert all(float(c) > 0.9 for c in rows["4"][2:])
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin step_preference -->" in report and (tmp_path / "bench_step_preference.png").exists()
+
+
 def test_checkpointing_quick_reports_memory_per_trained_step_for_each_granularity(tmp_path):
     result = run_benchmark("checkpointing", "--quick", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
