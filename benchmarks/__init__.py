@@ -4,6 +4,7 @@
 - checkpointing: memory per trained step and time of each gradient checkpointing granularity
 - fig7: Fig. 7, the LoRA gradient norm against K, with and without stop-gradient
 - table1: a miniature Table 1, every method's main() for the same CPU budget
+- drtune_ablation: Fig. 8 and 9, DRTune's reward gain against K and against m, on the tiny world
 - preference: the training step of dpo.py (--dpo) and spo.py (--spo) against the batch size
 - step_preference: whether a step-level win (SPO's comparison) carries to the final image, per step and CFG
 - peers: alignprop.py and dpo.py next to TRL's AlignPropTrainer and diffusers' train_diffusion_dpo.py

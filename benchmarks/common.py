@@ -397,6 +397,8 @@ its own section below and leaves the others.
 - **Table 1** (`benchmarks.table1`): every method trained by its script's own `main()` (`--preset demo`) for the
   same CPU budget per run (max_train_steps from a probed CPU time per step), final reward on held-out prompts,
   several seeds. Sizes are scaled down to a shared 2-core CPU: see each section.
+- **Fig. 8 and 9** (`benchmarks.drtune_ablation`): DRTune's reward gain against K and against m on the tiny world,
+  Table 1's protocol.
 - **DPO** and **SPO** (`benchmarks.preference --dpo`, `--spo`): one training step of dpo.py (offline, pairs from a
   parquet) and of spo.py (sampling the pairs, then training on them) against the batch size, timed in parts; each
   adds a section of its own for a full-size model with `--full_size`.
@@ -409,8 +411,8 @@ its own section below and leaves the others.
 
 """
 # The order of the sections in the file; keys not listed (e.g. dpo_full_size_sdxl, once measured) follow.
-SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "dpo", "spo",
-            "step_preference"]
+SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "drtune_ablation",
+            "dpo", "spo", "step_preference"]
 PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python -m benchmarks.fig7`.\n",
                 "checkpointing": "## Gradient checkpointing granularities\n\nNot measured yet: run `python -m "
                                  "benchmarks.checkpointing`.\n",
@@ -420,6 +422,8 @@ PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `p
                 "spo": "## SPO\n\nNot measured yet: run `python -m benchmarks.preference --spo`.\n",
                 "step_preference": "## Does a step-level win carry to the final image?\n\nNot measured yet: run "
                                    "`python -m benchmarks.step_preference`.\n",
+                "drtune_ablation": "## DRTune against K and m\n\nNot measured yet: run `python -m "
+                                   "benchmarks.drtune_ablation`.\n",
                 "table1": "## Miniature Table 1\n\nNot measured yet: run `python -m benchmarks.table1`.\n",
                 **{f"full_size_{name}": f"## Full-size {title}, random weights\n\nNot measured yet: it needs a GPU. "
                    f"Run `python -m benchmarks.sweep --full_size {name}` on one; it replaces this section.\n"

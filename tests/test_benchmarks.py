@@ -94,15 +94,29 @@ def test_table1_quick_trains_every_method_and_writes_its_section(tmp_path):
     result = run_benchmark("table1", "--quick", "--output_dir", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = markdown_rows(result.stdout, "method")
-    assert set(rows) == {"base model (step 0)", "DRTune", "ReFL", "DRaFT-LV", "DRaFT-K", "AlignProp"}
+    assert set(rows) == {"base model (step 0)", "DRTune", "ReFL", "DRaFT-LV", "DRaFT-K", "AlignProp",
+                         "AlignProp + sg", "DRaFT-T", "DRaFT-T + sg"}
+    value = lambda cell: float(cell.split(" ± ")[0])  # noqa: E731
     for label, cells in rows.items():
-        final = float(cells[3].split(" ± ")[0])
-        assert final == final  # a number, not NaN
+        assert value(cells[3]) == value(cells[3])  # the eval reward: a number, not NaN
+        assert value(cells[5]) >= 0 and value(cells[6]) > 0 and 0 <= value(cells[7]) <= 1  # symmetry, JPEG, drawn
         if label != "base model (step 0)":
             assert float(cells[1]) > 0 and int(cells[2]) >= 1
     report = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "<!-- begin table1 -->" in report and "| DRTune |" in report and "held-out" in report
+    assert "<!-- begin table1 -->" in report and "| DRTune |" in report and "world-eval-prompts" in report
     assert (tmp_path / "bench_table1.png").stat().st_size > 0
+
+
+def test_drtune_ablation_quick_sweeps_k_and_m_and_shares_the_demo_setting(tmp_path):
+    result = run_benchmark("drtune_ablation", "--quick", "--output_dir", str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    tables = [{cells[0]: cells for cells in table_cells(text, "setting")}
+              for text in result.stdout.split("\n\n") if text.startswith("| setting |")]
+    assert [list(t) for t in tables] == [["K=1", "K=2", "K=3"], ["m=1", "m=2", "m=4", "m=6"]]  # T = 10: halved
+    assert tables[0]["K=2"][2:] == tables[1]["m=4"][2:]  # K = 2, m = 4 ran once and serves both tables
+    assert all(float(t[s][1]) == int(s.split("=")[1]) / 10 for t in tables for s in t)
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin drtune_ablation -->" in report and (tmp_path / "bench_drtune_ablation.png").exists()
 
 
 def test_dpo_quick_times_each_batch_and_runs_policy_and_reference_on_one_unet(tmp_path):
