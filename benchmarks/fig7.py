@@ -1,20 +1,25 @@
-"""Fig. 7 of the DRTune paper on the tiny model: the norm of the LoRA gradient of DRaFT-K's first backward at the
-base model against K, with and without stop-gradient on the UNet input (draft.py's --stop_grad_unet_input).
+"""Fig. 7 of the DRTune paper on the trained tiny world: the norm of the LoRA gradient of a DRaFT-K backward against
+K, with and without stop-gradient on the UNet input (draft.py's --stop_grad_unet_input), at the base model and after
+some training.
 
-Two processes, one per variant (one torch thread each, --jobs at a time), run draft.py's `algorithm_loss` and
+First a fresh process trains drtune.py's --preset demo for --trained_steps steps (the "trained" state). Then one
+process per state and variant (one torch thread each, --jobs at a time) runs draft.py's `algorithm_loss` and
 backward for each K on --fig7_batches batches; batch b draws its prompts and noise from step_generator(step b + 1),
-the same for every K and both variants, and the LoRA is initialized with the same seed in both. The norm is taken
-over all LoRA gradients before clipping. Writes the fig7 section of BENCHMARKS.md and bench_fig7.png.
+the same for every K, variant and state. "base": the LoRA freshly initialized (seed 0, B = 0); "trained": the same
+LoRA loaded with the trained weights. The norm is taken over all LoRA gradients before clipping. Writes the fig7
+section of BENCHMARKS.md and bench_fig7.png.
 
     python -m benchmarks.fig7                                 # T=20, K up to 20, 4 batches: a few CPU minutes
-    python -m benchmarks.fig7 --quick --output_dir /tmp/b     # seconds: 32 px, T=4, K in (1, 2, 4), one batch
+    python -m benchmarks.fig7 --quick --output_dir /tmp/b     # seconds: T=4, K in (1, 2, 4), one batch, 2 steps
 """
 
 import argparse
+import contextlib
 import importlib
 import os
 import statistics
 import sys
+import tempfile
 import time
 
 import torch
@@ -27,8 +32,10 @@ from benchmarks import common
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", default=os.path.join(common.ROOT, "tiny_models", "sd15"), help="pipeline")
-    parser.add_argument("--resolution", type=int, default=64, help="px")
+    parser.add_argument("--model", default=os.path.join(common.ROOT, "tiny_models", "world-sd15"), help="pipeline")
+    parser.add_argument("--resolution", type=int, default=32, help="px")
+    parser.add_argument("--trained_steps", type=int, default=30,
+                        help="steps of drtune.py --preset demo before the 'trained' measurement")
     parser.add_argument("--fig7_T", type=int, default=20, help="sampling steps T")
     parser.add_argument("--fig7_K", type=int, nargs="+", default=[1, 2, 5, 10, 15, 20], help="K (<= T)")
     parser.add_argument("--fig7_batches", type=int, default=4,
@@ -37,13 +44,13 @@ def parse_args(argv=None):
     parser.add_argument("--jobs", type=int, default=2, help="processes run in parallel")
     parser.add_argument("--num_threads", type=int, default=None, help=common.NUM_THREADS_HELP)
     parser.add_argument("--quick", action="store_true",
-                        help="32 px, T=4, K in (1, 2, 4), one batch: a seconds-long smoke")
+                        help="T=4, K in (1, 2, 4), one batch, 2 trained steps: a seconds-long smoke")
     parser.add_argument("--output_dir", default=None,
                         help="folder of BENCHMARKS.md and bench_fig7.png (default: the repo; --quick writes files "
                              "only when it is given)")
     args = common.finish_args(parser.parse_args(argv), "fig7", argv)
     if args.quick:
-        args.resolution, args.fig7_T, args.fig7_K, args.fig7_batches = 32, 4, [1, 2, 4], 1
+        args.fig7_T, args.fig7_K, args.fig7_batches, args.trained_steps = 4, [1, 2, 4], 1, 2
     if args.output_dir is None and not args.quick:
         args.output_dir = common.ROOT
     return args
@@ -68,6 +75,8 @@ def grad_norms(job):
     reward_fn = rewards.build_reward(args.reward, device=device, dtype=torch.float32, **info["reward_options"])
     torch.manual_seed(args.seed)  # the same LoRA initialization in every process
     params = script.add_lora(models.unet, args)
+    if job["lora"]:  # the trained state: drtune.py's LoRA (the same layout) loaded into it
+        script.load_lora(models.unet, models.is_sdxl, job["lora"])
     out = []
     for K in job["K"]:
         args.draft_k, args.stop_grad_unet_input = K, job["stop_grad"]
@@ -86,28 +95,43 @@ def grad_norms(job):
     return dict(norms=out)
 
 
+def train_lora(job):
+    """Worker: drtune.py --preset demo for job["steps"] steps into job["output_dir"]; returns the LoRA folder."""
+    script = importlib.import_module("drtune")
+    args = script.parse_args(["--preset", "demo", "--pretrained_model_name_or_path", job["model"], "--resolution",
+                              str(job["resolution"]), "--max_train_steps", str(job["steps"]), "--validation_steps",
+                              str(job["steps"]), "--seed", "0", "--report_to", "none", "--output_dir", job["output_dir"]])
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "log.txt"), "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        row = script.main(args)
+    return dict(path=args.output_dir, eval_reward=row.get("eval_reward"))
+
+
 def fig7_rows(results, Ks):
+    """results: {(state, stop_grad): worker result} -> one row per K: {(state, stop_grad): median, min, max}."""
     rows = []
     for K in Ks:
         row = dict(K=K)
-        for stop, result in results.items():
+        for key, result in results.items():
             norms = [r["grad_norm"] for r in result["norms"] if r["K"] == K]
-            row[stop] = dict(median=statistics.median(norms), min=min(norms), max=max(norms))
+            row[key] = dict(median=statistics.median(norms), min=min(norms), max=max(norms))
         rows.append(row)
     return rows
 
 
-def fig7_table(rows):
-    lines = ["| K | grad norm, no stop-grad: median (min–max) | grad norm, stop-grad: median (min–max) | "
-             "no stop-grad / stop-grad |", "|---|---|---|---|"]
-    for r in rows:
-        a, b = r[False], r[True]
-        lines.append(f"| {r['K']} | {a['median']:.3g} ({a['min']:.3g}–{a['max']:.3g}) | {b['median']:.3g} "
-                     f"({b['min']:.3g}–{b['max']:.3g}) | {a['median'] / b['median']:.3g} |")
-    return "\n".join(lines)
+def fig7_table(rows, states):
+    cell = lambda a: f"{a['median']:.3g} ({a['min']:.3g}–{a['max']:.3g})"  # noqa: E731
+    head = ["K"] + [f"{state}: {name}" for state in states
+                    for name in ("no stop-grad, median (min–max)", "stop-grad, median (min–max)", "ratio")]
+    return common.markdown_table(head, [
+        [str(r["K"])] + [x for state in states for x in (cell(r[state, False]), cell(r[state, True]),
+                                                          f"{r[state, False]['median'] / r[state, True]['median']:.3g}")]
+        for r in rows])
 
 
 def fig7_reading(rows, T):
+    """Sentences for the rows of one state: {False: ..., True: ...} per K."""
     out = []
     first, last = rows[0], rows[-1]
     for stop, name in ((False, "Without stop-gradient"), (True, "With stop-gradient")):
@@ -124,66 +148,81 @@ def fig7_reading(rows, T):
     ratio = last[False]["median"] / last[True]["median"]
     out.append(f"At K={last['K']} (T={T}) the norm without stop-gradient is {ratio:.3g}x the norm with it. K=1 "
                f"is the same computation either way (the one trained call's input carries no gradient).")
-    if ratio < 1.5:
-        out.append("So here stop-gradient barely changes the norm, and the rise with K is there with it too: it comes "
-                   "from the paths that stop-gradient keeps (each trained step's noise prediction reaches x_0 "
-                   "linearly through the sampler's coefficients, and the earliest, noisiest steps get the largest "
-                   "ones), not from the chain of UNet input Jacobians that it cuts. This disagrees with the paper's "
-                   "Fig. 7 (the norm explodes for K >= 15 without stop-gradient and stays low with it). A likely "
-                   "reason, not measured here: the tiny random-weight UNet's output depends only weakly on its "
-                   "input latents, so the product of its input Jacobians stays small, while a trained SD1.5 UNet's "
-                   "does not.")
-    else:
+    if ratio > 1.5:
         out.append("Stop-gradient removes the extra growth, as in the paper's Fig. 7.")
-    return "\n".join(f"- {s}" for s in out)
+    elif ratio > 1 / 1.5:
+        out.append("So stop-gradient barely changes the norm here, and the rise with K is there with it too: it comes "
+                   "from the paths that stop-gradient keeps (each trained step's noise prediction reaches x_0 "
+                   "linearly through the sampler's coefficients), not from the chain of UNet input Jacobians that it "
+                   "cuts. This disagrees with the paper's Fig. 7 (the norm explodes for K >= 15 without "
+                   "stop-gradient and stays low with it).")
+    else:
+        out.append("So here the norm is smaller without stop-gradient: the chain of UNet input Jacobians that "
+                   "stop-gradient cuts damps the gradient of the earlier steps instead of amplifying it, and the "
+                   "paper's explosion (Fig. 7: K >= 15 without stop-gradient) does not appear.")
+    return out
 
 
-def fig7_plot(rows, path):
-    with common.figure(path, figsize=(6, 4)) as (fig, ax):
+def fig7_plot(rows, states, path):
+    with common.figure(path, 1, len(states), figsize=(5.5 * len(states), 4), squeeze=False) as (fig, axes):
         Ks = [r["K"] for r in rows]
-        for stop, style in ((False, dict(color="C3", marker="o", label="DRaFT-K, no stop-grad")),
-                            (True, dict(color="C0", marker="s", label="DRaFT-K + stop-grad (DRTune eq. 3)"))):
-            med = [r[stop]["median"] for r in rows]
-            err = [[m - r[stop]["min"] for m, r in zip(med, rows)], [r[stop]["max"] - m for m, r in zip(med, rows)]]
-            ax.errorbar(Ks, med, yerr=err, capsize=3, **style)
-        ax.set_yscale("log")
-        ax.set_xlabel("K (trained sampling steps)")
-        ax.set_ylabel("LoRA grad norm before clipping (median, min-max)")
-        ax.set_title("Fig. 7 on the tiny model: first backward at the base model")
-        ax.grid(alpha=0.3, which="both")
-        ax.legend()
+        for ax, state in zip(axes[0], states):
+            for stop, style in ((False, dict(color="C3", marker="o", label="DRaFT-K, no stop-grad")),
+                                (True, dict(color="C0", marker="s", label="DRaFT-K + stop-grad (DRTune eq. 3)"))):
+                med = [r[state, stop]["median"] for r in rows]
+                err = [[m - r[state, stop]["min"] for m, r in zip(med, rows)],
+                       [r[state, stop]["max"] - m for m, r in zip(med, rows)]]
+                ax.errorbar(Ks, med, yerr=err, capsize=3, **style)
+            ax.set_yscale("log")
+            ax.set_xlabel("K (trained sampling steps)")
+            ax.set_ylabel("LoRA grad norm before clipping (median, min-max)")
+            ax.set_title(f"Fig. 7 on the tiny world: {state}")
+            ax.grid(alpha=0.3, which="both")
+            ax.legend()
 
 
 def main(args):
     started = time.time()
     Ks = [K for K in args.fig7_K if 1 <= K <= args.fig7_T]
-    context = common.fork_context(["draft"])
-    jobs = [dict(argv=fig7_argv(args), K=Ks, stop_grad=stop, batches=args.fig7_batches, num_threads=args.num_threads)
-            for stop in (False, True)]
-    out = common.run_parallel(context, grad_norms, jobs, args.jobs)
+    context = common.fork_context(["draft", "drtune"])
+    with tempfile.TemporaryDirectory(prefix="bench-fig7-") as folder:
+        trained = common.run_in_fresh_process(context, train_lora, dict(
+            model=args.model, resolution=args.resolution, steps=args.trained_steps, num_threads=args.num_threads,
+            output_dir=os.path.join(folder, "drtune")))
+        if trained["status"] != "ok":
+            common.error(f"fig7 training: {trained['reason']}\n{trained.get('traceback', '')}")
+        states = ["base", f"after {args.trained_steps} DRTune steps"]
+        jobs = [dict(argv=fig7_argv(args), K=Ks, stop_grad=stop, batches=args.fig7_batches, state=state,
+                     lora=None if state == "base" else trained["path"], num_threads=args.num_threads)
+                for state in states for stop in (False, True)]
+        out = common.run_parallel(context, grad_norms, jobs, args.jobs)
     for result in out:
         if result["status"] != "ok":
             common.error(f"fig7 worker: {result['reason']}\n{result.get('traceback', '')}")
-    results = {job["stop_grad"]: result for job, result in zip(jobs, out)}
+    results = {(job["state"], job["stop_grad"]): result for job, result in zip(jobs, out)}
     rows = fig7_rows(results, Ks)
     cpu = sum(r["seconds"] for result in out for r in result["norms"])
     seconds = time.time() - started
-    table, text = fig7_table(rows), fig7_reading(rows, args.fig7_T)
+    table = fig7_table(rows, states)
+    text = "\n".join(f"- {state}: {line}" for state in states
+                     for line in fig7_reading([{"K": r["K"], False: r[state, False], True: r[state, True]}
+                                               for r in rows], args.fig7_T))
     print(table + "\n\n" + text + f"\n\nbenchmark time: {seconds:.0f} s (backward passes: {cpu:.0f} CPU s)")
     if args.output_dir is not None:
         os.makedirs(args.output_dir, exist_ok=True)
-        fig7_plot(rows, os.path.join(args.output_dir, "bench_fig7.png"))
+        fig7_plot(rows, states, os.path.join(args.output_dir, "bench_fig7.png"))
         settings = (f"DRaFT-K (`draft.py`, `--preset demo`: `{os.path.relpath(args.model, common.ROOT)}`, "
-                    f"{args.resolution} px, DDPM, CFG 7.5, LoRA rank 8, fp32) with T={args.fig7_T}, batch "
+                    f"{args.resolution} px, DDPM, CFG 6, LoRA rank 8, fp32) with T={args.fig7_T}, batch "
                     f"{args.fig7_batch_size}, symmetry reward; for each K, {args.fig7_batches} batches (prompts and "
-                    f"noise from the seeded per-step generator, the same batches for every K and both variants). "
-                    f"Norm: the L2 norm over all LoRA gradients after `algorithm_loss` + backward, before clipping, "
-                    f"at the base model (LoRA initialized with seed 0; its B matrices are zero, so only they get "
-                    f"gradient). Only the first backward is measured, not later training steps. Scaled down from the "
-                    f"paper (SD1.5, T=50, batch 32, K up to 50, a trained run) to fit a few CPU-minutes: "
-                    f"{cpu:.0f} CPU s of backward passes.")
+                    f"noise from the seeded per-step generator, the same batches for every K, variant and state). "
+                    f"Norm: the L2 norm over all LoRA gradients after `algorithm_loss` + backward, before clipping. "
+                    f"States: the base model (LoRA initialized with seed 0, B = 0: only the B matrices get gradient), "
+                    f"and the LoRA after {args.trained_steps} steps of `drtune.py --preset demo` (symmetry with the "
+                    f"CLIP regularizer; eval reward after it {trained['eval_reward']:.4g}). Scaled down from the "
+                    f"paper (SD1.5, T=50, batch 32, K up to 50, during a training run): {cpu:.0f} CPU s of backward "
+                    f"passes.")
         body = "\n".join([
-            "## Fig. 7 on the tiny model: LoRA gradient norm against K, with and without stop-gradient", "",
+            "## Fig. 7 on the tiny world: LoRA gradient norm against K, with and without stop-gradient", "",
             *common.header_lines(args, seconds, "CPU time of each one-thread process"), "", settings, "", table, "",
             "Reading (computed from the numbers above):", "", text, "", "![grad norm against K](bench_fig7.png)", ""])
         common.write_report(args.output_dir, "fig7", body)

@@ -75,18 +75,20 @@ def test_quick_run_prints_the_table_and_writes_the_report(tmp_path):
     assert (tmp_path / "bench_drtune.png").stat().st_size > 0
 
 
-def test_fig7_quick_prints_grad_norms_for_each_K_and_writes_its_section(tmp_path):
+def test_fig7_quick_prints_grad_norms_for_each_K_and_state_and_writes_its_section(tmp_path):
     result = run_benchmark("fig7", "--quick", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = markdown_rows(result.stdout, "K")
     assert set(rows) == {"1", "2", "4"}
-    for cells in rows.values():
-        without, with_ = float(cells[1].split()[0]), float(cells[2].split()[0])
-        assert without > 0 and with_ > 0
-    # K = 1: the one trained call's input carries no gradient, so stop-gradient changes nothing
-    assert rows["1"][1] == rows["1"][2]
+    for cells in rows.values():  # K, then (no stop-grad, stop-grad, ratio) for the base and the trained state
+        norms = [float(cells[i].split()[0]) for i in (1, 2, 4, 5)]
+        assert all(n > 0 for n in norms)
+        assert float(cells[3]) == pytest.approx(norms[0] / norms[1], rel=0.01)
+    # K = 1: the one trained call's input carries no gradient, so stop-gradient changes nothing, in both states;
+    # the trained LoRA (B != 0) changes the gradient
+    assert rows["1"][1] == rows["1"][2] and rows["1"][4] == rows["1"][5] and rows["1"][1] != rows["1"][4]
     report = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "<!-- begin fig7 -->" in report and "| 4 |" in report and "<!-- begin table1 -->" in report
+    assert "<!-- begin fig7 -->" in report and "| 4 |" in report and "after 2 DRTune steps" in report
     assert (tmp_path / "bench_fig7.png").stat().st_size > 0
 
 
