@@ -7,6 +7,7 @@
 - drtune_ablation: Fig. 8 and 9, DRTune's reward gain against K and against m, on the tiny world
 - preference: the training step of dpo.py (--dpo) and spo.py (--spo) against the batch size
 - step_preference: whether a step-level win (SPO's comparison) carries to the final image, per step and CFG
+- gallery: every --preset demo on the tiny world, one before/after row per method (docs/gallery.png)
 - peers: alignprop.py and dpo.py next to TRL's AlignPropTrainer and diffusers' train_diffusion_dpo.py
 
 Run one as `python -m benchmarks.<name>` from the repo root (or `python benchmarks/<name>.py`); --help lists its

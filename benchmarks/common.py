@@ -406,13 +406,15 @@ its own section below and leaves the others.
   `train_diffusion_dpo.py`, each with its own training loop in fresh processes, alternating; ratios ours / peer.
 - **Step preference** (`benchmarks.step_preference`): on the trained tiny world, whether the candidate that wins
   SPO's comparison at a step also ends as the better final image, per step and CFG scale.
+- **Gallery** (`benchmarks.gallery`): every `--preset demo` on the tiny world, before and after, read back from
+  the pixels; `docs/gallery.png`, shown in the README.
 - **Checkpointing** (`benchmarks.checkpointing`): the peak memory per trained step of a backprop through the chain
   under each `--checkpointing_granularity` (and none), next to the floor: one step's input latents.
 
 """
 # The order of the sections in the file; keys not listed (e.g. dpo_full_size_sdxl, once measured) follow.
 SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "drtune_ablation",
-            "dpo", "spo", "step_preference"]
+            "dpo", "spo", "step_preference", "gallery"]
 PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python -m benchmarks.fig7`.\n",
                 "checkpointing": "## Gradient checkpointing granularities\n\nNot measured yet: run `python -m "
                                  "benchmarks.checkpointing`.\n",
@@ -424,6 +426,7 @@ PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `p
                                    "`python -m benchmarks.step_preference`.\n",
                 "drtune_ablation": "## DRTune against K and m\n\nNot measured yet: run `python -m "
                                    "benchmarks.drtune_ablation`.\n",
+                "gallery": "## Gallery\n\nNot made yet: run `python -m benchmarks.gallery`.\n",
                 "table1": "## Miniature Table 1\n\nNot measured yet: run `python -m benchmarks.table1`.\n",
                 **{f"full_size_{name}": f"## Full-size {title}, random weights\n\nNot measured yet: it needs a GPU. "
                    f"Run `python -m benchmarks.sweep --full_size {name}` on one; it replaces this section.\n"
