@@ -6,6 +6,8 @@
 - table1: a miniature Table 1, every method's main() for the same CPU budget
 - preference: the training step of dpo.py (--dpo) and spo.py (--spo) against the batch size
 - step_preference: whether a step-level win (SPO's comparison) carries to the final image, per step and CFG
+- world_preference: offline DPO, online DPO (frozen and moving reference) and SPO on the world, same reward and CPU
+  budget: reward gain per CPU second, prompts still drawn
 - peers: alignprop.py and dpo.py next to TRL's AlignPropTrainer and diffusers' train_diffusion_dpo.py
 
 Run one as `python -m benchmarks.<name>` from the repo root (or `python benchmarks/<name>.py`); --help lists its
