@@ -8,8 +8,8 @@ Protocol (fixed before the first run):
 - Sampler, for every image sampled in training, in the pairs and in evaluation: DDIM eta 1, T=20, CFG 1.5 (SAMPLER).
   That is spo.py's demo sampler: SPO needs eta > 0, and at CFG 1.5 a step-level win carries to the final image on
   this model (benchmarks.step_preference; at CFG 6 it does not). dpo.py's demo samples at DDIM eta 0, T=10, CFG 3;
-  here it samples as SPO does, so that every method is evaluated on the same images at step 0 and a round of online
-  DPO costs what 20 steps cost.
+  here it samples as SPO does, so that every method is evaluated on the same images at step 0 (and an online round
+  samples 20-step trajectories).
 - Methods (METHODS): each script's `main()` with `--preset demo` (lr, beta, batch, LoRA rank, rounds as its demo),
   overriding only the sampler, the seed, max_train_steps, validation_steps, the output folder and the method's own
   flags. Offline DPO: `--offline` on the pairs below, frozen reference, `--no_random_flip` (the world's captions name
@@ -22,11 +22,12 @@ Protocol (fixed before the first run):
   reward, best vs worst per prompt (as an online round pairs them) written as Pick-a-Pic rows (jpg_0, jpg_1,
   label_0, caption; the winner on alternate sides; PNG bytes, lossless at 32 px, which dpo.py reads as it reads
   JPEG). Its CPU time, the offline method's data cost, is reported apart from the training budget.
-- Budget: 60 CPU s of training per run (--budget). A probe run per method (seed 0; online DPO one whole round, so
-  that its sampling is counted; the others 4 steps) gives the CPU time per step, and max_train_steps = floor(budget /
-  that). Training CPU time is measured in every run: process CPU time (one torch thread) from the end of the step-0
-  evaluation to the call of save_lora after the last step, less the evaluations in between; gains per CPU second
-  divide by that measured time. Loading, evaluation and the final grid are outside it.
+- Budget: 45 CPU s of training per run (--budget; 60 was planned, cut so that the whole run, about 1,000 CPU s,
+  fits about 25 minutes on 2 cores shared with another benchmark). A probe run per method (seed 0; online DPO one
+  whole round, so that its sampling is counted; the others 4 steps) gives the CPU time per step, and max_train_steps
+  = floor(budget / that). Training CPU time is measured in every run: process CPU time (one torch thread) from the
+  end of the step-0 evaluation to the call of save_lora after the last step, less the evaluations in between; gains
+  per CPU second divide by that measured time. Loading, evaluation and the final grid are outside it.
 - Evaluation: each script's own evaluate(): the 8 held-out prompts of tiny_models/world-eval-prompts.txt with the
   fixed noise of the run's seed (the same for every method, so the step-0 reward and images of a seed must agree
   across methods), at step 0, every max_train_steps / 4 steps (online DPO also at each round's end, as dpo.py
@@ -39,8 +40,8 @@ Protocol (fixed before the first run):
   budget, SPO's mean gain against the best DPO variant's: it holds when SPO leads by more than the larger of the two
   seed stds, fails when it trails by more, and is undecided in between.
 
-    python -m benchmarks.world_preference                              # 5 methods x 3 seeds: ~15-25 min, 2 cores
-    python -m benchmarks.world_preference --quick --output_dir /tmp/b  # seconds: T=8, 2 prompts, 1 CPU s budget
+    python -m benchmarks.world_preference                              # 5 methods x 3 seeds: ~20 min, 2 shared cores
+    python -m benchmarks.world_preference --quick --output_dir /tmp/b  # under a minute: T=8, 2 prompts, 1 CPU s
 """
 
 import argparse
@@ -81,7 +82,7 @@ QUICK = dict(num_inference_steps=8, num_eval_prompts=2, budget=1.0, num_pair_pro
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--budget", type=float, default=60.0, help="CPU seconds of training per run")
+    parser.add_argument("--budget", type=float, default=45.0, help="CPU seconds of training per run")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--num_pair_prompts", type=int, default=256,
                         help="offline pairs: the first N world training prompts, one pair each")
@@ -154,8 +155,9 @@ def build_pairs(job):
     rows, winners, losers = [], [], []
     for i in range(0, len(prompts), 16):
         chunk = prompts[i:i + 16]
-        images = pipe(chunk, height=size, width=size, num_images_per_prompt=k, num_inference_steps=s["num_inference_steps"],
-                      guidance_scale=s["guidance_scale"], eta=s["eta"], generator=generator, output_type="pt").images
+        images = pipe(chunk, height=size, width=size, num_images_per_prompt=k,
+                      num_inference_steps=s["num_inference_steps"], guidance_scale=s["guidance_scale"], eta=s["eta"],
+                      generator=generator, output_type="pt").images
         scores = reward_fn(images, [p for p in chunk for _ in range(k)]).view(len(chunk), k)  # prompt-major
         for j, prompt in enumerate(chunk):
             best, worst = int(scores[j].argmax()), int(scores[j].argmin())
