@@ -7,6 +7,8 @@
 - drtune_ablation: Fig. 8 and 9, DRTune's reward gain against K and against m, on the tiny world
 - preference: the training step of dpo.py (--dpo) and spo.py (--spo) against the batch size
 - step_preference: whether a step-level win (SPO's comparison) carries to the final image, per step and CFG
+- world_preference: offline DPO, online DPO (frozen and moving reference) and SPO on the world, same reward and CPU
+  budget: reward gain per CPU second, prompts still drawn
 - gallery: every --preset demo on the tiny world, one before/after row per method (docs/gallery.png)
 - peers: alignprop.py and dpo.py next to TRL's AlignPropTrainer and diffusers' train_diffusion_dpo.py
 

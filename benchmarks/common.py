@@ -406,6 +406,9 @@ its own section below and leaves the others.
   `train_diffusion_dpo.py`, each with its own training loop in fresh processes, alternating; ratios ours / peer.
 - **Step preference** (`benchmarks.step_preference`): on the trained tiny world, whether the candidate that wins
   SPO's comparison at a step also ends as the better final image, per step and CFG scale.
+- **Preference methods on the world** (`benchmarks.world_preference`): offline DPO on pairs built from the world,
+  online DPO with a frozen and a moving reference, and SPO, each by its script's `main()` for the same reward,
+  sampler and CPU budget; reward gain per CPU second and whether the prompts are still drawn.
 - **Gallery** (`benchmarks.gallery`): every `--preset demo` on the tiny world, before and after, read back from
   the pixels; `docs/gallery.png`, shown in the README.
 - **Checkpointing** (`benchmarks.checkpointing`): the peak memory per trained step of a backprop through the chain
@@ -414,7 +417,7 @@ its own section below and leaves the others.
 """
 # The order of the sections in the file; keys not listed (e.g. dpo_full_size_sdxl, once measured) follow.
 SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "drtune_ablation",
-            "dpo", "spo", "step_preference", "gallery"]
+            "dpo", "spo", "step_preference", "world_preference", "gallery"]
 PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python -m benchmarks.fig7`.\n",
                 "checkpointing": "## Gradient checkpointing granularities\n\nNot measured yet: run `python -m "
                                  "benchmarks.checkpointing`.\n",
@@ -424,6 +427,8 @@ PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `p
                 "spo": "## SPO\n\nNot measured yet: run `python -m benchmarks.preference --spo`.\n",
                 "step_preference": "## Does a step-level win carry to the final image?\n\nNot measured yet: run "
                                    "`python -m benchmarks.step_preference`.\n",
+                "world_preference": "## Preference methods on the tiny world\n\nNot measured yet: run `python -m "
+                                    "benchmarks.world_preference`.\n",
                 "drtune_ablation": "## DRTune against K and m\n\nNot measured yet: run `python -m "
                                    "benchmarks.drtune_ablation`.\n",
                 "gallery": "## Gallery\n\nNot made yet: run `python -m benchmarks.gallery`.\n",

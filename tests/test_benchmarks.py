@@ -183,6 +183,30 @@ def test_step_preference_quick_correlates_step_and_final_scores_per_cfg(tmp_path
     assert "<!-- begin step_preference -->" in report and (tmp_path / "bench_step_preference.png").exists()
 
 
+def test_world_preference_quick_trains_each_method_from_one_step_zero_and_writes_its_section(tmp_path):
+    """Every method runs its script's main() within the budget; at step 0 all of them sample the same images from
+    the same noise (one sampler for all), so the step-0 reward and the step-0 symmetry error agree across rows."""
+    result = run_benchmark("world_preference", "--quick", "--output_dir", str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = markdown_rows(result.stdout, "method")
+    assert list(rows) == ["DPO offline", "DPO online, frozen ref", "DPO online, EMA ref 0.1",
+                          "DPO online, EMA ref 0.5", "SPO"]
+    number = lambda cell: float(cell.split(" ± ")[0])  # noqa: E731
+    for cells in rows.values():
+        assert len(cells) == 10 and int(cells[1]) >= 1 and number(cells[2]) > 0
+        final, base, gain = number(cells[4]), number(cells[3]), number(cells[5])
+        assert gain == pytest.approx(final - base, abs=2e-4)  # the cells round to 4 and 3 significant digits
+        before, after = cells[8].split(" -> ")
+        assert 0 < number(before) and 0 < number(after)
+        assert all(0 <= number(x) <= 1 for x in cells[9].split(" -> "))
+    assert len({cells[3] for cells in rows.values()}) == 1
+    assert len({cells[8].split(" -> ")[0] for cells in rows.values()}) == 1
+    assert "SPO's claim of faster convergence" in result.stdout
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin world_preference -->" in report and "| DPO online, EMA ref 0.5 |" in report
+    assert (tmp_path / "bench_world_preference.png").stat().st_size > 0
+
+
 def test_checkpointing_quick_reports_memory_per_trained_step_for_each_granularity(tmp_path):
     result = run_benchmark("checkpointing", "--quick", "--output_dir", str(tmp_path))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
