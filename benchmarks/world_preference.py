@@ -282,6 +282,13 @@ def table(runs, methods):
     return common.markdown_table(HEAD, rows)
 
 
+def lost_text(s, args):
+    """How many evaluation images (prompts x seeds) lost what their prompt asks for, from the mean drawn fractions."""
+    total = (QUICK["num_eval_prompts"] if args.quick else 8) * len(args.seeds)
+    lost = round((s["drawn_before"][0] - s["drawn_after"][0]) * total)
+    return f" ({lost} of {total} images lost a shape or the background color)" if lost > 0 else ""
+
+
 def reading(runs, methods, pairs, args):
     ok = [r for r in runs if r["status"] == "ok"]
     stats = {m: {key: mean_std([r["summary"][key] for r in ok if r["method"] == m])
@@ -306,7 +313,7 @@ def reading(runs, methods, pairs, args):
                    f"rewards.py {s['sym_before'][0]:.3f} -> {s['sym_after'][0]:.3f} "
                    f"({'agrees' if agree else 'disagrees'} in direction with the reward); prompts still drawn "
                    f"{s['drawn_before'][0]:.0%} -> {s['drawn_after'][0]:.0%}"
-                   f"{' (reward hacking: fewer prompts drawn)' if s['drawn_after'][0] < s['drawn_before'][0] else ''}.")
+                   f"{lost_text(s, args)}.")
     dpo_methods = [m for m in stats if m.startswith("DPO")]
     if "DPO online, frozen ref" in stats:
         frozen = stats["DPO online, frozen ref"]["gain"]
