@@ -246,7 +246,7 @@ def reward_reading(runs, labels, reward):
     lost = [f"{m} ({statistics.mean(x['drawn_after'] for x in ok_runs(runs, m, reward)):.0%})" for m in order
             if statistics.mean(x["drawn_after"] for x in ok_runs(runs, m, reward)) < drawn_base - 0.1]
     out.append(f"prompts still drawn: {drawn_base:.0%} at step 0; " + (
-        "lost more than 10 points, a sign of reward hacking: " + ", ".join(lost) if lost else
+        "lost more than 10 points (images that no longer show a shape or the background the prompt asks for): " + ", ".join(lost) if lost else
         "no method lost more than 10 points") + ".")
     if reward.startswith("symmetry"):
         independent = gains(runs, labels, reward, key=lambda x: x["symmetry_before"] - x["symmetry_after"])
