@@ -9,7 +9,7 @@ prompts still drawn. Fig. 8: K in 1, 2, 4, 6 (K/T = 0.05 to 0.3) at m = 8; Fig. 
 0.6) at K = 2. The paper (T = 20 to 50 on SD1.5) finds the best K near 0.1 T and the best m near 0.4 T; the demo's
 K = 2, m = 8 are those ratios at T = 20. Only T = 20 here (the paper also varies T).
 
-    python -m benchmarks.drtune_ablation                              # 8 settings x 3 seeds at 20 CPU s: ~20 min
+    python -m benchmarks.drtune_ablation                              # 7 settings x 3 seeds at 20 CPU s: 10 min
     python -m benchmarks.drtune_ablation --quick --output_dir /tmp/b  # seconds
 """
 

@@ -8,7 +8,7 @@ symmetry error of each image (numpy) and whether each prompt is still drawn. The
 docs/gallery.png (one row per method: its 8 "before" images, then its 8 "after" images) and the gallery section of
 BENCHMARKS.md.
 
-    python -m benchmarks.gallery                                  # 7 demos, about 8 CPU minutes
+    python -m benchmarks.gallery                                  # 7 demos, about 6 CPU minutes
     python -m benchmarks.gallery --quick --output_dir /tmp/b      # seconds: 2 steps each, drtune and spo only
 """
 

@@ -17,7 +17,7 @@ pixel check), which catches reward hacking.
 2. Runs: each method's main() in a fresh one-thread process (--jobs at a time) per reward and seed. Writes the table1
    section of BENCHMARKS.md and bench_table1.png.
 
-    python -m benchmarks.table1                                 # 8 methods x 4 rewards x 3 seeds at 20 CPU s: ~1 h
+    python -m benchmarks.table1                                 # 8 methods x 4 rewards x 3 seeds at 20 CPU s: 35 min
     python -m benchmarks.table1 --quick --output_dir /tmp/b     # seconds: T=10, batch 2, one seed, budget 0.5 s
 """
 
