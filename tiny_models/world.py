@@ -316,14 +316,16 @@ def read_grid(path, prompts):
 
 
 def read_run(output_dir):
-    """read_grid of a training run's samples/before_after.png, with the eval prompts its config.json names."""
+    """read_grid of a training run's samples/before_after.png, with the first --num_eval_prompts prompts of the
+    .txt file its config.json names as --eval_prompts (the world demos' tiny_models/world-eval-prompts.txt)."""
     with open(os.path.join(output_dir, "config.json")) as f:
         config = json.load(f)
-    prompts = config.get("eval_prompt_list") or []
-    if not prompts:
-        with open(config["eval_prompts"]) as f:
-            prompts = [line.strip() for line in f if line.strip()]
-        prompts = prompts[: config.get("num_eval_prompts") or len(prompts)]
+    path = config.get("eval_prompts")
+    if not (path and path.endswith(".txt") and os.path.isfile(path)):
+        raise ValueError(f"{output_dir}: its --eval_prompts ({path}) is not a .txt file of world captions")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    prompts = prompts[: config.get("num_eval_prompts") or len(prompts)]
     return read_grid(os.path.join(output_dir, "samples", "before_after.png"), prompts), prompts
 
 
