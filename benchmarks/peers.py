@@ -8,6 +8,8 @@ is not available are skipped with the reason. Writes the peers section of BENCHM
 
     # the peers (PEER_VERSIONS) in a venv that also sees this repo's requirements:
     python -m benchmarks.peers --peer_python /tmp/peers/bin/python --peer_dpo_script /tmp/peers/train_diffusion_dpo.py
+    # or next to this repo's venv: the peers in folders put on PYTHONPATH by a wrapper script used as --peer_python
+    pip install --no-deps --target /tmp/peers/lib trl==0.23.1   # and wandb's packages the venv lacks, for the DPO script
 """
 
 import argparse
@@ -38,8 +40,6 @@ PEER_VERSIONS = dict(trl="0.23.1", diffusion_dpo="c9c82173068d628b0569ccb6d656ad
 # (key, label, our script, peer, T, trained steps per update): the AlignProp settings take T and the trained steps
 PEER_SETTINGS = [
     ("alignprop_all", "AlignProp T=50, every step trained, gradient checkpointing", "alignprop", "trl", 50, 50),
-    ("alignprop_all_reentrant", "AlignProp T=50, every step trained, gradient checkpointing; ours with a reentrant "
-     "call checkpoint (a bench-only variant, see below)", "alignprop", "trl", 50, 50),
     ("alignprop_last", "AlignProp T=50, last step only, gradient checkpointing", "alignprop", "trl", 50, 1),
     ("dpo", "Diffusion-DPO, offline pairs", "dpo", "diffusion_dpo", None, None),
 ]
@@ -111,22 +111,7 @@ def peer_job(job):
 
 def run_ours(job):
     script = importlib.import_module(job["script"])
-    if job.get("reentrant"):
-        script.checkpointed = reentrant_checkpointed  # rollout and decode look it up at each call
     script.main(script.parse_args(job["argv"]))
-
-
-def reentrant_checkpointed(module, fn, *inputs):
-    """A benchmark-only variant of the scripts' checkpointed(): torch.utils.checkpoint with use_reentrant=True. Its
-    first pass runs under no_grad, so a trained call keeps no autograd graph (one node) and skips the saved-tensor
-    hooks; a dummy input that requires grad puts the call in the graph when its inputs are detached (stop-gradient).
-    What it gives up: the non-reentrant checks on the recomputation (a backward through a call made with the adapters
-    disabled raises there, see TRAPS.md; here it would be silently wrong) and torch.autograd.grad."""
-    if getattr(module, "checkpoint_calls", False) and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint
-        anchor = torch.ones((), requires_grad=True)
-        return checkpoint(lambda _, *x: fn(*x), anchor, *inputs, use_reentrant=True)
-    return fn(*inputs)
 
 
 def run_trl_alignprop(job):
@@ -231,7 +216,7 @@ def peer_plan(args, folder):
                       "--beta_dpo", "2500", "--seed", "0", "--checkpointing_steps", "1000000", "--no_hflip",
                       "--report_to", "tensorboard"]
             theirs_job = dict(shared, side="diffusion_dpo", argv=theirs, peer_script=args.peer_dpo_script)
-        ours_job = dict(shared, side="ours", script=script, argv=ours, reentrant=key.endswith("_reentrant"))
+        ours_job = dict(shared, side="ours", script=script, argv=ours)
         plans.append(dict(key=key, label=label, warmup=warmup, iters=iters,
                           jobs=dict(peer=dict(theirs_job, warmup=warmup, iters=iters),
                                     ours=dict(ours_job, warmup=warmup, iters=iters))))
@@ -281,12 +266,9 @@ PEER_DIFFERENCES = """\
   (`--gradient_checkpointing`, granularity call). Our truncation is contiguous (`--truncation_min/max` = the trained
   steps), TRL's fixed truncation (`truncated_backprop_rand=False`, `truncated_backprop_timestep` = T - trained)
   is the same set. TRL computes DDPO's log-probabilities at every step (unused by AlignProp); we do not.
-  The reentrant row runs the same alignprop.py with benchmarks/peers.py's `reentrant_checkpointed` in place of the
-  scripts' `checkpointed` (torch.utils.checkpoint with use_reentrant=True and a dummy input that requires grad): not
-  what the scripts do, measured to show what the first pass under no_grad is worth.
-  On CPU the peak RSS also counts what a GPU's allocated memory would not: the autograd graph that each
-  non-reentrant checkpoint keeps in host memory until the backward (nodes and holders, no activations), and the
-  allocator's fragmentation, which moves with the order in which temporaries are freed.
+  Our call checkpoint is reentrant (its first pass under no_grad keeps no autograd graph until the backward).
+  On CPU the peak RSS also counts what a GPU's allocated memory would not: the allocator's fragmentation, which
+  moves with the order in which temporaries are freed.
   TRL's weight decay 1e-4 and lr 1e-3 are passed to ours; TRL's checkpoint saving is off (save_freq 1e9), ours
   (checkpointing_steps 1e6) too. Ours evaluates a grid before training (outside the timing); TRL does not.
 - DPO: the same Pick-a-Pic parquet (smooth random JPEGs at 5:4, label_0 alternating, no ties), shortest side

@@ -233,6 +233,24 @@ def test_checkpointing_gives_the_gradients_of_plain_autograd(granularity, stop_g
     assert plain_calls == Counter(unet=4, decode=1) and calls == Counter(unet=4 * recomputed, decode=recomputed)
 
 
+def test_checkpointed_call_with_adapters_disabled_is_refused_and_runs_under_no_grad():
+    """The reentrant call checkpoint cannot check its recomputation, so a call with the LoRA adapters disabled and
+    gradient on is refused in one line; under no_grad (every reference forward) nothing is checkpointed."""
+    args, models, scheduler = setup(TINY_SD)
+    drtune.add_lora(models.unet, args)
+    drtune.enable_checkpointing(models.unet, models.vae, "call")
+    cond = drtune.encode_prompts(models, ["a cat"], args.resolution)
+    x = torch.randn(1, 4, 4, 4)
+    models.unet.disable_adapters()
+    with pytest.raises(RuntimeError, match="adapters disabled: run it under torch.no_grad"):
+        drtune.predict_noise(models.unet, x, 10, cond, args.guidance_scale)
+    with torch.no_grad():
+        reference = drtune.predict_noise(models.unet, x, 10, cond, args.guidance_scale)
+    models.unet.enable_adapters()
+    assert drtune.predict_noise(models.unet, x, 10, cond, args.guidance_scale).requires_grad
+    assert torch.isfinite(reference).all()
+
+
 # --- Alg. 1: which steps run and which train ---------------------------------------------------------
 
 def test_exactly_k_equally_spaced_steps_train_and_none_below_t_min():
