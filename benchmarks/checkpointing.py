@@ -102,9 +102,10 @@ def checkpointing_reading(rows, floor):
     if all(v is not None for v in per_step.values()):
         out.append("Memory per trained step of a backward through the chain (full backprop, slope of the peak over "
                    "T): " + ", ".join(f"{g} {v:.2f} MiB" for g, v in per_step.items()) +
-                   f"; the floor (one step's input latents) is {floor:.4f} MiB. On CPU the resident set also holds "
-                   f"the autograd graph that each non-reentrant checkpoint keeps until the backward (host memory: "
-                   f"nodes and holders, no activations), which a GPU's allocated memory does not count.")
+                   f"; the floor (one step's input latents) is {floor:.4f} MiB. The call checkpoint is reentrant "
+                   f"(no autograd graph kept until the backward); diffusers' per-block one is not: on CPU the "
+                   f"resident set also holds the graph each of those keeps (nodes and holders, no activations), "
+                   f"which a GPU's allocated memory does not count.")
     T_max = max((r["T"] for r in ok), default=None)
     full = {r["granularity"]: r for r in ok if r["entry"] == -1 and r["T"] == T_max}
     one = {r["granularity"]: r for r in ok if r["entry"] == 0}
