@@ -106,15 +106,24 @@ def run_cli(script, argv, cwd):
     return read_metrics(output_dir)
 
 
-def two_process_loras(script, argv, port):
+def free_port():
+    """A TCP port that is free on this machine right now, for torchrun's rendezvous."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_process_loras(script, argv, port=None):
     """Train `script` with torchrun on 2 CPU processes (gloo) and return each rank's final LoRA state dict."""
     import subprocess
     import sys
 
     import torch
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           os.path.join(ROOT, "tests", "dist_worker.py"), script, *argv]
-    subprocess.run(cmd, check=True, env=env, cwd=ROOT, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(port or free_port()), os.path.join(ROOT, "tests", "dist_worker.py"), script, *argv]
+    run = subprocess.run(cmd, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     output_dir = argv[argv.index("--output_dir") + 1]
     return [torch.load(os.path.join(output_dir, f"lora_rank{r}.pt")) for r in (0, 1)]

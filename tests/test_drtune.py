@@ -341,7 +341,7 @@ def test_two_processes_end_with_identical_lora(tmp_path):
     out = str(tmp_path / "dist")
     argv = tiny_argv(TINY_SD, out, num_trained_steps=2, early_stop_max=2, max_train_steps=3, lr_scheduler="linear",
                      lr_warmup_steps=2)
-    w0, w1 = two_process_loras("drtune", argv, port=29517)
+    w0, w1 = two_process_loras("drtune", argv)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     # the schedule advances once per step, not once per process (accelerate's prepared scheduler would step twice)
     from diffusers.optimization import get_scheduler

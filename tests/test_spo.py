@@ -286,7 +286,7 @@ def test_nonfinite_reward_skips_updates_then_stops(tmp_path, monkeypatch):
 def test_two_processes_gather_pairs_and_end_with_identical_lora(tmp_path):
     out = str(tmp_path / "dist")
     argv = tiny_argv(TINY_SD, out, **dict(SPO, max_train_steps=2, learning_rate=0.05, pair_threshold=0.3))
-    w0, w1 = two_process_loras("spo", argv, port=29531)
+    w0, w1 = two_process_loras("spo", argv)
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert any("lora_B" in k and w0[k].abs().sum() > 0 for k in w0), "training changed nothing"
     rows = read_metrics(out)
