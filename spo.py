@@ -86,6 +86,7 @@ import resource
 import shutil
 import sys
 import time
+import weakref
 
 import numpy as np
 import torch
@@ -116,6 +117,9 @@ WORLD_DEMO = dict(
 def add_algorithm_arguments(parser):
     # the paper's sampler (DDIM eta 1, 20 steps, CFG 5) and preference model as this script's defaults
     parser.set_defaults(sampler="ddim", eta=1.0, num_inference_steps=20, guidance_scale=5.0, reward="pickscore")
+    # each loss runs one UNet call with gradient (per chunk of pairs): per-block checkpointing lowers its backward's
+    # peak, the call checkpoint pays off only across several calls (benchmarks.checkpointing)
+    parser.set_defaults(checkpointing_granularity="block")
     group = parser.add_argument_group("SPO")
     group.add_argument("--num_candidates", type=int, default=4,
                        help="k: candidates x_{t-1} drawn from each shared x_t (paper: 4 SD1.5, 2 SDXL)")
@@ -675,6 +679,13 @@ def make_scheduler(args):
                                                    timestep_spacing=spacing)
 
 
+def first_param(module):
+    """A diffusers model's first parameter, whose device and dtype are the model's here: diffusers' .device and
+    .dtype walk every submodule for offloading and casting hooks at each access (0.9 ms each on the tiny UNet, so
+    several ms per training step); these models carry none."""
+    return next(module.parameters())
+
+
 def tokenize(tokenizer, prompts, device):
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                      return_tensors="pt").input_ids.to(device)
@@ -686,14 +697,14 @@ def encode_text(models, prompts, cache=False):
     (B, D2) of text encoder 2 (None for SD1.5). Each distinct prompt runs through the text encoders once, in one
     batch; prompts in models.prompt_cache not at all. cache=True keeps the new ones there."""
     new, missing = {}, [p for p in dict.fromkeys(prompts) if p not in models.prompt_cache]
-    if missing:  # (a diffusers model's .device and .dtype walk all its modules: only when there is work)
-        device, dtype, states = models.unet.device, models.unet.dtype, []
+    if missing:
+        weight, states = first_param(models.unet), []
         for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
             out = encoder(tokenize(tokenizer, missing, encoder.device), output_hidden_states=models.is_sdxl)
             # SDXL: penultimate states of both encoders side by side, pooled from encoder 2; SD1.5: the last states
             states.append(out.hidden_states[-2] if models.is_sdxl else out[0])
-        embeds = torch.cat(states, dim=-1).to(device, dtype)
-        pooled = out[0].to(device, dtype) if models.is_sdxl else [None] * len(missing)
+        embeds = torch.cat(states, dim=-1).to(weight.device, weight.dtype)
+        pooled = out[0].to(weight.device, weight.dtype) if models.is_sdxl else [None] * len(missing)
         new = {p: (e, q) for p, e, q in zip(missing, embeds, pooled)}
         if cache:
             models.prompt_cache.update(new)
@@ -746,6 +757,49 @@ def predict_noise(unet, latents, t, cond, guidance_scale):
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
+_LORA_PARTS = weakref.WeakKeyDictionary()
+
+
+def lora_parts(module):
+    """(peft's LoRA layers in `module`, their weights), found once per set of adapters: a walk over every module
+    at each switch to the reference cost half a tiny UNet call (benchmarks/peers.py)."""
+    adapters = tuple(getattr(module, "peft_config", None) or ())
+    found = _LORA_PARTS.get(module)
+    if found is None or found[0] != adapters:
+        from peft.tuners.lora import LoraLayer
+        found = _LORA_PARTS[module] = (adapters, [m for m in module.modules() if isinstance(m, LoraLayer)],
+                                       [p for name, p in module.named_parameters() if "lora_" in name])
+    return found[1], found[2]
+
+
+@contextlib.contextmanager
+def reference_unet(unet, adapter=None):
+    """Inside, under no_grad, `unet` computes the reference: the same module with the policy's LoRA off (adapter None:
+    the base model) or with the adapter named `adapter` active in its place. Switched layer by layer (what diffusers'
+    disable_adapters and set_adapter do after a walk over every module); peft's switches set LoRA requires_grad, and
+    every flag is put back as it was. No backward through it: one through disabled adapters under gradient
+    checkpointing raises (TRAPS)."""
+    layers, weights = lora_parts(unet)
+    flags = [p.requires_grad for p in weights]
+    active = layers[0].active_adapters if layers else None
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                if adapter is None:
+                    layer.enable_adapters(False)
+                else:
+                    layer.set_adapter(adapter)
+            yield unet
+    finally:
+        for layer in layers:
+            if adapter is None:
+                layer.enable_adapters(True)
+            else:
+                layer.set_adapter(active)
+        for p, flag in zip(weights, flags):
+            p.requires_grad_(flag)
+
+
 def checkpointed(module, fn, *inputs):
     """fn(*inputs), a call of `module`, as one activation checkpoint when enable_checkpointing marked the module
     and gradient is on: the forward runs under no_grad and keeps only the inputs, the backward recomputes the call
@@ -757,7 +811,7 @@ def checkpointed(module, fn, *inputs):
     the LoRA weights through backward(), not torch.autograd.grad."""
     if getattr(module, "checkpoint_calls", False) and torch.is_grad_enabled():
         from torch.utils.checkpoint import checkpoint
-        lora = [p for name, p in module.named_parameters() if "lora_" in name]
+        lora = lora_parts(module)[1]
         if lora and not any(p.requires_grad for p in lora):
             raise RuntimeError("a checkpointed call with the LoRA adapters disabled: run it under torch.no_grad()")
         anchor = torch.ones((), device=inputs[0].device, requires_grad=True)
@@ -870,9 +924,9 @@ def decode(vae, latents):
     else:
         latents = latents / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
     # a VAE kept in fp32 (SDXL's overflows in fp16) must not be autocast back to half precision
-    fp32 = vae.dtype == torch.float32
-    with torch.autocast(latents.device.type, enabled=False) if fp32 else contextlib.nullcontext():
-        images = checkpointed(vae, lambda z: vae.decode(z, return_dict=False)[0], latents.to(vae.dtype))
+    dtype = first_param(vae).dtype
+    with torch.autocast(latents.device.type, enabled=False) if dtype == torch.float32 else contextlib.nullcontext():
+        images = checkpointed(vae, lambda z: vae.decode(z, return_dict=False)[0], latents.to(dtype))
     return (images.float() / 2 + 0.5).clamp(0, 1)
 
 
@@ -898,6 +952,14 @@ def add_lora(unet, args):
     for p in params:  # frozen weights stay in the mixed-precision dtype; trainable ones in fp32
         p.data = p.data.float()
     return params
+
+
+def make_optimizer(params, args, device):
+    """AdamW on the LoRA weights, fused (one kernel over every tensor) on CUDA and CPU: the same update to float
+    rounding, 5x faster than torch's per-tensor loop for a tiny LoRA on CPU and 2.7x for an SD1.5 rank-64 one."""
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def save_lora(unet, is_sdxl, output_dir):
@@ -1237,8 +1299,7 @@ def lora_scale(unet, scale):
     """Inside, the policy's LoRA ("default") adds scale x its weight change (peft's set_scale, what diffusers'
     set_adapters(weights=scale) and fuse_lora(lora_scale=scale) apply; exact, unlike a per-call
     cross_attention_kwargs scale). Active adapters and requires_grad flags are left as they are."""
-    from peft.tuners.lora import LoraLayer
-    layers = [m for m in unet.modules() if isinstance(m, LoraLayer)] if scale != 1 else []
+    layers = lora_parts(unet)[0] if scale != 1 else []
     for layer in layers:
         layer.set_scale("default", scale)
     try:
@@ -1381,7 +1442,7 @@ def sample_pairs(models, scheduler, unet, preference_model, prompts, generator, 
     timesteps (P,), prompts (P strings); stats: final_scores (k B,) of the final x_0 of every branch, gaps (G,) of
     the G comparisons (B per compared step), kept (how many passed the threshold)."""
     B, k, T = len(prompts), args.num_candidates, args.num_inference_steps
-    device = unet.device
+    device = first_param(unet).device
     scheduler.set_timesteps(T, device=device)
     timesteps = scheduler.timesteps.tolist()
     cond = encode_prompts(models, prompts, args.resolution)  # batch 2B: the shared x_t
@@ -1467,12 +1528,8 @@ def spo_loss(models, scheduler, unet, pairs, args):
         mean = sampler_step(scheduler, out, t.repeat_interleave(2), x_t.flatten(0, 1), None, args.eta)
         return gaussian_log_density(x_prev.flatten(0, 1), mean, sigma).view(P, 2)
 
-    with torch.no_grad():  # the reference: the same UNet without LoRA (no backward while disabled: TRAPS)
-        unet.disable_adapters()
-        try:
-            logp_ref = log_density(predict_noise(unet, inputs, input_t, cond, args.guidance_scale))
-        finally:
-            unet.enable_adapters()
+    with reference_unet(unet):  # the same UNet without LoRA, under no_grad
+        logp_ref = log_density(predict_noise(unet, inputs, input_t, cond, args.guidance_scale))
     logp = log_density(predict_noise(unet, inputs, input_t, cond, args.guidance_scale))
     loss, clamped = pair_loss(logp, logp_ref, args.beta, args.clip_eps)
     return loss, clamped, (logp - logp_ref).detach()
@@ -1535,8 +1592,7 @@ def main(args):
     params = add_lora(unet, args)
     if args.gradient_checkpointing:
         enable_checkpointing(unet, models.vae, args.checkpointing_granularity)
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_optimizer(params, args, device)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer, num_warmup_steps=args.lr_warmup_steps,
                                  num_training_steps=args.max_train_steps)
     # The UNet is not wrapped in DDP (it also runs with adapters disabled for the reference, and the number of
@@ -1641,9 +1697,8 @@ def main(args):
         save_lora(unet, models.is_sdxl, args.output_dir)
         with accelerator.autocast():
             after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-            unet.disable_adapters()
-            before = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-            unet.enable_adapters()
+            with reference_unet(unet):
+                before = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
         save_grid(torch.cat([before, after]), os.path.join(args.output_dir, "samples", "before_after.png"), nrow=2)
         plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
     accelerator.end_training()

@@ -169,9 +169,7 @@ def prepare(job):
     params = script.add_lora(models.unet, args)
     if args.gradient_checkpointing:
         script.enable_checkpointing(models.unet, models.vae, args.checkpointing_granularity)
-    optimizer = accelerator.prepare(torch.optim.AdamW(
-        params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon))
+    optimizer = accelerator.prepare(script.make_optimizer(params, args, device))
     # With one torch thread on CPU, the process's CPU time: other processes on the cores do not inflate it as they do
     # wall-clock time (several times, on a busy 2-core machine). Otherwise wall-clock time, after a CUDA synchronize.
     cpu_time = device.type == "cpu" and torch.get_num_threads() == 1

@@ -150,7 +150,7 @@ def test_reference_is_the_same_unet_with_adapters_off(pairs_file):
     latents, prompts = torch.randn(4, 4, 8, 8), ["a cat", "a dog"]
     loss, extra = dpo.algorithm_loss(models, noise_scheduler(TINY_SD), unet, latents, prompts, None,
                                      torch.Generator().manual_seed(0), args)
-    assert [(m is unet, grad, off) for m, grad, off in calls] == [(True, True, False), (True, False, True)]
+    assert [(m is unet, grad, off) for m, grad, off in calls] == [(True, False, True), (True, True, False)]
     loss.backward()
     assert {n: p.requires_grad for n, p in params.items()} == flags
     assert all(p.grad is not None for n, p in params.items() if n != frozen)
@@ -265,8 +265,11 @@ def test_ema_reference_moves_by_exactly_the_rate(pairs_file):
     """phi <- phi + rate (theta - phi) on every LoRA tensor; phi starts as the policy's init (the base model)."""
     args, models = setup(TINY_SD, pairs_file)
     unet = models.unet
+    with dpo.reference_unet(unet):  # finds the LoRA layers and weights before the second adapter exists
+        pass
     reference = dpo.ReferenceLoRA(unet, rate=0.3)
     policy, ref = lora_params(unet, "default"), lora_params(unet, "ref")
+    assert len(dpo.lora_parts(unet)[1]) == len(policy) + len(ref)  # found again with the new adapter
     assert len(policy) == len(ref) > 0
     assert all(p.requires_grad for p in policy.values()) and not any(p.requires_grad for p in ref.values())
     assert all(torch.equal(ref[n.replace(".default.", ".ref.")], p) for n, p in policy.items())

@@ -151,6 +151,19 @@ def test_vae_kept_in_fp32_is_not_autocast_to_half():
         torch.testing.assert_close(drtune.decode(models.vae, latents), expected)
 
 
+@pytest.mark.parametrize("model,dtype", [(TINY_SD, torch.bfloat16), (TINY_SDXL, torch.float16)])
+def test_first_param_has_the_device_and_dtype_diffusers_reports(model, dtype):
+    """first_param stands for diffusers' .device and .dtype (which walk every module at each access): the same for
+    the UNet with its fp32 LoRA and for a VAE kept in fp32 (SDXL's under fp16) or in the weight dtype."""
+    args = drtune.parse_args(tiny_argv(model, "unused", **DRTUNE))
+    models = drtune.load_models(args, drtune.check_arguments(args), CPU, dtype)
+    drtune.add_lora(models.unet, args)
+    for module in (models.unet, models.vae):
+        weight = drtune.first_param(module)
+        assert (weight.device, weight.dtype) == (module.device, module.dtype)
+    assert models.vae.dtype == (torch.float32 if model == TINY_SDXL else dtype)
+
+
 # --- gradient identities (eq. 4-5) -------------------------------------------------------------------
 
 def chain(models, scheduler, args, stop_grad_input):
@@ -249,6 +262,24 @@ def test_checkpointed_call_with_adapters_disabled_is_refused_and_runs_under_no_g
     models.unet.enable_adapters()
     assert drtune.predict_noise(models.unet, x, 10, cond, args.guidance_scale).requires_grad
     assert torch.isfinite(reference).all()
+
+
+def test_optimizer_is_adamw_of_the_flags():
+    """make_optimizer (fused on CPU and CUDA) against AdamW written out (Loshchilov & Hutter, Alg. 2 with torch's
+    lr-scaled decay): three steps with the flags' lr, betas, weight decay and eps."""
+    args = drtune.parse_args(tiny_argv(TINY_SD, "unused", learning_rate=0.01, adam_beta1=0.8, adam_beta2=0.9,
+                                       adam_weight_decay=0.1, adam_epsilon=1e-3))
+    p = torch.nn.Parameter(torch.randn(3, 5))
+    optimizer = drtune.make_optimizer([p], args, CPU)
+    x, m, v = p.detach().clone(), torch.zeros(3, 5), torch.zeros(3, 5)
+    for t in range(1, 4):
+        g = torch.randn(3, 5)
+        p.grad = g.clone()
+        optimizer.step()
+        x = x * (1 - 0.01 * 0.1)
+        m, v = 0.8 * m + 0.2 * g, 0.9 * v + 0.1 * g * g
+        x = x - 0.01 * (m / (1 - 0.8 ** t)) / ((v / (1 - 0.9 ** t)).sqrt() + 1e-3)
+        torch.testing.assert_close(p.detach(), x, rtol=1e-5, atol=1e-6)
 
 
 # --- Alg. 1: which steps run and which train ---------------------------------------------------------
