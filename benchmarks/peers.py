@@ -42,6 +42,7 @@ PEER_SETTINGS = [
     ("alignprop_all", "AlignProp T=50, every step trained, gradient checkpointing", "alignprop", "trl", 50, 50),
     ("alignprop_last", "AlignProp T=50, last step only, gradient checkpointing", "alignprop", "trl", 50, 1),
     ("dpo", "Diffusion-DPO, offline pairs", "dpo", "diffusion_dpo", None, None),
+    ("dpo_checkpointing", "Diffusion-DPO, offline pairs, gradient checkpointing", "dpo", "diffusion_dpo", None, None),
 ]
 
 
@@ -215,6 +216,8 @@ def peer_plan(args, folder):
                       "--mixed_precision", "no", "--max_train_steps", "1000", "--learning_rate", "1e-5",
                       "--beta_dpo", "2500", "--seed", "0", "--checkpointing_steps", "1000000", "--no_hflip",
                       "--report_to", "tensorboard"]
+            if key.endswith("_checkpointing"):  # both sides' own flag
+                ours, theirs = ours + ["--gradient_checkpointing"], theirs + ["--gradient_checkpointing"]
             theirs_job = dict(shared, side="diffusion_dpo", argv=theirs, peer_script=args.peer_dpo_script)
         ours_job = dict(shared, side="ours", script=script, argv=ours)
         plans.append(dict(key=key, label=label, warmup=warmup, iters=iters,
@@ -258,7 +261,9 @@ def peers_table(rows):
 PEER_DIFFERENCES = """\
 - Both sides run in fresh processes of the same interpreter (the one with the peers installed), on the same
   libraries, tiny SD1.5 (`tiny_models/sd15`), 32 px, batch 2, LoRA rank 4 (alpha 4, gaussian init, to_q/k/v/out.0),
-  fp32, one torch thread, AdamW, clipping 1.0; repetitions alternate which side runs first.
+  fp32, one torch thread, AdamW, clipping 1.0; repetitions alternate which side runs first. Our AdamW is fused
+  (one kernel over the LoRA tensors), the peers' torch's default (a loop over the tensors on CPU, foreach on
+  CUDA): the same update to float rounding.
 - AlignProp: both sample DDIM eta 1.0, CFG 5.0, T=50 and score with the same symmetry reward; TRL's loss is
   10 - reward, ours -reward (the same gradient). TRL samples at its UNet config's sample_size, set to 32 px here.
   TRL checkpoints every UNet call (always) and runs every call with gradient, detaching the model output of the
@@ -276,7 +281,10 @@ PEER_DIFFERENCES = """\
   (the same loss); the same noise and timestep for the two images of a pair in both. The diffusers script flips
   at random unless --no_hflip (passed), tokenizes in its dataset transform and logs to tensorboard (its default;
   `none` is not one of its trackers); ours logs metrics.jsonl. Ours evaluates a grid before training (outside
-  the timing); theirs runs no validation (its default)."""
+  the timing); theirs runs no validation (its default). Both pass `--gradient_checkpointing` in the row that says
+  so: theirs checkpoints every block of the UNet (diffusers' enable_gradient_checkpointing), ours the policy's UNet
+  call as one reentrant checkpoint (granularity call); neither checkpoints the reference, which runs under
+  no_grad."""
 
 
 def main(args):
