@@ -14,6 +14,7 @@ is not available are skipped with the reason. Writes the peers section of BENCHM
 
 import argparse
 import contextlib
+import functools
 import importlib
 import importlib.util
 import json
@@ -73,6 +74,57 @@ class StopTiming(Exception):
     """Raised by the optimizer-step hook after the last timed update: it ends the run being measured."""
 
 
+# Where an update's time goes, the same on both sides: (part, classes or modules, method names) timed by wrapping
+# the method on its class (or module), so that both sides' own loops run unmodified
+PARTS = [("UNet forward", ["diffusers:UNet2DConditionModel"], ["forward"]),
+         ("backward", ["torch.autograd"], ["backward"]),
+         ("VAE", ["diffusers:AutoencoderKL"], ["encode", "decode"]),
+         ("text encoders", ["transformers:CLIPTextModel", "transformers:CLIPTextModelWithProjection"], ["forward"])]
+PART_NAMES = [name for name, _, _ in PARTS] + ["optimizer step", "the rest"]
+
+
+class PartTimer:
+    """Exclusive CPU time per part: time inside a nested part counts for the inner one only (a checkpoint's
+    recomputation in the backward counts as UNet forward, not as backward)."""
+
+    def __init__(self):
+        self.totals, self.stack = dict.fromkeys(PART_NAMES, 0.0), []
+
+    def enter(self, part):
+        now = time.process_time()
+        if self.stack:
+            self.totals[self.stack[-1][0]] += now - self.stack[-1][1]
+        self.stack.append([part, now])
+
+    def exit(self):
+        now = time.process_time()
+        part, since = self.stack.pop()
+        self.totals[part] += now - since
+        if self.stack:
+            self.stack[-1][1] = now
+
+    def wrap(self, owner, name, part):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            self.enter(part)
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.exit()
+        setattr(owner, name, timed)
+
+    def install(self):
+        for part, owners, methods in PARTS:
+            for owner in owners:
+                module, _, attr = owner.partition(":")
+                target = importlib.import_module(module)
+                target = getattr(target, attr) if attr else target
+                for method in methods:
+                    self.wrap(target, method, part)
+
+
 def peer_job(job):
     """One side of one setting in this (fresh) process: the script's own training loop (ours: main(); TRL:
     AlignPropTrainer.train(); diffusers: the example's main()), timed between optimizer steps by a global
@@ -80,22 +132,27 @@ def peer_job(job):
     Peak memory: VmHWM reset at the end of the warm-up (after malloc_trim) and read after the last timed update;
     `start_mb` is the resident set at that reset (models, optimizer state, everything loaded)."""
     torch.set_num_threads(1)
-    device, state = torch.device("cpu"), dict(steps=0, seconds=[])
+    device, state, timer = torch.device("cpu"), dict(steps=0, seconds=[]), PartTimer()
+    timer.install()
 
     def hook(optimizer, args, kwargs):
+        timer.exit()  # the optimizer step, entered by the pre-hook
         state["steps"] += 1
         now = time.process_time()
         if state["steps"] > job["warmup"]:
             state["seconds"].append(now - state["last"])
         if len(state["seconds"]) == job["iters"]:
             state["peak_mb"] = common.memory_mb(device, peak=True)
+            state["parts"] = dict(timer.totals)
             raise StopTiming
         if state["steps"] == job["warmup"]:
             common.reset_peak_memory(device)
             state["start_mb"] = common.memory_mb(device)
+            timer.totals = dict.fromkeys(PART_NAMES, 0.0)  # from here: the timed updates
         state["last"] = time.process_time()
 
-    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+    register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: timer.enter("optimizer step"))
     register_optimizer_step_post_hook(hook)
     run = {"ours": run_ours, "trl": run_trl_alignprop, "diffusion_dpo": run_diffusers_dpo}[job["side"]]
     with open(os.path.join(job["folder"], "log.txt"), "w") as log, contextlib.redirect_stdout(log), \
@@ -107,7 +164,9 @@ def peer_job(job):
     if "peak_mb" not in state:
         raise RuntimeError(f"{job['side']}: the run ended after {state['steps']} optimizer steps, before the timed "
                            f"ones")
-    return dict(seconds=state["seconds"], start_mb=state["start_mb"], peak_mb=state["peak_mb"])
+    parts = {k: v / job["iters"] for k, v in state["parts"].items()}  # mean CPU s per timed update
+    parts["the rest"] = sum(state["seconds"]) / job["iters"] - sum(parts.values())
+    return dict(seconds=state["seconds"], start_mb=state["start_mb"], peak_mb=state["peak_mb"], parts=parts)
 
 
 def run_ours(job):
@@ -238,7 +297,40 @@ def peer_summary(results):
         return None
     return dict(seconds=statistics.median(statistics.median(r["seconds"]) for r in ok),
                 peak_mb=statistics.median(r["peak_mb"] for r in ok),
-                over_mb=statistics.median(r["peak_mb"] - r["start_mb"] for r in ok), runs=len(ok))
+                over_mb=statistics.median(r["peak_mb"] - r["start_mb"] for r in ok), runs=len(ok),
+                parts={k: statistics.median(r["parts"][k] for r in ok) for k in PART_NAMES})
+
+
+def parts_table(rows):
+    """Where an update's time goes on each side: the median over runs of each part's mean CPU s per update."""
+    head = ["setting", "side", *PART_NAMES, "sum"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        for side in ("peer", "ours"):
+            if r[side] is not None:
+                parts = r[side]["parts"]
+                lines.append("| " + " | ".join([r["label"], side, *(fmt(parts[k]) for k in PART_NAMES),
+                                                fmt(sum(parts.values()))]) + " |")
+    return "\n".join(lines)
+
+
+def peers_reading(rows):
+    """One line per setting, from the numbers: the ratios, and which parts make the difference in time."""
+    lines = []
+    for r in rows:
+        p, o = r["peer"], r["ours"]
+        if p is None or o is None:
+            continue
+        diff = {k: o["parts"][k] - p["parts"][k] for k in PART_NAMES}
+        saved = sorted((k for k in PART_NAMES if diff[k] < 0), key=lambda k: diff[k])
+        same = p["parts"]["UNet forward"] + p["parts"]["backward"]
+        lines.append(
+            f"- {r['label']}: {o['seconds'] / p['seconds']:.2f}x the peer's time, {o['peak_mb'] / p['peak_mb']:.2f}x "
+            f"its peak resident set and {o['over_mb'] / max(p['over_mb'], 1e-9):.2f}x its peak over the start. UNet "
+            f"forwards and backward: {(o['parts']['UNet forward'] + o['parts']['backward']) / same:.2f}x the peer's "
+            f"({same / sum(p['parts'].values()):.0%} of its update); the difference per update comes from "
+            + ", ".join(f"{k} ({diff[k] * 1e3:+.1f} ms)" for k in saved[:4]) + ".")
+    return lines
 
 
 def peers_table(rows):
@@ -328,6 +420,10 @@ def main(args):
                 f"the reset (what training adds to the loaded models and optimizer). Ratio = ours / peer: below 1 "
                 f"we are faster or smaller.", "",
                 common.CPU_NOTE, "", table, "",
+                "Where an update's time goes (CPU s per update, each part's mean over a run's timed updates, the median "
+                "over runs; a part nested in another counts for the inner one only, so a checkpoint's recomputation is "
+                "UNet forward; the rest: data, sampler arithmetic, rewards, adapter switches, logging):", "",
+                parts_table(rows), "", "Reading (computed from the numbers above):", "", *peers_reading(rows), "",
                 "Settings, and every difference that remains:", "", PEER_DIFFERENCES, ""]
         common.write_report(args.output_dir, "peers", "\n".join(body))
     return rows
