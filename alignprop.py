@@ -737,8 +737,8 @@ def reference_unet(unet, adapter=None):
 def checkpointed(module, fn, *inputs):
     """fn(*inputs), a call of `module`, as one activation checkpoint when enable_checkpointing marked the module
     and gradient is on: the forward runs under no_grad and keeps only the inputs, the backward recomputes the call
-    with the RNG state of the forward. Reentrant: no autograd graph is kept between the two (0.65x the time and 0.81x
-    the peak of TRL's AlignProp, benchmarks/peers.py); a scalar that requires grad puts the call in the graph when
+    with the RNG state of the forward. Reentrant: no autograd graph is kept between the two (benchmarks/peers.py
+    compares it with TRL's AlignProp); a scalar that requires grad puts the call in the graph when
     its inputs are detached (stop-gradient), so the LoRA weights still get their gradients. A reentrant
     recomputation cannot check that the module is as it was, so a call with the LoRA adapters disabled (no LoRA
     weight requires grad) is refused: run those under no_grad, as every reference forward here is. Gradients reach
