@@ -18,7 +18,8 @@ Knobs that matter: --draft_variant, --draft_k (default 1, DRaFT-1; the DRTune pa
 (default 2: the DRTune paper samples the last step twice), --stop_grad_unet_input (DRTune's stop-gradient, eq. 3:
 detach every UNet input, so the gradient reaches earlier steps only through the sampler's linear path; the DRTune
 paper's Fig. 6 shows DRaFT-T converging only with it, Fig. 7 the gradient norm exploding without it for K >= 15),
---reward, --learning_rate.
+--reward, --learning_rate (DRaFT-LV, which trains only the last step, wants a lower one than DRaFT-K: on the tiny
+world it collapses at the demo's 3e-3, loses reward at 1e-3 and gains at 3e-4; benchmarks.gallery).
 
 Choices where the sources leave room:
 - The variant flag is --draft_variant: the scaffold's --variant already names the weights variant (e.g. fp16).

@@ -8,7 +8,7 @@ symmetry error of each image (numpy) and whether each prompt is still drawn. The
 docs/gallery.png (one row per method: its 8 "before" images, then its 8 "after" images) and the gallery section of
 BENCHMARKS.md.
 
-    python -m benchmarks.gallery                                  # 7 demos, about 6 CPU minutes
+    python -m benchmarks.gallery                                  # 7 demos and DRaFT-LV at 2 more lrs, 8 CPU min
     python -m benchmarks.gallery --quick --output_dir /tmp/b      # seconds: 2 steps each, drtune and spo only
 """
 
@@ -32,6 +32,9 @@ DEMOS = [
     ("ReFL", "refl", []),
     ("DRaFT-K", "draft", []),
     ("DRaFT-LV", "draft", ["--draft_variant", "lv"]),
+    # DRaFT-LV has no demo preset of its own and collapses at the demo's lr 3e-3: the same at two lower lrs
+    ("DRaFT-LV, lr 1e-3", "draft", ["--draft_variant", "lv", "--learning_rate", "1e-3"]),
+    ("DRaFT-LV, lr 3e-4", "draft", ["--draft_variant", "lv", "--learning_rate", "3e-4"]),
     ("AlignProp", "alignprop", []),
     ("online DPO", "dpo", []),
     ("SPO", "spo", []),
