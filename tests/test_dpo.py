@@ -168,6 +168,30 @@ def test_reference_is_the_same_unet_with_adapters_off(pairs_file):
     assert {n: p.requires_grad for n, p in params.items()} == flags
 
 
+def test_reference_switch_is_undone_when_its_body_raises(pairs_file):
+    """An error inside reference_unet (say, out of memory in the reference forward) leaves the policy as it was:
+    adapters on, the same outputs, every requires_grad flag back."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    args, models = setup(TINY_SD, pairs_file)
+    unet = models.unet
+    with torch.no_grad():
+        for name, p in lora_params(unet).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    cond = dpo.prompt_conditioning(models, ["a cat"], args.resolution)
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
+    with torch.no_grad():
+        policy = unet(x, t, **cond).sample
+    flags = {n: p.requires_grad for n, p in lora_params(unet).items()}
+    with pytest.raises(RuntimeError, match="inside"):
+        with dpo.reference_unet(unet):
+            raise RuntimeError("inside")
+    assert not any(m.disable_adapters for m in unet.modules() if isinstance(m, BaseTunerLayer))
+    assert {n: p.requires_grad for n, p in lora_params(unet).items()} == flags
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, **cond).sample, policy)
+
+
 def test_sft_trains_on_winners_alone_without_a_reference(pairs_file):
     args, models = setup(TINY_SD, pairs_file, sft=True)
     batches = []
