@@ -880,8 +880,9 @@ def initial_latents(models, args, batch_size, generator, device):
     return randn(shape, generator, device)
 
 
-def decode(vae, latents):
-    """Latents -> images (B, 3, H, W) in [0, 1], with gradient (one checkpoint under enable_checkpointing)."""
+def decode(vae, latents, clamp=True):
+    """Latents -> images (B, 3, H, W) in [0, 1], with gradient (one checkpoint under enable_checkpointing).
+    clamp=False: the decoder's output mapped to [0, 1] but not clamped (SPO's preference model resizes first)."""
     if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
@@ -892,7 +893,8 @@ def decode(vae, latents):
     dtype = first_param(vae).dtype
     with torch.autocast(latents.device.type, enabled=False) if dtype == torch.float32 else contextlib.nullcontext():
         images = checkpointed(vae, lambda z: vae.decode(z, return_dict=False)[0], latents.to(dtype))
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    images = images.float() / 2 + 0.5
+    return images.clamp(0, 1) if clamp else images
 
 
 def compute_reward(reward_fn, images, prompts, args):

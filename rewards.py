@@ -835,7 +835,8 @@ def is_differentiable(spec):
 class Reward:
     """Weighted sum of rewards: reward_fn(images, prompts, timesteps=None) -> (B,) float32; see the module
     docstring. `timesteps` (an int or (B,)) reaches the step-aware rewards only (`step_aware` says if there is
-    one); None scores final images (t = 0)."""
+    one); None scores final images (t = 0). Images outside [0, 1] are clamped for every reward but the step-aware
+    ones, which resize before they clamp, as SPO's official preference model does with the decoder's output."""
 
     def __init__(self, components):
         self.components = components  # [(name, weight, score)]
@@ -848,12 +849,13 @@ class Reward:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
         if len(prompts) != len(images):
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
-        total, raw = 0.0, {}
+        total, raw, clamped = 0.0, {}, None
         for name, weight, score in self.components:
             if REWARDS[name].step_aware:
                 reward, raw[name] = score(images, list(prompts), timesteps)
             else:
-                reward, raw[name] = score(images, list(prompts))
+                clamped = images.clamp(0, 1) if clamped is None else clamped
+                reward, raw[name] = score(clamped, list(prompts))
             total = total + weight * reward
         self.last_raw = {name: value.detach().float() for name, value in raw.items()}
         return total.float()

@@ -23,9 +23,10 @@ Choices, with the official code as the reference where the paper is silent:
   vision tower is conditioned on the timestep (adaLN in every encoder layer and on the pooled output, a
   sinusoidal timestep embedder), with the released checkpoints of SPO-Diffusion-Models/Step-Aware_Preference_Models
   (sd-v1-5_... for SD1.5, sdxl_... for SDXL, chosen by the preset's --reward_options; another SDXL run must pass
-  spo_pm_checkpoint itself) and the official preprocessing. As in the official code it scores the decoded x_0
-  prediction of each candidate made at the candidate's x_t and is told that x_t's timestep t; the last comparison
-  scores the final images with t = 0. The thresholds 0.3 / 0.4 were tuned on it. Plain-reward scoring is kept:
+  spo_pm_checkpoint itself) and the official preprocessing (the decoder's output resized, then clamped). As in the
+  official code it scores the decoded x_0 prediction of each candidate made at the candidate's x_t and is told
+  that x_t's timestep t; the last comparison scores the final images with t = 0. The thresholds 0.3 / 0.4 were
+  tuned on it. Plain-reward scoring is kept:
   any other --reward (the script's default `pickscore`, or `--preset sd15-paper --reward pickscore`) scores the
   same decoded x_0 predictions and ignores the timestep, the setup before the SPM existed here. Only rewards.py
   rewards flagged step_aware receive the timestep (`reward_fn(images, prompts, timesteps=t)`), so a weighted sum
@@ -915,8 +916,9 @@ def initial_latents(models, args, batch_size, generator, device):
     return randn(shape, generator, device)
 
 
-def decode(vae, latents):
-    """Latents -> images (B, 3, H, W) in [0, 1], with gradient (one checkpoint under enable_checkpointing)."""
+def decode(vae, latents, clamp=True):
+    """Latents -> images (B, 3, H, W) in [0, 1], with gradient (one checkpoint under enable_checkpointing).
+    clamp=False: the decoder's output mapped to [0, 1] but not clamped (SPO's preference model resizes first)."""
     if getattr(vae.config, "latents_mean", None) is not None and getattr(vae.config, "latents_std", None) is not None:
         mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(1, -1, 1, 1)
         std = torch.tensor(vae.config.latents_std, device=latents.device).view(1, -1, 1, 1)
@@ -927,7 +929,8 @@ def decode(vae, latents):
     dtype = first_param(vae).dtype
     with torch.autocast(latents.device.type, enabled=False) if dtype == torch.float32 else contextlib.nullcontext():
         images = checkpointed(vae, lambda z: vae.decode(z, return_dict=False)[0], latents.to(dtype))
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    images = images.float() / 2 + 0.5
+    return images.clamp(0, 1) if clamp else images
 
 
 def compute_reward(reward_fn, images, prompts, args):
@@ -1419,9 +1422,10 @@ def select_pair(scores, threshold, temperature=1.0):
 
 
 def build_preference_model(reward_fn, args):
-    """The step-aware preference model: score(images, prompts, timestep) -> (N,), images (N, 3, H, W) in [0, 1]
-    decoded from the x_0 predictions made at x_t, timestep that t (0 for final images). A step-aware reward (the
-    SPM, rewards.py spo_pm) is given the timestep; any other reward scores the images alone."""
+    """The step-aware preference model: score(images, prompts, timestep) -> (N,), images (N, 3, H, W) decoded from
+    the x_0 predictions made at x_t and mapped to [0, 1] without clamping, timestep that t (0 for final images). A
+    step-aware reward (the SPM, rewards.py spo_pm) is given the timestep and resizes before it clamps, as the
+    official SPM does; any other reward scores the images alone, clamped to [0, 1] by rewards.Reward."""
     def score(images, prompts, timestep):
         if getattr(reward_fn, "step_aware", False):
             return compute_reward(lambda x, p: reward_fn(x, p, timesteps=timestep), images, prompts, args)
@@ -1477,7 +1481,8 @@ def sample_pairs(models, scheduler, unet, preference_model, prompts, generator, 
             x0, score_t = predict_x0_eps(scheduler, model_output, timesteps[i], branches)[0], timesteps[i]
         else:  # the branches reached x_0: score the images themselves
             x0, score_t, model_output = branches, 0, None
-        scores = preference_model(decode(models.vae, x0), pool_prompts, score_t).float()  # (k B,)
+        # not clamped: a step-aware model resizes, then clamps (the official SPM order); others get [0, 1]
+        scores = preference_model(decode(models.vae, x0, clamp=False), pool_prompts, score_t).float()  # (k B,)
         best, worst, gap, keep = select_pair(scores.view(k, B), args.pair_threshold, args.preference_temperature)
         gaps.append(gap)
         kept += int(keep.sum())

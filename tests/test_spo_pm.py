@@ -166,6 +166,26 @@ def test_paper_presets_use_the_spm():
     assert plain.reward == "pickscore" and spo.parse_args([]).reward == "pickscore"
 
 
+def test_unclamped_images_are_resized_before_the_clamp(tiny, identity):
+    """The official SPM resizes the decoder's output, then clamps: images outside [0, 1] (x_0 predictions overshoot)
+    score as resize -> clamp -> normalize, not clamp -> resize; a plain reward in the same sum sees them clamped."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    x = images(2, 40, 40) * 1.6 - 0.3  # in [-0.3, 1.3]
+    pixels = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
+    clip = CLIPModel.from_pretrained(tiny["spo_pm_model"]).eval()
+    tokens = AutoTokenizer.from_pretrained(tiny["spo_pm_processor"])(PROMPTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        image_embeds = clip.get_image_features(pixel_values=(pixels - mean.view(3, 1, 1)) / std.view(3, 1, 1))
+        text_embeds = clip.get_text_features(**tokens)
+        expected = clip.logit_scale.exp() * F.cosine_similarity(image_embeds.pooler_output, text_embeds.pooler_output)
+    torch.testing.assert_close(identity(x, PROMPTS, timesteps=300), expected, rtol=1e-4, atol=1e-4)
+    assert (identity(x.clamp(0, 1), PROMPTS, timesteps=300) - expected).abs().max() > 1e-3  # the order matters
+    symmetry = rewards.build_reward("symmetry")
+    torch.testing.assert_close(symmetry(x, PROMPTS), symmetry(x.clamp(0, 1), PROMPTS))
+
+
 def test_preference_model_gives_the_timestep(tiny):
     args = spo.parse_args(tiny_argv(TINY_SD, "unused", reward="spo_pm"))
     reward_fn = rewards.build_reward("spo_pm", **tiny)
