@@ -38,6 +38,9 @@ Choices where the sources leave room:
   --pretrain_loss_weight x L_pre (Alg. 2: weight 1; its lambda scales the reward loss only) with a gradient average
   over processes, clipping and optimizer step of its own, at the same learning rate (the scaffold's extra update,
   extra_update_loss below). Alg. 2 does not name an optimizer: here both updates share one AdamW and its moments.
+  The official SDXL scripts (ReFL_SDXL.py, ReFL_SDXL_LoRA.py, behind their pre-training flags) take the two updates
+  in this order too, but draw L_pre from the reward update's own batch and step the LR schedule after each update;
+  here L_pre has its own data (Alg. 2's D) and the schedule steps once per iteration.
   metrics.jsonl logs pretrain_loss (L_pre, unweighted) and extra_grad_norm beside the reward update's loss and
   grad_norm. Images are resized (shorter side, bilinear) and center-cropped to --resolution, as diffusers'
   text-to-image examples do; SDXL gets each image's original size and crop as its time ids. A hub id is downloaded
