@@ -404,6 +404,8 @@ its own section below and leaves the others.
   `train_diffusion_dpo.py`, each with its own training loop in fresh processes, alternating; ratios ours / peer.
 - **Step preference** (`benchmarks.step_preference`): on the trained tiny world, whether the candidate that wins
   SPO's comparison at a step also ends as the better final image, per step and CFG scale.
+- **SPO's labels** (`benchmarks.spo_labels`): spo.py on the tiny world with a brightness preference whose labels are
+  right, swapped or random, per CFG scale: whether the final image moves the way the labels say.
 - **Preference methods on the world** (`benchmarks.world_preference`): offline DPO on pairs built from the world,
   online DPO with a frozen and a moving reference, and SPO, each by its script's `main()` for the same reward,
   sampler and CPU budget; reward gain per CPU second and whether the prompts are still drawn.
@@ -415,7 +417,7 @@ its own section below and leaves the others.
 """
 # The order of the sections in the file; keys not listed (e.g. dpo_full_size_sdxl, once measured) follow.
 SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "drtune_ablation",
-            "dpo", "spo", "step_preference", "world_preference", "gallery"]
+            "dpo", "spo", "step_preference", "spo_labels", "world_preference", "gallery"]
 PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python -m benchmarks.fig7`.\n",
                 "checkpointing": "## Gradient checkpointing granularities\n\nNot measured yet: run `python -m "
                                  "benchmarks.checkpointing`.\n",

@@ -183,6 +183,19 @@ def test_step_preference_quick_correlates_step_and_final_scores_per_cfg(tmp_path
     assert "<!-- begin step_preference -->" in report and (tmp_path / "bench_step_preference.png").exists()
 
 
+def test_spo_labels_quick_trains_spo_with_each_label_set_from_the_same_start(tmp_path):
+    """Each label set trains spo.py from the same base model and noise, so the grids' brightness before training,
+    read from the pixels, is the same; the world's check finds every prompt drawn there; the section is written."""
+    result = run_benchmark("spo_labels", "--quick", "--output_dir", str(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = table_cells(result.stdout, "CFG")
+    assert [(cells[0], cells[1], cells[2]) for cells in rows] == [("3", "right", "`brightness`"),
+                                                                   ("3", "random", "`random_scores`")]
+    assert rows[0][3] == rows[1][3] and 0 < float(rows[0][3]) < 1
+    assert all(cells[6].startswith("8/8 →") for cells in rows)
+    assert "<!-- begin spo_labels -->" in (tmp_path / "BENCHMARKS.md").read_text()
+
+
 def test_world_preference_quick_trains_each_method_from_one_step_zero_and_writes_its_section(tmp_path):
     """Every method runs its script's main() within the budget; at step 0 all of them sample the same images from
     the same noise (one sampler for all), so the step-0 reward and the step-0 symmetry error agree across rows."""
