@@ -12,7 +12,8 @@ comparison makes a pair), and as the preference model, scoring the decoded x_0 p
 Measured from the before/after grid's pixels (numpy, outside rewards.py): the mean brightness of the 8 held-out
 prompts' images before and after, with the same noise, and how many prompts are still drawn (the world's check).
 A signal that works raises brightness with the right labels and lowers it with the swapped ones; random labels
-show the drift. One fresh one-thread process per run.
+show the drift. At every CFG scale above 1, the right labels once more with SPO's ratio clamp widened
+(`--clip_eps 0.99` instead of 0.1): whether the clamp decides the direction. One fresh one-thread process per run.
 
     python -m benchmarks.spo_labels                                  # CFG 1, 3, 6 x 3 label sets: about 10 CPU min
     python -m benchmarks.spo_labels --quick --output_dir /tmp/b      # seconds: 2 steps, CFG 3, right and random
@@ -32,6 +33,7 @@ if not __package__:  # python benchmarks/spo_labels.py: the repo root on the pat
 from benchmarks import common
 
 LABELS = {"right": "brightness", "swapped": "brightness:-1", "random": "random_scores"}
+WIDE_CLAMP = ["--clip_eps", "0.99"]  # the extra run at CFG > 1: right labels, the ratio clamp [0.01, 1.99]
 
 
 def parse_args(argv=None):
@@ -46,6 +48,7 @@ def parse_args(argv=None):
     parser.add_argument("--output_dir", default=None,
                         help="folder of BENCHMARKS.md (default: the repo; --quick writes files only when it is given)")
     args = common.finish_args(parser.parse_args(argv), "spo_labels", argv)
+    args.wide_clamp = not args.quick
     if args.quick:
         args.guidance_scales, args.labels = [3.0], ["right", "random"]
     if args.output_dir is None and not args.quick:
@@ -86,7 +89,7 @@ def run_spo(job):
     import world
     args = spo.parse_args(["--preset", "demo", "--reward", LABELS[job["labels"]], "--pair_threshold", "0",
                            "--guidance_scale", str(job["cfg"]), "--seed", str(job["seed"]), *job["extra"],
-                           "--output_dir", job["output_dir"]])
+                           *job["flags"], "--output_dir", job["output_dir"]])
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.process_time()
     with open(os.path.join(args.output_dir, "log.txt"), "w") as log, contextlib.redirect_stdout(log), \
@@ -97,7 +100,7 @@ def run_spo(job):
     mean = lambda images: float(np.mean([x.astype(np.float64).mean() / 255 for x in images]))  # noqa: E731
     return dict(before=mean(before), after=mean(after), drawn_before=sum(result["before"]["drawn"]),
                 drawn_after=sum(result["after"]["drawn"]), n=len(prompts), cpu=time.process_time() - start,
-                steps=args.max_train_steps)
+                steps=args.max_train_steps, clip_eps=args.clip_eps)
 
 
 def reading(args, results):
@@ -105,6 +108,7 @@ def reading(args, results):
     lines = []
     for cfg in args.guidance_scales:
         gain = {labels: r["after"] - r["before"] for (c, labels), r in results.items() if c == cfg}
+        wide = gain.pop("right, wide clamp", None)
         parts = ", ".join(f"{labels} {gain[labels]:+.4f}" for labels in args.labels if labels in gain)
         verdict = ""
         if {"right", "swapped"} <= set(gain):
@@ -118,6 +122,9 @@ def reading(args, results):
                 verdict += (f" (random labels {gain['random']:+.4f}, "
                             f"{abs(gain['random']) / max(abs(gain['right']), abs(gain['swapped']), 1e-9):.2f}x the "
                             f"larger of the two)")
+        if wide is not None and "right" in gain:
+            verdict += (f"; right labels with the clamp widened (--clip_eps 0.99) {wide:+.4f}, "
+                        f"{'the sign the labels ask for' if wide > 0 else 'still against them'}")
         lines.append(f"- CFG {cfg:g}: brightness gain {parts}{verdict}.")
     return lines
 
@@ -127,18 +134,24 @@ def main(args):
     context = common.fork_context(["spo"])
     extra = ["--max_train_steps", "2", "--validation_steps", "2"] if args.quick else []
     keys = [(cfg, labels) for cfg in args.guidance_scales for labels in args.labels]
+    if args.wide_clamp and "right" in args.labels:
+        keys += [(cfg, "right, wide clamp") for cfg in args.guidance_scales if cfg > 1]
     with tempfile.TemporaryDirectory(prefix="bench-spo-labels-") as folder:
-        jobs = [dict(cfg=cfg, labels=labels, seed=args.seed, extra=extra, num_threads=args.num_threads,
-                     output_dir=os.path.join(folder, f"cfg{cfg:g}-{labels}")) for cfg, labels in keys]
+        jobs = [dict(cfg=cfg, labels=labels.split(",")[0], flags=WIDE_CLAMP if "wide" in labels else [], seed=args.seed,
+                     extra=extra, num_threads=args.num_threads,
+                     output_dir=os.path.join(folder, f"cfg{cfg:g}-{labels.replace(', ', '-').replace(' ', '_')}"))
+                for cfg, labels in keys]
         out = common.run_parallel(context, run_spo, jobs, args.jobs)
     results = {}
     for key, result in zip(keys, out):
         if result["status"] != "ok":
             common.error(f"spo.py CFG {key[0]:g}, {key[1]} labels: {result['reason']}\n{result.get('traceback', '')}")
         results[key] = result
-    head = ["CFG", "labels", "preference (--reward)", "brightness before", "after", "gain", "prompts drawn", "CPU s"]
+    head = ["CFG", "labels", "preference (--reward)", "--clip_eps", "brightness before", "after", "gain",
+            "prompts drawn", "CPU s"]
     table = common.markdown_table(head, [
-        [f"{cfg:g}", labels, f"`{LABELS[labels]}`", f"{r['before']:.4f}", f"{r['after']:.4f}",
+        [f"{cfg:g}", labels, f"`{LABELS[labels.split(',')[0]]}`", f"{r['clip_eps']:g}", f"{r['before']:.4f}",
+         f"{r['after']:.4f}",
          f"{r['after'] - r['before']:+.4f}", f"{r['drawn_before']}/{r['n']} → {r['drawn_after']}/{r['n']}",
          f"{r['cpu']:.0f}"] for (cfg, labels), r in results.items()])
     lines = reading(args, results)

@@ -191,8 +191,9 @@ def test_spo_labels_quick_trains_spo_with_each_label_set_from_the_same_start(tmp
     rows = table_cells(result.stdout, "CFG")
     assert [(cells[0], cells[1], cells[2]) for cells in rows] == [("3", "right", "`brightness`"),
                                                                    ("3", "random", "`random_scores`")]
-    assert rows[0][3] == rows[1][3] and 0 < float(rows[0][3]) < 1
-    assert all(cells[6].startswith("8/8 →") for cells in rows)
+    assert [cells[3] for cells in rows] == ["0.1", "0.1"]  # the demo's ratio clamp
+    assert rows[0][4] == rows[1][4] and 0 < float(rows[0][4]) < 1
+    assert all(cells[7].startswith("8/8 →") for cells in rows)
     assert "<!-- begin spo_labels -->" in (tmp_path / "BENCHMARKS.md").read_text()
 
 
