@@ -71,20 +71,26 @@ def test_identity_adaln_is_plain_pickscore(tiny, identity, t):
     torch.testing.assert_close(identity(x, PROMPTS, timesteps=t), pickscore(x, PROMPTS), rtol=1e-4, atol=1e-4)
 
 
-def test_official_preprocessing(tiny, identity):
-    """A 40 x 56 image: bicubic without antialias to a shorter side of 32 (56 * 0.8 = 44.8 rounds half up to 45),
-    torchvision's center crop (left = round(6.5) = 6), clamp, then CLIP's mean/std."""
+def plain_clip_score(tiny, pixels):
+    """logit_scale.exp() * cosine of plain CLIP (transformers) for pixels in [0, 1] at its input size, normalized with
+    CLIP's mean/std by hand: what an SPM whose adaLN layers are the identity must give."""
     from transformers import AutoTokenizer, CLIPModel
 
-    x = images(2, 40, 56)
-    pixels = F.interpolate(x, size=(32, 45), mode="bicubic", align_corners=False)[..., :, 6:38].clamp(0, 1)
     mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
     clip = CLIPModel.from_pretrained(tiny["spo_pm_model"]).eval()
     tokens = AutoTokenizer.from_pretrained(tiny["spo_pm_processor"])(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad():
         image_embeds = clip.get_image_features(pixel_values=(pixels - mean.view(3, 1, 1)) / std.view(3, 1, 1))
         text_embeds = clip.get_text_features(**tokens)
-        expected = clip.logit_scale.exp() * F.cosine_similarity(image_embeds.pooler_output, text_embeds.pooler_output)
+        return clip.logit_scale.exp() * F.cosine_similarity(image_embeds.pooler_output, text_embeds.pooler_output)
+
+
+def test_official_preprocessing(tiny, identity):
+    """A 40 x 56 image: bicubic without antialias to a shorter side of 32 (56 * 0.8 = 44.8 rounds half up to 45),
+    torchvision's center crop (left = round(6.5) = 6), clamp, then CLIP's mean/std."""
+    x = images(2, 40, 56)
+    pixels = F.interpolate(x, size=(32, 45), mode="bicubic", align_corners=False)[..., :, 6:38].clamp(0, 1)
+    expected = plain_clip_score(tiny, pixels)
     torch.testing.assert_close(identity(x, PROMPTS, timesteps=300), expected, rtol=1e-4, atol=1e-4)
 
 
@@ -169,17 +175,9 @@ def test_paper_presets_use_the_spm():
 def test_unclamped_images_are_resized_before_the_clamp(tiny, identity):
     """The official SPM resizes the decoder's output, then clamps: images outside [0, 1] (x_0 predictions overshoot)
     score as resize -> clamp -> normalize, not clamp -> resize; a plain reward in the same sum sees them clamped."""
-    from transformers import AutoTokenizer, CLIPModel
-
     x = images(2, 40, 40) * 1.6 - 0.3  # in [-0.3, 1.3]
     pixels = F.interpolate(x, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
-    mean, std = torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711])
-    clip = CLIPModel.from_pretrained(tiny["spo_pm_model"]).eval()
-    tokens = AutoTokenizer.from_pretrained(tiny["spo_pm_processor"])(PROMPTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        image_embeds = clip.get_image_features(pixel_values=(pixels - mean.view(3, 1, 1)) / std.view(3, 1, 1))
-        text_embeds = clip.get_text_features(**tokens)
-        expected = clip.logit_scale.exp() * F.cosine_similarity(image_embeds.pooler_output, text_embeds.pooler_output)
+    expected = plain_clip_score(tiny, pixels)
     torch.testing.assert_close(identity(x, PROMPTS, timesteps=300), expected, rtol=1e-4, atol=1e-4)
     assert (identity(x.clamp(0, 1), PROMPTS, timesteps=300) - expected).abs().max() > 1e-3  # the order matters
     symmetry = rewards.build_reward("symmetry")
