@@ -14,10 +14,15 @@ Phases (each resumable: a finished phase is skipped, the UNet phase restarts fro
                score the world defines (one large, centered, high-contrast shape without texture scores 10)
     export     tiny_models/world-sd15 (save_pretrained), tiny_models/world-clip (transformers CLIPModel folder
                + the same weights in open_clip's layout), tiny_models/world-aesthetic.safetensors, world.json
+    sd3        an SD3-format world on the exported world-sd15's VAE and text encoder: SD3Transformer2DModel +
+               CLIPTextModelWithProjection (the SD1.5 world's text tower, both CLIP slots, no T5) trained jointly
+               with the flow-matching loss (logit-normal sigma, velocity target noise - x_0), 10% empty captions, EMA
+    export-sd3 tiny_models/world-sd3 (StableDiffusion3Pipeline.save_pretrained, text_encoder_3 and tokenizer_3 null)
 
 Run it with one torch thread per process (faster than two on these 2-core machines), in the background:
 
-    OMP_NUM_THREADS=1 nice python tiny_models/build_world.py                 # the shipped models (~2 CPU hours)
+    OMP_NUM_THREADS=1 nice python tiny_models/build_world.py                 # the shipped models (~3.5 CPU hours)
+    OMP_NUM_THREADS=1 nice python tiny_models/build_world.py --phases data,sd3,export-sd3   # the SD3 world alone
     OMP_NUM_THREADS=1 python tiny_models/build_world.py --smoke --work /tmp/w --out /tmp/w/out   # seconds
 """
 
@@ -38,14 +43,22 @@ sys.path.insert(0, HERE)
 import world  # noqa: E402
 
 FULL = dict(num_scenes=100_000, vae_steps=3000, vae_batch=32, clip_steps=800, clip_batch=256,
-            unet_steps=5500, unet_batch=64, unet_checkpoint_every=500, aesthetic_steps=1500)
+            unet_steps=5500, unet_batch=64, unet_checkpoint_every=500, aesthetic_steps=1500, sd3_steps=4500)
 SMOKE = dict(num_scenes=256, vae_steps=3, vae_batch=8, clip_steps=3, clip_batch=16, unet_steps=4, unet_batch=8,
-             unet_checkpoint_every=2, aesthetic_steps=3)
+             unet_checkpoint_every=2, aesthetic_steps=3, sd3_steps=4)
 # The real SD1.5 scheduler file (PNDM); the scripts and the pipelines build DDPM / DDIM / DPM++ from it.
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
                       clip_sample=False, timestep_spacing="leading", prediction_type="epsilon")
 NOISE_OFFSET, MIN_SNR_GAMMA, EMPTY_CAPTION_PROB, EMA_DECAY = 0.1, 5.0, 0.1, 0.999
+# The SD3 world's scheduler: SD3's FlowMatchEulerDiscreteScheduler file with shift 1 (8x8 latents need no shift
+# toward noise; SD3's 3.0 is for 128x128 latents). Training draws sigma from a logit-normal(0, 1), as diffusers'
+# SD3 examples do through a scheduler of this shift.
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0)
+# A small SD3Transformer2DModel (joint attention, 2.4 M parameters): the prototype of TINY-WORLD.md.
+SD3_TRANSFORMER = dict(sample_size=world.RESOLUTION // 4, patch_size=1, in_channels=4, out_channels=4, num_layers=4,
+                       attention_head_dim=32, num_attention_heads=4, joint_attention_dim=128,
+                       caption_projection_dim=128, pooled_projection_dim=128, pos_embed_max_size=16)
 
 
 def log(*parts):
@@ -358,6 +371,140 @@ def save_world_pipeline(work, unet, text_encoder, ema, params, path):
             p.copy_(b)
 
 
+def sd3_text_encoder(out):
+    """CLIPTextModelWithProjection from the exported SD1.5 world's text encoder (transformers 5: its state dict has
+    no text_model. prefix, this one's has) and the world CLIP's text projection."""
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig.from_pretrained(os.path.join(out, "world-sd15", "text_encoder"))
+    config.projection_dim = config.hidden_size
+    encoder = CLIPTextModelWithProjection(config)
+    base = load_file(os.path.join(out, "world-sd15", "text_encoder", "model.safetensors"))
+    clip = load_file(os.path.join(out, "world-clip", "model.safetensors"))
+    state = {f"text_model.{k.removeprefix('text_model.')}": v for k, v in base.items()}
+    state["text_projection.weight"] = clip["text_projection.weight"]
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    assert not unexpected and all("position_ids" in k for k in missing), (missing, unexpected)
+    return encoder
+
+
+def sd3_conditioning(text_encoder, ids):
+    """What StableDiffusion3Pipeline.encode_prompt builds with one CLIP tower in both CLIP slots, no T5 and
+    max_sequence_length=77: the penultimate states side by side (B, 77, 128), then 77 zero tokens for the empty T5
+    slot (B, 154, 128); pooled = both projections side by side (B, 128). The pipeline's default of 256 zero tokens
+    would cost 2.5x per training step here, so the world is sampled with max_sequence_length=77 (the demo presets'
+    --max_sequence_length; pass it to the pipeline too)."""
+    out = text_encoder(ids, output_hidden_states=True)
+    states = torch.cat([out.hidden_states[-2]] * 2, dim=-1)
+    return torch.cat([states, torch.zeros_like(states)], dim=1), torch.cat([out.text_embeds] * 2, dim=-1)
+
+
+def phase_sd3(work, out, cfg, seed):
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from safetensors.torch import load_file, save_file
+
+    images, captions, _ = load_data(work)
+    tokenizer = world_tokenizer()
+    vae = AutoencoderKL.from_pretrained(os.path.join(out, "world-sd15", "vae")).eval()
+    latents_path = os.path.join(work, "sd3-latents.safetensors")
+    if not os.path.exists(latents_path):
+        mean, std = encode_latents(vae, images)
+        atomic_save(lambda p: save_file(dict(mean=mean.contiguous(), std=std.contiguous()), p), latents_path)
+    stored = load_file(latents_path)
+    latent_mean, latent_std = stored["mean"], stored["std"]
+    tokens = tokenizer(captions + [""], padding="max_length", max_length=77, truncation=True,
+                       return_tensors="pt").input_ids
+    empty, tokens = tokens[-1], tokens[:-1]
+
+    torch.manual_seed(seed)
+    text_encoder = sd3_text_encoder(out)
+    transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    names = [f"p{i}" for i in range(len(params))]
+    ema = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+
+    ckpt_dir, step = os.path.join(work, "sd3-ckpt"), 0
+    if os.path.exists(os.path.join(ckpt_dir, "state.json")):
+        with open(os.path.join(ckpt_dir, "state.json")) as f:
+            step = json.load(f)["step"]
+        for path, tensors in (("params", params), ("ema", ema)):
+            loaded = load_file(os.path.join(ckpt_dir, f"{path}.safetensors"))
+            with torch.no_grad():
+                for name, t in zip(names, tensors):
+                    t.copy_(loaded[name])
+        optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True))
+        log(f"sd3: resumed at step {step}")
+
+    start, losses, total = time.time(), [], cfg["sd3_steps"]
+    while step < total:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # the same batches after a resume
+        set_lr(optimizer, lr_at(step, total, 1e-3, 200))
+        idx = torch.randint(len(images), (cfg["unet_batch"],), generator=generator)
+        x0 = latent_mean[idx] + latent_std[idx] * torch.randn(latent_mean[idx].shape, generator=generator)
+        ids = tokens[idx].clone()
+        ids[torch.rand(len(idx), generator=generator) < EMPTY_CAPTION_PROB] = empty
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = torch.sigmoid(torch.randn(len(idx), generator=generator)).view(-1, 1, 1, 1)  # logit-normal(0, 1)
+        xt = (1 - sigma) * x0 + sigma * noise
+        states, pooled = sd3_conditioning(text_encoder, ids)
+        pred = transformer(xt, encoder_hidden_states=states, pooled_projections=pooled,
+                           timestep=sigma.flatten() * 1000).sample
+        loss = F.mse_loss(pred, noise - x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        step += 1
+        decay = min(EMA_DECAY, (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        losses.append(loss.item())
+        if step % 100 == 0:
+            log(f"sd3 step {step} loss {np.mean(losses[-100:]):.4f} ({time.time() - start:.0f} s)")
+        if step % cfg["unet_checkpoint_every"] == 0 or step == total:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            atomic_save(lambda p: save_file({n: t.detach().contiguous() for n, t in zip(names, params)}, p),
+                        os.path.join(ckpt_dir, "params.safetensors"))
+            atomic_save(lambda p: save_file({n: t.contiguous() for n, t in zip(names, ema)}, p),
+                        os.path.join(ckpt_dir, "ema.safetensors"))
+            atomic_save(lambda p: torch.save(optimizer.state_dict(), p), os.path.join(ckpt_dir, "optimizer.pt"))
+            atomic_save(lambda p: write_json(p, dict(step=step)), os.path.join(ckpt_dir, "state.json"))
+            save_sd3_pipeline(out, transformer, text_encoder, ema, params, os.path.join(work, "sd3-pipeline-ema"))
+    return dict(seconds=time.time() - start, steps=step, final_loss=float(np.mean(losses[-100:])) if losses else None)
+
+
+def save_sd3_pipeline(out, transformer, text_encoder, ema, params, path):
+    """The EMA weights as a StableDiffusion3Pipeline folder: the one text encoder in both CLIP slots, no T5 (load it
+    with text_encoder_3=None, tokenizer_3=None; the scripts here read the components themselves). The VAE gets
+    shift_factor 0 (the SD3 pipelines decode latents / scaling_factor + shift_factor)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    vae = AutoencoderKL.from_pretrained(os.path.join(out, "world-sd15", "vae"))
+    vae.register_to_config(shift_factor=0.0)
+    tokenizer = world_tokenizer()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+                                    vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=text_encoder, tokenizer_2=tokenizer, text_encoder_3=None,
+                                    tokenizer_3=None)
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    old = path + ".old"
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+    with torch.no_grad():
+        for p, b in zip(params, backup):
+            p.copy_(b)
+
+
 def quality(scene):
     """The world's 'aesthetic' score in [1, 10]: one clean shape, large, centered, high contrast, no texture."""
     shapes = scene["shapes"]
@@ -474,6 +621,11 @@ def phase_export(work, out):
     shutil.copy(os.path.join(work, "aesthetic.safetensors"), os.path.join(out, "world-aesthetic.safetensors"))
 
 
+def phase_export_sd3(work, out):
+    shutil.rmtree(os.path.join(out, "world-sd3"), ignore_errors=True)
+    shutil.copytree(os.path.join(work, "sd3-pipeline-ema"), os.path.join(out, "world-sd3"))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", default=os.path.join(HERE, ".world-build"), help="phase outputs (resumable)")
@@ -481,19 +633,24 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a few steps of each phase on a small subset")
     parser.add_argument("--unet_steps", type=int, default=None, help="override the UNet phase's length")
-    parser.add_argument("--phases", default="data,vae,clip,unet,aesthetic,export")
+    parser.add_argument("--sd3_steps", type=int, default=None, help="override the SD3 phase's length")
+    parser.add_argument("--phases", default="data,vae,clip,unet,aesthetic,export,sd3,export-sd3")
     args = parser.parse_args()
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.unet_steps is not None:
         cfg["unet_steps"] = args.unet_steps
+    if args.sd3_steps is not None:
+        cfg["sd3_steps"] = args.sd3_steps
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     os.makedirs(args.work, exist_ok=True)
     phases = dict(data=lambda: phase_data(args.work, cfg), vae=lambda: phase_vae(args.work, cfg, args.seed),
                   clip=lambda: phase_clip(args.work, cfg, args.seed), unet=lambda: phase_unet(args.work, cfg, args.seed),
                   aesthetic=lambda: phase_aesthetic(args.work, cfg, args.seed),
-                  export=lambda: phase_export(args.work, args.out))
+                  export=lambda: phase_export(args.work, args.out),
+                  sd3=lambda: phase_sd3(args.work, args.out, cfg, args.seed),
+                  **{"export-sd3": lambda: phase_export_sd3(args.work, args.out)})
     for name in args.phases.split(","):
-        if name != "export" and done(args.work, name):
+        if not name.startswith("export") and done(args.work, name):
             log(f"{name}: done already")
             continue
         log(f"{name}: start")

@@ -1,19 +1,28 @@
-"""Build the tiny random SD1.5-style and SDXL-style pipelines shipped in this folder.
+"""Build the tiny random SD1.5, SDXL, SD3.5-Medium and FLUX.1-dev style pipelines shipped in this folder.
 
 They have the components, configs and conditioning paths of the real models (scheduler
-configs copied from SD1.5 / SDXL), random weights and a tiny byte-level tokenizer, so that
+configs copied from SD1.5 / SDXL / SD3.5 / FLUX.1-dev), random weights and a tiny byte-level tokenizer, so that
 every script's real loading code runs offline in seconds on a CPU. Deterministic:
 
-    python tiny_models/make_tiny_pipelines.py            # writes tiny_models/sd15, tiny_models/sdxl
+    python tiny_models/make_tiny_pipelines.py    # writes tiny_models/sd15, sdxl, sd35, flux
+
+The SD3.5 one has the MMDiT-X layout of SD3.5-Medium: joint attention, QK RMS-norm, a dual-attention layer
+(layer 0), three text-encoder slots (two CLIPs with projection of different widths, padded to the T5 width, and a
+tiny T5). The FLUX one has double- and single-stream blocks, a guidance embedding (FLUX.1-dev), rotary position
+ids and 2x2 latent packing (in_channels = 4 x the VAE's 16 latent channels), CLIP + T5 slots. Both VAEs have 16
+latent channels and the real models' scaling and shift factors. The T5 slots hold the tiny CLIP tokenizer (any
+tokenizer object works there; no sentencepiece file is needed offline).
 """
 
 import argparse
 import os
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline, UNet2DConditionModel)
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, PNDMScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                          T5EncoderModel)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -27,6 +36,11 @@ SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.0
                       interpolation_type="linear", prediction_type="epsilon", steps_offset=1,
                       timestep_spacing="leading", use_karras_sigmas=False, trained_betas=None, clip_sample=False,
                       sample_max_value=1.0, set_alpha_to_one=False, skip_prk_steps=True)
+
+# SD3.5-Medium's and FLUX.1-dev's scheduler files.
+SD35_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
 
 
 def tiny_tokenizer():
@@ -54,6 +68,49 @@ def tiny_vae(scaling_factor):
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
                          down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                          layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=scaling_factor)
+
+
+def flow_vae(scaling_factor, shift_factor):
+    # SD3's and FLUX's VAE: 16 latent channels, no quant convs, a shift factor; 4x compression here.
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                         layers_per_block=1, norm_num_groups=8, sample_size=64, scaling_factor=scaling_factor,
+                         shift_factor=shift_factor, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def tiny_t5(tokenizer, d_model):
+    return T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                                   num_heads=2, relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id))
+
+
+def make_sd35(path):
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    # CLIP-L and CLIP-G stand-ins of different widths (16, 24): penultimate states side by side (40) padded to the T5
+    # width (48); pooled = both projections side by side (16 + 24)
+    text_encoder = CLIPTextModelWithProjection(text_config(tokenizer, 16))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config(tokenizer, 24))
+    transformer = SD3Transformer2DModel(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                        caption_projection_dim=16, pooled_projection_dim=40, pos_embed_max_size=16,
+                                        qk_norm="rms_norm", dual_attention_layers=(0,))
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**SD35_SCHEDULER),
+                                    vae=flow_vae(1.5305, 0.0609), text_encoder=text_encoder, tokenizer=tokenizer,
+                                    text_encoder_2=text_encoder_2, tokenizer_2=tiny_tokenizer(),
+                                    text_encoder_3=tiny_t5(tokenizer, 48), tokenizer_3=tiny_tokenizer())
+    pipe.save_pretrained(path)
+
+
+def make_flux(path):
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                         pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    pipe = FluxPipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+                        vae=flow_vae(0.3611, 0.1159), text_encoder=CLIPTextModel(text_config(tokenizer, 16)),
+                        tokenizer=tokenizer, text_encoder_2=tiny_t5(tokenizer, 48), tokenizer_2=tiny_tokenizer())
+    pipe.save_pretrained(path)
 
 
 def make_sd15(path):
@@ -98,3 +155,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     make_sd15(os.path.join(args.output_dir, "sd15"))
     make_sdxl(os.path.join(args.output_dir, "sdxl"))
+    make_sd35(os.path.join(args.output_dir, "sd35"))
+    make_flux(os.path.join(args.output_dir, "flux"))
