@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import tiny_rewards
 import torch
-from conftest import ROOT, STYLES, TINY_SD, TINY_SDXL, free_port, tiny_argv
+from conftest import ROOT, STYLES, TINY_SD, free_port
 
 import drtune
 import evaluate
 
 REWARDS = "hpsv21,pickscore,aesthetic,clipscore,symmetry,compressibility"
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 COPIED = ["UsageError", "OneLineParser", "is_hub_id", "load_config_or_fail", "PROMPT_FILE_TYPES", "PROMPT_FIELDS",
           "HPSV2_DATASET", "HPSV2_STYLES", "PICKAPIC_DATASET", "PICKAPIC_SPLITS", "PROMPT_SETS", "prompts_of_json",
           "hpsv2_file", "hpsv2_prompts", "pickapic_prompts", "read_prompt_set", "prompts_from_dataset", "apply_template"]
@@ -47,16 +48,29 @@ def reward_options(tmp_path_factory):
     return ",".join(f"{k}={v}" for k, v in options.items())
 
 
+def plain_pipeline(model):
+    """The diffusers pipeline of a tiny model folder, loaded as a user loads it."""
+    from diffusers import DiffusionPipeline
+    return DiffusionPipeline.from_pretrained(model)
+
+
 def make_lora(model, output_dir):
-    """A LoRA as the training scripts save it (random B, so that it changes the images)."""
-    args = drtune.parse_args(tiny_argv(model, "unused", num_trained_steps=2, early_stop_max=2))
-    models = drtune.load_models(args, drtune.check_arguments(args), torch.device("cpu"), torch.float32)
-    drtune.add_lora(models.unet, args)
+    """A LoRA as the training scripts save one: peft adapters on the UNet's attention projections, written by the
+    model's pipeline class in diffusers' format with the adapter's config as metadata; random B, so that it changes
+    the images. (The scripts' tests check that their LoRAs load into the plain pipeline: conftest.lora_effect.)"""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    pipe = plain_pipeline(model)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=ATTENTION))
     with torch.no_grad():
-        for name, p in models.unet.named_parameters():
-            if "lora_B" in name:
+        for key, p in pipe.unet.named_parameters():
+            if "lora_B" in key:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    drtune.save_lora(models.unet, models.is_sdxl, str(output_dir))
+    # diffusers' key names, as its SD examples save them
+    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(str(output_dir), unet_lora_layers=state_dict,
+                                 unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
     return str(output_dir)
 
 
@@ -74,7 +88,6 @@ def pixels(path):
 
 
 def test_end_to_end_on_the_benchmark_prompts(tiny_model, hpdv2, reward_options, tmp_path):
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
     lora, out = make_lora(tiny_model, tmp_path / "lora"), str(tmp_path / "eval")
     args = evaluate.build_parser().parse_args(eval_argv(
         tiny_model, lora, out, prompts=f"hpsv2-benchmark:{hpdv2}", num_prompts=8, rewards=REWARDS,
@@ -96,8 +109,7 @@ def test_end_to_end_on_the_benchmark_prompts(tiny_model, hpdv2, reward_options, 
     assert result["scale"]["hpsv21"] == 100 and result["scale"]["pickscore"] == 0.01
 
     # the images are the plain pipeline's, seeded per prompt, without and with the LoRA at the given scale
-    cls = StableDiffusionXLPipeline if tiny_model == TINY_SDXL else StableDiffusionPipeline
-    pipe = cls.from_pretrained(tiny_model)
+    pipe = plain_pipeline(tiny_model)
     kwargs = dict(num_inference_steps=2, height=32, width=32, guidance_scale=args.guidance_scale)
     seed = evaluate.image_seed(0, 5)
     assert result["per_prompt"][5]["seed"] == seed
