@@ -10,6 +10,9 @@ rewards.py reward, a table in the layout of the DRTune paper's Table 1 and a gri
     # objectness: the paper's prompts "[concept], and books."
     python evaluate.py --pretrained_model_name_or_path M --lora DIR --prompts concepts.txt \\
         --prompt_template "{}, and books." --rewards objectness
+    # SD3.5 Medium or FLUX.1-dev at their pipelines' own settings, in bf16
+    python evaluate.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \\
+        --lora outputs/drtune-sd35 --mixed_precision bf16 --prompts hpsv2-benchmark
 
 What it does, and the choices made:
 - Prompts: any source the training scripts' --eval_prompts take (read_prompt_set, duplicated from their scaffold
@@ -18,19 +21,25 @@ What it does, and the choices made:
   (the SPO paper's 500 Pick-a-Pic v1 validation_unique prompts), a .txt/.json file, ...
   --prompt_template puts each in a template; --num_prompts keeps the first N (the benchmark's order interleaves the
   styles, so any N covers them evenly).
-- Images: StableDiffusionPipeline or StableDiffusionXLPipeline, chosen from the model's components (two text encoders
-  and a text_time UNet: SDXL), called as a user would, at its own resolution unless --resolution, with the papers'
-  sampling settings by default (SD1.5: 50 steps, guidance 7.5; SDXL: 25 steps, guidance 5.0) and the pipeline's
-  own scheduler unless --sampler (ddpm, ddim, dpmpp: the training scripts' samplers). Prompt i is generated from the
-  seed SeedSequence([--seed, i]) with and without the LoRA (pipe.load_lora_weights, then
+- Images: the family's diffusers pipeline (FAMILY_PIPELINES), chosen from the model's components, never its name
+  (an SD3Transformer2DModel: StableDiffusion3Pipeline; a FluxTransformer2DModel: FluxPipeline; two text encoders and a
+  text_time UNet: StableDiffusionXLPipeline; another UNet: StableDiffusionPipeline), called as a user would, at its
+  own resolution unless --resolution, with the papers' sampling settings by default for SD1.5 (50 steps, CFG 7.5)
+  and SDXL (25 steps, CFG 5.0), the pipelines' own for SD3/SD3.5 (28 steps, CFG 7.0, 256 T5 tokens) and FLUX.1-dev
+  (28 steps, 512 T5 tokens, guidance 3.5: FLUX.1-dev is guidance-distilled, the guidance scale is an input of the
+  transformer and there is no CFG). SD1.5/SDXL sample with the pipeline's own scheduler unless --sampler (ddpm,
+  ddim, dpmpp: the training scripts' samplers); SD3 and FLUX with their own flow-matching Euler scheduler. An SD3
+  folder saved without T5 (text_encoder_3 null; the tiny SD3 world) is loaded without it; such a model samples as it
+  was trained only at its training's --max_sequence_length (the tiny world: 77). Prompt i is generated from the
+  seed SeedSequence([--seed, i]) with and without the LoRA (the family pipeline's load_lora_weights, then
   set_adapters(weights=--lora_scale)), so base and tuned differ by the LoRA alone and an image depends on its index,
   not on the number of processes (and on the batch only through the rounding of batched kernels: at most one 8-bit
   level in the tests). The safety checker is off: its black images would be scored.
 - Resumable: images/base/NNNNN.png and images/tuned/NNNNN.png (NNNNN the prompt's index), each written to a
   temporary name and renamed; a rerun generates only the missing ones, each in the batch an uninterrupted run makes
-  it in (so with the same pixels). images/settings.json records what the images
-  depend on (model, LoRA, scale, prompts, seed, sampling, precision); a rerun with other settings in the same
-  --output_dir is refused (scoring settings may change: scores are recomputed from the images every run).
+  it in (so with the same pixels). images/settings.json records what the images depend on (model and its family,
+  LoRA, scale, prompts, seed, sampling, precision); a rerun with other settings in the same --output_dir is refused
+  (scoring settings may change: scores are recomputed from the images every run).
 - Several processes (accelerate launch or torchrun): prompt i is generated and scored by process i % N; the scores
   are gathered on the main process, which writes the outputs.
 - Scores: every reward of --rewards separately, on the saved 8-bit images (what a user gets), the paper's raw values
@@ -79,6 +88,24 @@ def column(name):
     """(heading, scale, direction) of a reward's table column; a reward Table 1 lacks: its name, as computed."""
     return TABLE_COLUMNS.get(name, (name, 1.0, "↓" if rewards.REWARDS[name].minimized else "↑"))
 VARIANTS = ("base", "tuned")
+
+# Each model family's diffusers pipeline and default sampling. SD1.5 and SDXL at the papers' settings; SD3/SD3.5
+# and FLUX.1-dev at their pipelines' own (the __call__ defaults; tests/test_evaluate.py compares): FLUX.1-dev is
+# guidance-distilled, its guidance_scale an input of the transformer (one pass per step, no CFG). SD3 and FLUX read
+# max_sequence_length T5 tokens; SD1.5 and SDXL take 77 CLIP tokens and no such argument (None). The flow-matching
+# families sample with their own FlowMatchEulerDiscreteScheduler: the DDPM-family --sampler choices do not apply.
+FAMILY_PIPELINES = {
+    "sd15": dict(pipeline="StableDiffusionPipeline", flow_matching=False, num_inference_steps=50, guidance_scale=7.5,
+                 max_sequence_length=None),
+    "sdxl": dict(pipeline="StableDiffusionXLPipeline", flow_matching=False, num_inference_steps=25,
+                 guidance_scale=5.0, max_sequence_length=None),
+    "sd3": dict(pipeline="StableDiffusion3Pipeline", flow_matching=True, num_inference_steps=28, guidance_scale=7.0,
+                max_sequence_length=256),
+    "flux": dict(pipeline="FluxPipeline", flow_matching=True, num_inference_steps=28, guidance_scale=3.5,
+                 max_sequence_length=512),
+}
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+SAMPLING_DEFAULTS = ("num_inference_steps", "guidance_scale", "max_sequence_length")  # flags the family defaults
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +323,8 @@ def build_parser():
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", required=True,
-                   help="hub id or local diffusers folder; SD1.5-family or SDXL-family, detected from its components")
+                   help="hub id or local diffusers folder: SD1.5, SDXL, SD3/SD3.5 or FLUX family, detected from its "
+                        "components")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="another VAE, e.g. an fp16-safe SDXL VAE")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
@@ -314,10 +342,16 @@ def build_parser():
     g.add_argument("--num_prompts", type=int, default=None, help="the first N prompts only")
     g.add_argument("--seed", type=int, default=0, help="prompt i is generated from SeedSequence([seed, i])")
     g.add_argument("--resolution", type=int, default=None, help="default: the pipeline's own")
-    g.add_argument("--num_inference_steps", type=int, default=None, help="default: 50 (SD1.5), 25 (SDXL)")
-    g.add_argument("--guidance_scale", type=float, default=None, help="default: 7.5 (SD1.5), 5.0 (SDXL)")
+    g.add_argument("--num_inference_steps", type=int, default=None,
+                   help="default: 50 (SD1.5), 25 (SDXL), 28 (SD3, FLUX)")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="default: CFG 7.5 (SD1.5), 5.0 (SDXL), 7.0 (SD3); FLUX.1-dev's embedded guidance 3.5 (no CFG)")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="T5 tokens of SD3 and FLUX prompts; default: the pipeline's (SD3 256, FLUX 512); a model "
+                        "trained on fewer (the tiny SD3 world: 77) samples as trained only at that length")
     g.add_argument("--sampler", choices=["pipeline", "ddpm", "ddim", "dpmpp"], default="pipeline",
-                   help="the pipeline's own scheduler, or the training scripts' DDPM, DDIM (eta 0), DPM-Solver++ 2M")
+                   help="the pipeline's own scheduler, or the training scripts' DDPM, DDIM (eta 0), DPM-Solver++ 2M "
+                        "(SD1.5 and SDXL; SD3 and FLUX sample with their own flow-matching Euler scheduler)")
     g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call and per scoring batch")
     g = parser.add_argument_group("scores and outputs")
     g.add_argument("--rewards", default=DEFAULT_REWARDS, help=f"comma-separated rewards.py names, of: "
@@ -332,11 +366,14 @@ def build_parser():
 
 def check_arguments(args):
     """Every bad input we can see without loading a large model, each as one line. Returns the prompts, their styles
-    (or None), the reward options and whether the model is SDXL."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
-    for flag in ("num_prompts", "resolution", "num_inference_steps", "reward_resolution"):
+    (or None), the reward names and options, and the model's family (a key of FAMILY_PIPELINES)."""
+    from diffusers import DiffusionPipeline
+    for flag in ("num_prompts", "resolution", "num_inference_steps", "max_sequence_length", "reward_resolution"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
+    if args.max_sequence_length is not None and args.max_sequence_length > 512:
+        raise UsageError(f"--max_sequence_length must be <= 512 (the pipelines' T5 limit), got "
+                         f"{args.max_sequence_length}")
     if args.batch_size < 1 or args.grid_prompts < 0:
         raise UsageError("--batch_size must be >= 1 and --grid_prompts >= 0")
     if not math.isfinite(args.lora_scale) or args.lora_scale < 0:
@@ -362,28 +399,55 @@ def check_arguments(args):
             os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
         raise UsageError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors in it (a training script's "
                          f"--output_dir holds one)")
-    path, kwargs = args.pretrained_model_name_or_path, dict(revision=args.revision)
-    model_index = load_config_or_fail(DiffusionPipeline, path, "model", "--pretrained_model_name_or_path", **kwargs)
-    unet_config = load_config_or_fail(UNet2DConditionModel, path, "model", "--pretrained_model_name_or_path",
-                                      subfolder="unet", **kwargs)
+    model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
+                                      "--pretrained_model_name_or_path", revision=args.revision)
+    family = model_family(args, model_index)
+    pipeline = FAMILY_PIPELINES[family]["pipeline"]
+    if FAMILY_PIPELINES[family]["flow_matching"] and args.sampler != "pipeline":
+        raise UsageError(f"--sampler {args.sampler}: {pipeline} samples with its own flow-matching Euler scheduler; "
+                         f"leave --sampler at pipeline")
+    if args.max_sequence_length is not None and FAMILY_PIPELINES[family]["max_sequence_length"] is None:
+        raise UsageError(f"--max_sequence_length: {pipeline} takes 77 CLIP tokens; the T5 length is for SD3 and "
+                         f"FLUX")
     prompts, styles = read_prompt_set(args.prompts, "--prompts")
     prompts = apply_template(prompts, args.prompt_template)[: args.num_prompts]
     styles = None if styles is None else styles[: args.num_prompts]
+    return prompts, styles, names, options, family
+
+
+def model_family(args, model_index):
+    """The key of FAMILY_PIPELINES from the pipeline's components (model_index.json), never from its name: the class
+    of its transformer (SD3, FLUX), else its UNet's conditioning (SDXL: a second text encoder and text_time
+    embeddings)."""
+    from diffusers import UNet2DConditionModel
+    if "transformer" in model_index:
+        transformer = model_index["transformer"][1]
+        if transformer not in TRANSFORMER_FAMILIES:
+            raise UsageError(f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}: a "
+                             f"{transformer} model; evaluate.py runs SD1.5, SDXL, SD3/SD3.5 and FLUX pipelines")
+        return TRANSFORMER_FAMILIES[transformer]
+    unet_config = load_config_or_fail(UNet2DConditionModel, args.pretrained_model_name_or_path, "model",
+                                      "--pretrained_model_name_or_path", subfolder="unet", revision=args.revision)
     is_sdxl = "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time"
-    return prompts, styles, names, options, is_sdxl
+    return "sdxl" if is_sdxl else "sd15"
 
 
-def load_pipeline(args, is_sdxl, device, dtype):
+def load_pipeline(args, family, device, dtype):
     """The plain diffusers pipeline a user would load, with --sampler's scheduler when one is asked for."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
-                           StableDiffusionPipeline, StableDiffusionXLPipeline)
+    import diffusers
+    from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+    path = args.pretrained_model_name_or_path
     kwargs = dict(revision=args.revision, variant=args.variant, dtype=dtype)
     if args.pretrained_vae_model_name_or_path:
         kwargs["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, dtype=dtype)
-    if not is_sdxl:
+    if family == "sd15":
         kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    pipe = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, **kwargs).to(device)
+    # an SD3 folder saved without T5 lists text_encoder_3 as null; diffusers loads it only when told it is absent
+    if family == "sd3" and diffusers.DiffusionPipeline.load_config(path, revision=args.revision).get(
+            "text_encoder_3") == [None, None]:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+    pipeline_class = getattr(diffusers, FAMILY_PIPELINES[family]["pipeline"])
+    pipe = pipeline_class.from_pretrained(path, **kwargs).to(device)
     config = pipe.scheduler.config
     # as the training scripts build them: explicit spacing (from_config drops default-valued keys), no clipping
     spacing = config.get("timestep_spacing", "leading")
@@ -408,15 +472,15 @@ def image_path(output_dir, variant, index):
     return os.path.join(output_dir, "images", variant, f"{index:05d}.png")
 
 
-def generation_settings(args, prompts, is_sdxl):
+def generation_settings(args, prompts, family):
     """What the saved images depend on: a rerun in the same --output_dir must match it."""
     lora = None if args.lora is None else (os.path.abspath(args.lora) if os.path.exists(args.lora) else args.lora)
     return dict(model=args.pretrained_model_name_or_path, vae=args.pretrained_vae_model_name_or_path,
                 revision=args.revision, variant=args.variant, lora=lora, lora_scale=args.lora_scale,
                 prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16], seed=args.seed,
                 resolution=args.resolution, num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale, sampler=args.sampler, mixed_precision=args.mixed_precision,
-                sdxl=is_sdxl)
+                guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
+                sampler=args.sampler, mixed_precision=args.mixed_precision, family=family)
 
 
 def check_settings(args, settings):
@@ -440,6 +504,7 @@ def generate_missing(pipe, args, prompts, indices, variant, progress):
     Each image is written under a temporary name and renamed (a crash leaves no truncated image behind)."""
     os.makedirs(os.path.dirname(image_path(args.output_dir, variant, 0)), exist_ok=True)
     size = {} if args.resolution is None else dict(height=args.resolution, width=args.resolution)
+    text = {} if args.max_sequence_length is None else dict(max_sequence_length=args.max_sequence_length)
     for start in range(0, len(indices), args.batch_size):
         batch = indices[start:start + args.batch_size]
         missing = [i for i in batch if not os.path.isfile(image_path(args.output_dir, variant, i))]
@@ -447,7 +512,7 @@ def generate_missing(pipe, args, prompts, indices, variant, progress):
             continue
         generators = [torch.Generator().manual_seed(image_seed(args.seed, i)) for i in batch]
         images = pipe([prompts[i] for i in batch], generator=generators, num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale, **size).images
+                      guidance_scale=args.guidance_scale, **size, **text).images
         for i, image in zip(batch, images):
             if i in missing:
                 path = image_path(args.output_dir, variant, i)
@@ -542,12 +607,11 @@ def main(args):
     process; None on the others)."""
     from accelerate import PartialState
     from accelerate.utils import gather_object
-    prompts, styles, names, options, is_sdxl = check_arguments(args)
-    if args.num_inference_steps is None:
-        args.num_inference_steps = 25 if is_sdxl else 50
-    if args.guidance_scale is None:
-        args.guidance_scale = 5.0 if is_sdxl else 7.5
-    settings = generation_settings(args, prompts, is_sdxl)
+    prompts, styles, names, options, family = check_arguments(args)
+    for key in SAMPLING_DEFAULTS:
+        if getattr(args, key) is None:
+            setattr(args, key, FAMILY_PIPELINES[family][key])
+    settings = generation_settings(args, prompts, family)
     check_settings(args, settings)
     state = PartialState(cpu=not torch.cuda.is_available())
     device, dtype = state.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision,
@@ -563,7 +627,7 @@ def main(args):
     print(f"process {state.process_index + 1}/{state.num_processes}: {len(mine)} of {len(prompts)} prompts, "
           f"{missing} images to make", flush=True)
     if missing:
-        pipe = load_pipeline(args, is_sdxl, device, dtype)
+        pipe = load_pipeline(args, family, device, dtype)
         progress = tqdm(total=missing, desc="images", disable=not state.is_main_process)
         generate_missing(pipe, args, prompts, mine, "base", progress)
         if args.lora is not None:

@@ -1,6 +1,7 @@
 """evaluate.py end to end on the tiny pipelines and tiny reward models: images from the plain diffusers pipeline with
 the same seeds with and without the LoRA, eval.json per prompt / style / mean, the Table 1 markdown, the grid, a rerun
-that generates only what is missing, several processes giving what one gives, and its copies of the scaffold."""
+that generates only what is missing, several processes giving what one gives, the model families (SD1.5, SDXL,
+SD3/SD3.5 with and without T5, FLUX) and its copies of the scaffold."""
 import ast
 import json
 import os
@@ -11,13 +12,16 @@ import numpy as np
 import pytest
 import tiny_rewards
 import torch
-from conftest import ROOT, STYLES, TINY_SD, free_port
+from conftest import ROOT, STYLES, TINY_SD, TINY_SDXL, free_port
 
 import drtune
 import evaluate
 
 REWARDS = "hpsv21,pickscore,aesthetic,clipscore,symmetry,compressibility"
+TINY_SD35 = os.path.join(ROOT, "tiny_models", "sd35")
+TINY_FLUX = os.path.join(ROOT, "tiny_models", "flux")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # SD3's and FLUX's joint attention
 COPIED = ["UsageError", "OneLineParser", "is_hub_id", "load_config_or_fail", "PROMPT_FILE_TYPES", "PROMPT_FIELDS",
           "HPSV2_DATASET", "HPSV2_STYLES", "PICKAPIC_DATASET", "PICKAPIC_SPLITS", "PROMPT_SETS", "prompts_of_json",
           "hpsv2_file", "hpsv2_prompts", "pickapic_prompts", "read_prompt_set", "prompts_from_dataset", "apply_template"]
@@ -49,28 +53,38 @@ def reward_options(tmp_path_factory):
 
 
 def plain_pipeline(model):
-    """The diffusers pipeline of a tiny model folder, loaded as a user loads it."""
+    """The diffusers pipeline of a tiny model folder, loaded as a user loads it (an SD3 folder saved without T5 needs
+    to be told so)."""
     from diffusers import DiffusionPipeline
-    return DiffusionPipeline.from_pretrained(model)
+    with open(os.path.join(model, "model_index.json")) as f:
+        without_t5 = json.load(f).get("text_encoder_3") == [None, None]
+    kwargs = dict(text_encoder_3=None, tokenizer_3=None) if without_t5 else {}
+    return DiffusionPipeline.from_pretrained(model, **kwargs)
 
 
 def make_lora(model, output_dir):
-    """A LoRA as the training scripts save one: peft adapters on the UNet's attention projections, written by the
-    model's pipeline class in diffusers' format with the adapter's config as metadata; random B, so that it changes
-    the images. (The scripts' tests check that their LoRAs load into the plain pipeline: conftest.lora_effect.)"""
+    """A LoRA as the training scripts save one: peft adapters on the denoiser's attention projections (the text
+    stream's too in SD3's and FLUX's joint blocks), written by the family's pipeline class in diffusers' format with
+    the adapter's config as metadata; random B, so that it changes the images. (The scripts' tests check that their
+    LoRAs load into the plain pipeline: conftest.lora_effect.)"""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     pipe = plain_pipeline(model)
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=ATTENTION))
+    name = "unet" if hasattr(pipe, "unet") else "transformer"
+    denoiser = getattr(pipe, name)
+    denoiser.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                    target_modules=ATTENTION if name == "unet" else ATTENTION + TEXT_STREAM))
     with torch.no_grad():
-        for key, p in pipe.unet.named_parameters():
+        for key, p in denoiser.named_parameters():
             if "lora_B" in key:
                 p.normal_(0, 0.3, generator=torch.Generator().manual_seed(0))
-    # diffusers' key names, as its SD examples save them
-    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
-    type(pipe).save_lora_weights(str(output_dir), unet_lora_layers=state_dict,
-                                 unet_lora_adapter_metadata=pipe.unet.peft_config["default"].to_dict())
+    state_dict = get_peft_model_state_dict(denoiser)
+    if name == "unet":  # diffusers' key names for the UNets, peft's for the transformers, as diffusers' examples save
+        state_dict = convert_state_dict_to_diffusers(state_dict)
+    metadata = denoiser.peft_config["default"].to_dict()
+    type(pipe).save_lora_weights(str(output_dir), **{f"{name}_lora_layers": state_dict,
+                                                     f"{name}_lora_adapter_metadata": metadata})
     return str(output_dir)
 
 
@@ -186,6 +200,73 @@ def test_two_processes_give_what_one_gives(tmp_path):
                                   pixels(evaluate.image_path(two, variant, i)))
 
 
+@pytest.fixture(scope="module")
+def sd3_without_t5(tmp_path_factory):
+    """The tiny SD3.5 saved without T5, as the tiny SD3 world is: text_encoder_3 and tokenizer_3 null."""
+    from diffusers import StableDiffusion3Pipeline
+    path = str(tmp_path_factory.mktemp("sd3-without-t5"))
+    StableDiffusion3Pipeline.from_pretrained(TINY_SD35, text_encoder_3=None, tokenizer_3=None).save_pretrained(path)
+    return path
+
+
+def test_families_are_detected_from_the_components(sd3_without_t5):
+    for model, family in ((TINY_SD, "sd15"), (TINY_SDXL, "sdxl"), (TINY_SD35, "sd3"), (sd3_without_t5, "sd3"),
+                          (TINY_FLUX, "flux")):
+        args = evaluate.build_parser().parse_args(["--pretrained_model_name_or_path", model, "--prompts",
+                                                   os.path.join(ROOT, "tiny_models", "world-eval-prompts.txt")])
+        assert evaluate.check_arguments(args)[-1] == family, model
+
+
+def test_flow_families_default_to_their_pipelines_settings():
+    """SD3's and FLUX's defaults are the pipelines' own: what a user calling pipe(prompt) gets."""
+    import inspect
+
+    import diffusers
+    for family in ("sd3", "flux"):
+        pipeline_class = getattr(diffusers, evaluate.FAMILY_PIPELINES[family]["pipeline"])
+        defaults = inspect.signature(pipeline_class.__call__).parameters
+        for key in evaluate.SAMPLING_DEFAULTS:
+            assert evaluate.FAMILY_PIPELINES[family][key] == defaults[key].default, (family, key)
+
+
+@pytest.mark.parametrize("name", ["sd35", "flux", "sd3-without-t5"])
+def test_flow_families_end_to_end(name, sd3_without_t5, tmp_path):
+    """SD3 and FLUX: the plain pipeline at its own defaults (steps, guidance, T5 length; the model without T5 at
+    --max_sequence_length 77, as the tiny SD3 world is sampled), the LoRA loaded by the family's pipeline; at LoRA
+    scale 0 the tuned images are the base ones."""
+    model = dict(sd35=TINY_SD35, flux=TINY_FLUX, **{"sd3-without-t5": sd3_without_t5})[name]
+    lora, out, zero = make_lora(model, tmp_path / "lora"), str(tmp_path / "eval"), str(tmp_path / "zero")
+    (tmp_path / "p.txt").write_text("a cat\na dog\n")
+    sequence = 77 if name == "sd3-without-t5" else None
+    argv = eval_argv(model, lora, out, prompts=tmp_path / "p.txt", num_inference_steps=None, batch_size=2,
+                     max_sequence_length=sequence)
+    result = evaluate.main(evaluate.build_parser().parse_args(argv))
+    family = "flux" if name == "flux" else "sd3"
+    assert result["settings"]["family"] == family and result["settings"]["num_inference_steps"] == 28
+    assert result["settings"]["max_sequence_length"] == dict(sd35=256, flux=512, **{"sd3-without-t5": 77})[name]
+
+    pipe = plain_pipeline(model)
+    kwargs = dict(height=32, width=32) if sequence is None else dict(height=32, width=32, max_sequence_length=77)
+    seed = evaluate.image_seed(0, 1)
+    base = pipe("a dog", generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+    # batch 2 there, 1 here: the same image up to the rounding of batched kernels
+    assert np.abs(np.array(base).astype(int) - pixels(evaluate.image_path(out, "base", 1))).max() <= 1
+    pipe.load_lora_weights(lora)
+    pipe.fuse_lora(lora_scale=0.7)
+    tuned = pipe("a dog", generator=torch.Generator().manual_seed(seed), **kwargs).images[0]
+    assert np.abs(np.array(tuned).astype(int) - pixels(evaluate.image_path(out, "tuned", 1))).max() <= 1
+    for i in range(2):
+        assert not np.array_equal(pixels(evaluate.image_path(out, "tuned", i)),
+                                  pixels(evaluate.image_path(out, "base", i)))
+
+    evaluate.main(evaluate.build_parser().parse_args(
+        eval_argv(model, lora, zero, prompts=tmp_path / "p.txt", num_inference_steps=2, lora_scale=0,
+                  max_sequence_length=sequence)))
+    for i in range(2):
+        assert np.array_equal(pixels(evaluate.image_path(zero, "tuned", i)),
+                              pixels(evaluate.image_path(zero, "base", i)))
+
+
 @pytest.mark.parametrize("overrides,message", [
     (dict(rewards="symmetry,nosuch"), "unknown reward 'nosuch'"),
     (dict(rewards="symmetry:1,clipscore:0.1"), "give reward names"),
@@ -195,6 +276,12 @@ def test_two_processes_give_what_one_gives(tmp_path):
     (dict(pretrained_model_name_or_path="/no/such/model"), "local path '/no/such/model' does not exist"),
     (dict(prompts="/no/such/prompts.txt"), "--prompts /no/such/prompts.txt: no such file"),
     (dict(lora_scale=-1), "--lora_scale must be"),
+    (dict(pretrained_model_name_or_path=TINY_SD35, sampler="ddim"),
+     "--sampler ddim: StableDiffusion3Pipeline samples with its own flow-matching Euler scheduler"),
+    (dict(max_sequence_length=77), "--max_sequence_length: StableDiffusionPipeline takes 77 CLIP tokens"),
+    (dict(pretrained_model_name_or_path=TINY_FLUX, max_sequence_length=0), "--max_sequence_length must be >= 1"),
+    (dict(pretrained_model_name_or_path=TINY_FLUX, max_sequence_length=600), "--max_sequence_length must be <= 512"),
+    (dict(pretrained_model_name_or_path="PIXART"), "a PixArtTransformer2DModel model; evaluate.py runs SD1.5, SDXL"),
 ])
 def test_bad_input_is_one_line_before_any_model(overrides, message, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
@@ -202,6 +289,11 @@ def test_bad_input_is_one_line_before_any_model(overrides, message, tmp_path, ca
     if overrides.get("lora") == "EMPTY":
         (tmp_path / "empty").mkdir()
         overrides["lora"] = str(tmp_path / "empty")
+    if overrides.get("pretrained_model_name_or_path") == "PIXART":  # a transformer pipeline of no known family
+        (tmp_path / "pixart").mkdir()
+        (tmp_path / "pixart" / "model_index.json").write_text(json.dumps(dict(
+            _class_name="PixArtAlphaPipeline", transformer=["diffusers", "PixArtTransformer2DModel"])))
+        overrides["pretrained_model_name_or_path"] = str(tmp_path / "pixart")
     flags = dict(dict(prompts=tmp_path / "p.txt", lora=None), **overrides)
     code = evaluate.cli(eval_argv(flags.pop("pretrained_model_name_or_path", TINY_SD), flags.pop("lora"),
                                   str(tmp_path / "out"), **flags))
