@@ -1,4 +1,5 @@
-"""The tiny world: its generator and pixel check, the shipped pipeline and reward models, the build script."""
+"""The tiny world: its generator and pixel check, the shipped pipeline and reward models, the build script, the
+check of how well a pipeline draws it (check_world.py) on every model family."""
 
 import json
 import os
@@ -13,6 +14,7 @@ import rewards
 from conftest import ROOT, WORLD_CLIP, WORLD_REWARD_OPTIONS, WORLD_SD
 
 sys.path.insert(0, os.path.join(ROOT, "tiny_models"))
+import check_world  # noqa: E402
 import world  # noqa: E402
 
 
@@ -115,12 +117,19 @@ def test_world_aesthetic_prefers_one_large_centered_shape(world_reward):
     assert score[0] > score[1] + 2, score  # on the world's 1..10 quality scale
 
 
-def test_build_script_smoke(tmp_path):
-    """A few steps of every phase on a small subset; the outputs load as the shipped ones do."""
+@pytest.fixture(scope="module")
+def smoke_build(tmp_path_factory):
+    """build_world.py --smoke: a few steps of every phase on a small subset; (its work folder, its out folder)."""
+    work, out = tmp_path_factory.mktemp("work"), tmp_path_factory.mktemp("out")
+    subprocess.run([sys.executable, os.path.join(ROOT, "tiny_models", "build_world.py"), "--smoke", "--work",
+                    str(work), "--out", str(out)], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    return work, out
+
+
+def test_build_script_smoke(smoke_build):
+    """The outputs of the smoke build load as the shipped ones do."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    out = tmp_path / "out"
-    subprocess.run([sys.executable, os.path.join(ROOT, "tiny_models", "build_world.py"), "--smoke",
-                    "--work", str(tmp_path / "work"), "--out", str(out)], check=True, env=env, timeout=300)
+    work, out = smoke_build
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(out / "world-sd15")
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
@@ -132,9 +141,49 @@ def test_build_script_smoke(tmp_path):
     assert torch.isfinite(reward(torch.rand(2, 3, 32, 32), ["a red circle on a blue background"] * 2)).all()
     # a finished phase is skipped when the build runs again
     log = subprocess.run([sys.executable, os.path.join(ROOT, "tiny_models", "build_world.py"), "--smoke",
-                          "--work", str(tmp_path / "work"), "--out", str(out), "--phases", "vae,clip"],
+                          "--work", str(work), "--out", str(out), "--phases", "vae,clip"],
                          check=True, env=env, timeout=300, capture_output=True, text=True).stdout
     assert "vae: done already" in log and "clip: done already" in log
+
+
+@pytest.mark.parametrize("model,samplers,sequence", [
+    ("world-sd3", ["euler"], 77),  # StableDiffusion3Pipeline without T5: its own Euler scheduler, 77 T5 tokens
+    ("world-sd15", ["ddpm", "ddim"], None),
+    ("flux", ["euler"], None),  # the tiny random FLUX: the pipeline's own T5 length
+    ("sdxl", ["ddpm", "ddim"], None),
+])
+def test_check_world_runs_on_every_family(model, samplers, sequence, smoke_build, monkeypatch):
+    """check_world.evaluate on 2 prompts of each set: the family's pipeline and samplers, the metrics of every
+    sampler and set (the mechanics only: the smoke build's few steps and the random models draw nothing)."""
+    path = os.path.join(smoke_build[1] if model.startswith("world") else os.path.join(ROOT, "tiny_models"), model)
+    calls, generate = [], check_world.generate
+
+    def spy(pipe, prompts, guidance_scale, steps, seed, max_sequence_length=None):
+        calls.append((type(pipe.scheduler).__name__, max_sequence_length))
+        return generate(pipe, prompts, guidance_scale, steps, seed, max_sequence_length)
+
+    monkeypatch.setattr(check_world, "generate", spy)
+    results = check_world.evaluate(path, num_prompts=2, num_held_out=2, steps=2)
+    assert list(results) == [f"{s}/{name}" for s in samplers for name in ("mixed", "held_out")]
+    for row in results.values():
+        assert set(row) == {*check_world.METRICS, "cpu_seconds"}
+        assert all(0 <= row[m][0] <= 1 or np.isnan(row[m][0]) for m in check_world.METRICS)
+    schedulers = dict(euler="FlowMatchEulerDiscreteScheduler", ddpm="DDPMScheduler", ddim="DDIMScheduler")
+    assert calls == [(schedulers[s], sequence) for s in samplers for _ in range(2)]
+
+
+@pytest.mark.parametrize("world_model,argv,message", [
+    ("world-sd3", ["--samplers", "ddim"], "--samplers ddim: StableDiffusion3Pipeline samples with euler"),
+    ("world-sd3", ["--max_sequence_length", "600"], "--max_sequence_length must be in 1..512"),
+    ("world-sd15", ["--max_sequence_length", "77"], "--max_sequence_length: StableDiffusionPipeline takes 77 CLIP"),
+    ("no-such-folder", [], "no model_index.json"),
+])
+def test_check_world_bad_input_is_one_line(world_model, argv, message, smoke_build, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        check_world.main(["--pipeline", str(smoke_build[1] / world_model), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("check_world.py: error: ") and message in err
+    assert err.count("\n") == 1
 
 
 @pytest.mark.parametrize("script", ["drtune.py", "refl.py", "draft.py", "alignprop.py", "dpo.py", "spo.py"])
