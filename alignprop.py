@@ -88,6 +88,9 @@ WORLD_DEMO = dict(
         ("pickscore_model", "world-clip"), ("pickscore_processor", "world-clip"), ("aesthetic_clip", "world-clip"),
         ("aesthetic_mlp", "world-aesthetic.safetensors")]),
 )
+# The SD3-format world (tiny_models/world-sd3, same data, VAE and CLIP): `--preset demo --pretrained_model_name_or_path
+# tiny_models/world-sd3` applies the demo preset's "sd3" settings over its others. Its T5 slot was 77 zero tokens.
+WORLD_DEMO_SD3 = dict(sampler="euler", max_sequence_length=77)
 
 # ---------------------------------------------------------------------------------------------
 # Algorithm: arguments and presets
@@ -132,6 +135,7 @@ PRESETS = {
         WORLD_DEMO, output_dir="outputs/alignprop-demo", sampler="ddpm", num_inference_steps=20, guidance_scale=6.0,
         reward="symmetry:1,clipscore:1", train_batch_size=4, learning_rate=3e-3, max_grad_norm=1.0, rank=8, max_train_steps=60,
         validation_steps=20, checkpointing_steps=1000,
+        sd3=dict(WORLD_DEMO_SD3, guidance_scale=4.0),
     ),
     "paper": dict(SD15_PAPER),
 }
@@ -184,18 +188,34 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     g = parser.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-                   help="hub id or local diffusers folder; SD1.5-family or SDXL-family, detected from its components")
+                   help="hub id or local diffusers folder of an SD1.5, SDXL, SD3/SD3.5 or FLUX pipeline (the family is "
+                        "read from its model_index.json)")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None,
                    help="another VAE, e.g. an fp16-safe SDXL VAE (otherwise SDXL's VAE is kept in fp32)")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g = parser.add_argument_group("sampling")
     g.add_argument("--resolution", type=int, default=512)
-    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp"], default="ddpm",
-                   help="DDPM, DDIM (with --eta) or DPM-Solver++ 2M, built from the pipeline's scheduler config")
-    g.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity (0: deterministic, 1: DDPM-like)")
+    g.add_argument("--sampler", choices=["ddpm", "ddim", "dpmpp", "euler"], default=None,
+                   help="SD1.5/SDXL: DDPM, DDIM (with --eta) or DPM-Solver++ 2M; SD3/FLUX: euler, the flow Euler step "
+                        "of their pipelines (with --eta > 0: Flow-GRPO's SDE form); built from the pipeline's "
+                        "scheduler config (default: ddpm, or euler for flow models)")
+    g.add_argument("--eta", type=float, default=0.0,
+                   help="step stochasticity: DDIM's eta (0: deterministic, 1: DDPM-like); on flow models the SDE's "
+                        "noise level a, sigma_t = a sqrt(sigma / (1 - sigma)) (0: the ODE step; Flow-GRPO: 0.7)")
     g.add_argument("--num_inference_steps", type=int, default=50, help="T")
-    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance; <= 1 disables it")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance; <= 1 disables it (default: the family's pipeline, SD1.5 7.5, SDXL "
+                        "5, SD3 7; FLUX: none, it is guidance-distilled: see --true_cfg)")
+    g.add_argument("--true_cfg", action="store_true",
+                   help="FLUX: classifier-free guidance at --guidance_scale with the empty negative prompt (FluxPipeline's "
+                        "true_cfg_scale), besides the distilled --guidance_embedding")
+    g.add_argument("--guidance_embedding", type=float, default=None,
+                   help="FLUX.1-dev's distilled guidance, fed to its guidance embedding (FluxPipeline's guidance_scale; "
+                        "default 3.5); only for checkpoints that have one")
+    g.add_argument("--max_sequence_length", type=int, default=None,
+                   help="SD3/FLUX: T5 tokens (default: the pipeline's, SD3 256, FLUX 512; the SD3 world was trained "
+                        "with 77); without a T5 encoder, SD3's T5 slot holds this many zero tokens")
     g = parser.add_argument_group("reward")
     g.add_argument("--reward", default="hpsv21", help="rewards.py name or weighted sum, e.g. symmetry:1,clipscore:0.1")
     g.add_argument("--reward_options", default="", help="rewards.py options, e.g. hps_checkpoint=/path/file.pt")
@@ -227,6 +247,10 @@ def build_parser():
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
     g.add_argument("--rank", type=int, default=128, help="LoRA rank (alpha = rank)")
+    g.add_argument("--lora_target_modules", default=None,
+                   help="comma-separated module names the LoRA adapts (default: the attention projections, "
+                        "to_q,to_k,to_v,to_out.0, and on SD3/FLUX also the text stream's add_q_proj,add_k_proj,"
+                        "add_v_proj,to_add_out, as diffusers' SD3 and FLUX LoRA examples train)")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="dtype of the frozen weights and autocast; trainable LoRA weights stay fp32 "
                         "(default: accelerate's config or launch flag)")
@@ -266,8 +290,16 @@ def parse_args(argv=None):
     add_algorithm_arguments(parser)
     args = parser.parse_args(argv)
     if args.preset is not None:  # presets replace defaults, so flags given explicitly still win
-        parser.set_defaults(**PRESETS[args.preset])
+        preset = dict(PRESETS[args.preset])
+        per_family = {f: preset.pop(f) for f in FAMILIES if f in preset}
+        parser.set_defaults(**preset)
         args = parser.parse_args(argv)
+        if per_family:  # a preset's settings for one family (the SD3 world's demo) go over its others
+            from diffusers import DiffusionPipeline
+            family = detect_family(load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
+                                                       "--pretrained_model_name_or_path", revision=args.revision))
+            parser.set_defaults(**per_family.get(family, {}))
+            args = parser.parse_args(argv)
     return args
 
 
@@ -527,7 +559,8 @@ def check_output_dir(args):
 
 def check_arguments(args):
     """Every bad input we can see without loading a large model, each as one line."""
-    from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL, DiffusionPipeline
     if args.mixed_precision is None:
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -548,15 +581,24 @@ def check_arguments(args):
     kwargs = dict(revision=args.revision)
     model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                       "--pretrained_model_name_or_path", **kwargs)
-    unet_config = load_config_or_fail(UNet2DConditionModel, args.pretrained_model_name_or_path, "model",
-                                      "--pretrained_model_name_or_path", subfolder="unet", **kwargs)
+    family = FAMILIES[detect_family(model_index)]
+    denoiser_class = getattr(diffusers, family["denoiser_class"])
+    denoiser_config = load_config_or_fail(denoiser_class, args.pretrained_model_name_or_path, "model",
+                                          "--pretrained_model_name_or_path", subfolder=family["denoiser"], **kwargs)
     vae_path = args.pretrained_vae_model_name_or_path or args.pretrained_model_name_or_path
     vae_kwargs = dict(subfolder="vae", **kwargs) if args.pretrained_vae_model_name_or_path is None else {}
     vae_config = load_config_or_fail(AutoencoderKL, vae_path, "VAE", "--pretrained_vae_model_name_or_path",
                                      **vae_kwargs)
-    vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    if args.resolution % vae_scale_factor:
-        raise UsageError(f"--resolution {args.resolution} is not divisible by the VAE factor {vae_scale_factor}")
+    check_family_arguments(args, family, denoiser_class, denoiser_config)
+    vae_factor, patch = 2 ** (len(vae_config["block_out_channels"]) - 1), family_patch_size(family, denoiser_config)
+    if args.resolution % (vae_factor * patch):  # the latents must also split into the transformer's patches
+        detail = f" x the {family['label']} patch size {patch}" if patch > 1 else ""
+        raise UsageError(f"--resolution {args.resolution} is not divisible by the VAE factor {vae_factor}{detail}")
+    factor = vae_factor * patch
+    max_patches = denoiser_config.get("pos_embed_max_size")  # SD3's position embedding is cropped from this grid
+    if max_patches and args.resolution // factor > max_patches:
+        raise UsageError(f"--resolution {args.resolution} is too large for this SD3 transformer: its position "
+                         f"embedding covers {max_patches * factor} px")
     args.train_prompt_list = apply_template(read_prompts(args.train_prompts, DEFAULT_PROMPTS, "--train_prompts"),
                                             args.prompt_template)
     args.eval_prompt_list = apply_template(read_prompts(args.eval_prompts, DEFAULT_PROMPTS, "--eval_prompts"),
@@ -568,46 +610,240 @@ def check_arguments(args):
     # Which checkpoints are this run's (kept through resumes; the same on every process): pruning touches no other.
     fresh = hashlib.sha256(json.dumps(run_fingerprint(args), sort_keys=True).encode()).hexdigest()[:16]
     args.run_id = marker["run_id"] if marker is not None else fresh
-    is_sdxl = "text_encoder_2" in model_index and unet_config.get("addition_embed_type") == "text_time"
-    return dict(is_sdxl=is_sdxl, model_index=model_index, reward_options=reward_options)
+    return dict(family=detect_family(model_index), model_index=model_index, reward_options=reward_options)
+
+
+# --- model families: everything that differs between SD1.5, SDXL, SD3/SD3.5 and FLUX ---------------------------
+# Read from the pipeline's model_index.json (its denoiser's class), never from the model's name. The algorithms see
+# latents (B, C, h, w), a conditioning dict of tensors and "the model output at this step" (noise or v for the UNets,
+# the velocity for the flow transformers); every family-specific line is in this section. The denoiser is called
+# `unet` everywhere, in diffusers' vocabulary, whichever it is.
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+JOINT_ATTENTION = ATTENTION + ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # + the text stream's (MMDiT)
+FAMILIES = {
+    "sd15": dict(label="SD1.5", denoiser="unet", denoiser_class="UNet2DConditionModel",
+                 encoders=(("", "CLIPTextModel"),), pipeline="StableDiffusionPipeline",
+                 samplers=("ddpm", "ddim", "dpmpp"), stochastic_sampler="ddim", guidance_scale=7.5,
+                 lora_targets=ATTENTION),
+    "sdxl": dict(label="SDXL", denoiser="unet", denoiser_class="UNet2DConditionModel",
+                 encoders=(("", "CLIPTextModel"), ("_2", "CLIPTextModelWithProjection")),
+                 pipeline="StableDiffusionXLPipeline", samplers=("ddpm", "ddim", "dpmpp"), stochastic_sampler="ddim",
+                 guidance_scale=5.0, lora_targets=ATTENTION),
+    # CLIP-L, CLIP-G and T5 (the T5 slot may be empty: zeros, as SD3 allows); MMDiT (SD3.5-M: MMDiT-X)
+    "sd3": dict(label="SD3", denoiser="transformer", denoiser_class="SD3Transformer2DModel",
+                encoders=(("", "CLIPTextModelWithProjection"), ("_2", "CLIPTextModelWithProjection"),
+                          ("_3", "T5EncoderModel")),
+                pipeline="StableDiffusion3Pipeline", samplers=("euler",), stochastic_sampler="euler", guidance_scale=7.0,
+                max_sequence_length=256, lora_targets=JOINT_ATTENTION),
+    # CLIP-L (pooled only) and T5; guidance-distilled (FLUX.1-dev: a guidance embedding, no CFG by default)
+    "flux": dict(label="FLUX", denoiser="transformer", denoiser_class="FluxTransformer2DModel",
+                 encoders=(("", "CLIPTextModel"), ("_2", "T5EncoderModel")), pipeline="FluxPipeline",
+                 samplers=("euler",), stochastic_sampler="euler", guidance_scale=1.0, max_sequence_length=512,
+                 lora_targets=JOINT_ATTENTION),
+}
+FLUX_GUIDANCE_EMBEDDING = 3.5  # FluxPipeline's default guidance_scale
+
+
+def detect_family(model_index):
+    """sd15, sdxl, sd3 or flux from a pipeline's model_index.json: the class of its denoiser."""
+    denoiser = model_index.get("transformer") or model_index.get("unet") or [None, None]
+    name = denoiser[1] if isinstance(denoiser, (list, tuple)) and len(denoiser) == 2 else None
+    if name == "UNet2DConditionModel":
+        return "sdxl" if (model_index.get("text_encoder_2") or [None])[0] else "sd15"
+    found = [f for f, spec in FAMILIES.items() if spec["denoiser_class"] == name]
+    if not found:
+        raise UsageError(f"--pretrained_model_name_or_path: a {model_index.get('_class_name')} with a {name} is not "
+                         f"an SD1.5, SDXL, SD3/SD3.5 or FLUX text-to-image pipeline")
+    return found[0]
+
+
+def family_patch_size(family, denoiser_config):
+    """Latent pixels per side of one transformer token: FLUX's 2x2 packing, SD3's patch size, 1 for the UNets."""
+    if family["denoiser_class"] == "FluxTransformer2DModel":
+        return 2
+    return denoiser_config.get("patch_size", 1) if family["denoiser"] == "transformer" else 1
+
+
+def default_sampler(family):
+    """The family's first sampler (ddpm; euler for flow models), or its stochastic one (ddim, the flow SDE) where the
+    method trains on step densities."""
+    return family["stochastic_sampler"] if NEEDS_STOCHASTIC_STEPS else family["samplers"][0]
+
+
+def check_family_arguments(args, family, denoiser_class, denoiser_config):
+    """The family's defaults for --sampler (a stochastic one where the method needs step densities), --guidance_scale,
+    --max_sequence_length and --lora_target_modules, and the settings it cannot take, each as one line."""
+    label, flux = family["label"], family["denoiser_class"] == "FluxTransformer2DModel"
+    args.sampler = args.sampler or default_sampler(family)
+    if args.sampler not in family["samplers"]:
+        raise UsageError(f"--sampler {args.sampler} does not exist for {label} models: use "
+                         f"{' or '.join(family['samplers'])}")
+    if args.true_cfg and not flux:
+        raise UsageError(f"--true_cfg is FLUX's; {label} applies classifier-free guidance with --guidance_scale")
+    if flux and args.guidance_scale is not None and args.guidance_scale > 1 and not args.true_cfg:
+        raise UsageError(f"--guidance_scale {args.guidance_scale}: FLUX is guidance-distilled and runs without "
+                         f"classifier-free guidance; set its distilled guidance with --guidance_embedding, or add "
+                         f"--true_cfg for classifier-free guidance with the empty negative prompt")
+    if args.guidance_scale is None:
+        args.guidance_scale = family["guidance_scale"]
+    has_embedding = bool(denoiser_config.get("guidance_embeds"))
+    if args.guidance_embedding is not None and not has_embedding:
+        raise UsageError(f"--guidance_embedding: this {label} transformer has no guidance embedding (FLUX.1-dev has "
+                         f"one; FLUX.1-schnell does not); leave it out{', or use --true_cfg' if flux else ''}")
+    if has_embedding and args.guidance_embedding is None:
+        args.guidance_embedding = FLUX_GUIDANCE_EMBEDDING
+    if "max_sequence_length" in family:
+        args.max_sequence_length = args.max_sequence_length or family["max_sequence_length"]
+        if args.max_sequence_length < 1:
+            raise UsageError(f"--max_sequence_length must be >= 1, got {args.max_sequence_length}")
+    if args.lora_target_modules is None:
+        args.lora_target_modules = ",".join(family["lora_targets"])
+    else:  # the module names of the architecture, from its config alone (no weights: the meta device)
+        from accelerate import init_empty_weights
+        with init_empty_weights():
+            names = [n for n, _ in denoiser_class.from_config(denoiser_config).named_modules()]
+        targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+        if missing or not targets:
+            raise UsageError(f"--lora_target_modules: no module named {', '.join(missing) or '(none given)'} in this "
+                             f"{label} {family['denoiser']} (default: {','.join(family['lora_targets'])})")
+
+
+def encode_sd(models, prompts):
+    """SD1.5: the last hidden states (B, 77, D). SDXL: both encoders' penultimate states side by side and the pooled
+    text_embeds of encoder 2 (the SDXL pipeline's encode_prompt)."""
+    device, sdxl, states = first_param(models.text_encoders[0]).device, models.family == "sdxl", []
+    for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
+        out = encoder(tokenize(tokenizer, prompts, device), output_hidden_states=sdxl)
+        states.append(out.hidden_states[-2] if sdxl else out[0])
+    text = dict(encoder_hidden_states=torch.cat(states, dim=-1))
+    return dict(text, text_embeds=out[0]) if sdxl else text
+
+
+def encode_sd3(models, prompts):
+    """StableDiffusion3Pipeline.encode_prompt: CLIP-L and CLIP-G penultimate states side by side, zero-padded to the
+    T5 width, then the T5 states (or max_sequence_length zero tokens without T5) on the sequence axis: (B, 77 + L, D);
+    pooled = both CLIPs' projections side by side."""
+    device = first_param(models.text_encoders[0]).device
+    clip = [encoder(tokenize(tokenizer, prompts, device), output_hidden_states=True)
+            for tokenizer, encoder in zip(models.tokenizers[:2], models.text_encoders[:2])]
+    states = torch.cat([out.hidden_states[-2] for out in clip], dim=-1)
+    if models.text_encoders[2] is None:
+        t5 = states.new_zeros(len(prompts), models.max_sequence_length, models.unet.config.joint_attention_dim)
+    else:
+        t5 = models.text_encoders[2](tokenize(models.tokenizers[2], prompts, device, models.max_sequence_length))[0]
+    states = F.pad(states, (0, t5.shape[-1] - states.shape[-1]))
+    return dict(encoder_hidden_states=torch.cat([states, t5.to(states.dtype)], dim=1),
+                pooled_projections=torch.cat([out[0] for out in clip], dim=-1))
+
+
+def encode_flux(models, prompts):
+    """FluxPipeline.encode_prompt: the T5 states (B, L, D) and CLIP's pooled output (B, D2)."""
+    device = first_param(models.text_encoders[0]).device
+    pooled = models.text_encoders[0](tokenize(models.tokenizers[0], prompts, device)).pooler_output
+    t5 = models.text_encoders[1](tokenize(models.tokenizers[1], prompts, device, models.max_sequence_length))[0]
+    return dict(encoder_hidden_states=t5, pooled_projections=pooled)
+
+
+def call_denoiser(unet, latents, t, cond):
+    """One denoiser call without guidance: latents (N, C, h, w), t a scalar or (N,), cond of batch N -> (N, C, h, w).
+    FLUX: 2x2 latent patches packed into tokens with (0, row, column) position ids, text ids zero, timestep / 1000,
+    the distilled guidance in cond (the FLUX pipeline's _pack_latents / _unpack_latents); SD3: timestep as is."""
+    kind = type(unet).__name__
+    if kind == "UNet2DConditionModel":
+        added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+        return unet(latents, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added or None,
+                    return_dict=False)[0]
+    t = t.expand(len(latents)) if t.ndim == 0 else t
+    if kind == "SD3Transformer2DModel":
+        return unet(latents, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                    pooled_projections=cond["pooled_projections"], return_dict=False)[0]
+    b, c, h, w = latents.shape
+    packed = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w // 4, c * 4)
+    rows, cols = torch.meshgrid(torch.arange(h // 2), torch.arange(w // 2), indexing="ij")
+    image_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(latents.device, latents.dtype)
+    text_ids = latents.new_zeros(cond["encoder_hidden_states"].shape[1], 3)
+    out = unet(packed, timestep=t.to(latents.dtype) / 1000, guidance=cond.get("guidance"),
+               pooled_projections=cond["pooled_projections"], encoder_hidden_states=cond["encoder_hidden_states"],
+               txt_ids=text_ids, img_ids=image_ids, return_dict=False)[0]
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
+
+
+ENCODERS = dict(sd15=encode_sd, sdxl=encode_sd, sd3=encode_sd3, flux=encode_flux)
+
+
+def is_flow(scheduler):
+    return type(scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
 
 
 def load_models(args, info, device, weight_dtype):
-    """Tokenizers, text encoders, VAE and UNet, frozen, in the order of the diffusers examples."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+    """Tokenizers, text encoders, VAE and denoiser (`unet`), frozen, in the order of the diffusers examples; the
+    family's text-encoder slots that model_index.json leaves empty (SD3 without T5) are None."""
+    import diffusers
+    import transformers
+    from transformers import AutoTokenizer
+    family = FAMILIES[info["family"]]
     path, kw = args.pretrained_model_name_or_path, dict(revision=args.revision)
-    names = ["", "_2"] if info["is_sdxl"] else [""]
-    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{n}", **kw) for n in names]
+    present = [(n, cls) if (info["model_index"].get(f"text_encoder{n}") or [None])[0] else (None, None)
+               for n, cls in family["encoders"]]
+    tokenizers = [AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{n}", **kw) if n is not None else None
+                  for n, _ in present]
     kw.update(variant=args.variant, torch_dtype=weight_dtype)
-    text_encoders = [cls.from_pretrained(path, subfolder=f"text_encoder{n}", **kw)
-                     for cls, n in zip([CLIPTextModel, CLIPTextModelWithProjection], names)]
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", **kw)
+    text_encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=f"text_encoder{n}", **kw)
+                     if n is not None else None for n, cls in present]
+    unet = getattr(diffusers, family["denoiser_class"]).from_pretrained(path, subfolder=family["denoiser"], **kw)
     # SDXL's own VAE overflows in fp16; keep it in fp32 unless an fp16-safe VAE was given.
     if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype)
+        vae = diffusers.AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype)
     else:
-        upcast = info["is_sdxl"] and weight_dtype == torch.float16
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", **dict(kw, torch_dtype=torch.float32) if upcast else kw)
+        upcast = info["family"] == "sdxl" and weight_dtype == torch.float16
+        vae = diffusers.AutoencoderKL.from_pretrained(path, subfolder="vae",
+                                                      **dict(kw, torch_dtype=torch.float32) if upcast else kw)
     for model in [vae, unet, *text_encoders]:
-        model.requires_grad_(False).eval().to(device)
-    force_zeros = info["model_index"].get("force_zeros_for_empty_prompt", info["is_sdxl"])
+        if model is not None:
+            model.requires_grad_(False).eval().to(device)
+    force_zeros = info["model_index"].get("force_zeros_for_empty_prompt", info["family"] == "sdxl")
     return argparse.Namespace(tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet,
-                              is_sdxl=info["is_sdxl"], force_zeros_for_empty_prompt=force_zeros,
+                              family=info["family"], force_zeros_for_empty_prompt=force_zeros,
+                              max_sequence_length=args.max_sequence_length,
+                              guidance_embedding=args.guidance_embedding,
                               vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1), prompt_cache={})
 
 
 def make_scheduler(args):
-    """DDPM / DDIM / DPM-Solver++ from the pipeline's scheduler config, with the traps made explicit."""
-    from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-    config = DDPMScheduler.load_config(args.pretrained_model_name_or_path, subfolder="scheduler",
-                                        revision=args.revision)
+    """DDPM / DDIM / DPM-Solver++ from the pipeline's scheduler config, with the traps made explicit; for flow models
+    its FlowMatchEulerDiscreteScheduler, whose set_timesteps(n) gives the sigmas the family's pipeline samples with
+    (SD3: the config's shift; FLUX: sigmas linspace(1, 1/n, n) shifted by the resolution-dependent mu)."""
+    from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
+                           FlowMatchEulerDiscreteScheduler)
+    path = args.pretrained_model_name_or_path
+    family = detect_family(DiffusionPipeline.load_config(path, revision=args.revision))
+    sampler = args.sampler or default_sampler(FAMILIES[family])  # check_arguments sets it; callers may not have run it
+    if sampler == "euler":
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", revision=args.revision)
+        flux = family == "flux"
+        mu = None
+        if scheduler.config.use_dynamic_shifting:  # image tokens: (latent side / patch)^2, as the pipelines count
+            from diffusers import AutoencoderKL
+            vae = AutoencoderKL.load_config(path, subfolder="vae", revision=args.revision)
+            denoiser = DiffusionPipeline.load_config(path, subfolder="transformer", revision=args.revision)
+            patch = 2 if flux else denoiser.get("patch_size", 1)
+            tokens = (args.resolution // 2 ** (len(vae["block_out_channels"]) - 1) // patch) ** 2
+            config = scheduler.config
+            mu = calculate_shift(tokens, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                                 config.get("base_shift", 0.5), config.get("max_shift", 1.15 if flux else 1.16))
+        set_timesteps = scheduler.set_timesteps
+        scheduler.set_timesteps = lambda n, device=None: set_timesteps(
+            n, device=device, sigmas=np.linspace(1.0, 1 / n, n) if flux else None, mu=mu)
+        return scheduler
+    config = DDPMScheduler.load_config(path, subfolder="scheduler", revision=args.revision)
     # from_config drops default-valued keys; SD1.5 and SDXL use "leading" spacing, which DDIM's step assumes.
     spacing = config.get("timestep_spacing", "leading")
-    if args.sampler == "ddpm":
+    if sampler == "ddpm":
         return DDPMScheduler.from_config(config, clip_sample=False, variance_type="fixed_small",
                                          timestep_spacing=spacing)
-    if args.sampler == "ddim":
+    if sampler == "ddim":
         return DDIMScheduler.from_config(config, clip_sample=False, timestep_spacing=spacing)
     return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
                                                    timestep_spacing=spacing)
@@ -620,49 +856,49 @@ def first_param(module):
     return next(module.parameters())
 
 
-def tokenize(tokenizer, prompts, device):
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids.to(device)
+def tokenize(tokenizer, prompts, device, max_length=None):
+    return tokenizer(prompts, padding="max_length", max_length=max_length or tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
 
 
 @torch.no_grad()
 def encode_text(models, prompts, cache=False):
-    """Embeddings of the prompts alone, in the UNet's dtype and on its device: (B, 77, D) and, for SDXL, the pooled
-    (B, D2) of text encoder 2 (None for SD1.5). Each distinct prompt runs through the text encoders once, in one
-    batch; prompts in models.prompt_cache not at all. cache=True keeps the new ones there."""
+    """The family's conditioning tensors of the prompts alone, in the denoiser's dtype and on its device: a dict of
+    (B, ...) tensors named as the denoiser takes them (encoder_hidden_states, and SDXL's text_embeds or SD3/FLUX's
+    pooled_projections). Each distinct prompt runs through the text encoders once, in one batch; prompts in
+    models.prompt_cache not at all. cache=True keeps the new ones there."""
     new, missing = {}, [p for p in dict.fromkeys(prompts) if p not in models.prompt_cache]
     if missing:
-        weight, states = first_param(models.unet), []
-        for tokenizer, encoder in zip(models.tokenizers, models.text_encoders):
-            out = encoder(tokenize(tokenizer, missing, encoder.device), output_hidden_states=models.is_sdxl)
-            # SDXL: penultimate states of both encoders side by side, pooled from encoder 2; SD1.5: the last states
-            states.append(out.hidden_states[-2] if models.is_sdxl else out[0])
-        embeds = torch.cat(states, dim=-1).to(weight.device, weight.dtype)
-        pooled = out[0].to(weight.device, weight.dtype) if models.is_sdxl else [None] * len(missing)
-        new = {p: (e, q) for p, e, q in zip(missing, embeds, pooled)}
+        weight = first_param(models.unet)
+        parts = {k: v.to(weight.device, weight.dtype) for k, v in ENCODERS[models.family](models, missing).items()}
+        new = {p: {k: v[i] for k, v in parts.items()} for i, p in enumerate(missing)}
         if cache:
             models.prompt_cache.update(new)
     rows = [new[p] if p in new else models.prompt_cache[p] for p in prompts]
-    return torch.stack([e for e, _ in rows]), torch.stack([q for _, q in rows]) if models.is_sdxl else None
+    return {k: torch.stack([row[k] for row in rows]) for k in rows[0]}
 
 
-def encode_prompts(models, prompts, resolution):
-    """Conditioning of [negative; prompt] for classifier-free guidance, as the diffusers pipelines build it:
-    UNet keyword arguments with batch 2B. The negative (the empty prompt) is encoded once per run."""
+def encode_prompts(models, prompts, resolution, negative=True, time_ids=None):
+    """The denoiser's conditioning as the diffusers pipelines build it: a dict of tensors of batch 2B, [negative;
+    prompt] for classifier-free guidance (the empty prompt, encoded once per run; SDXL's zeros), or of batch B with
+    negative=False. SDXL: add_time_ids (original size, crop top-left, target size: generated uncropped at the
+    resolution), or time_ids (B, 6) given per image; FLUX.1-dev: its distilled guidance per sample."""
     n = len(prompts)
-    embeds, pooled = encode_text(models, prompts)
-    if models.is_sdxl and models.force_zeros_for_empty_prompt:
-        negative_embeds, negative_pooled = torch.zeros_like(embeds), torch.zeros_like(pooled)
-    else:
-        negative_embeds, negative_pooled = (None if x is None else x.expand(n, *x.shape[1:])
-                                            for x in encode_text(models, [""], cache=True))
-    if not models.is_sdxl:
-        return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]))  # (2B, 77, D)
-    # add_time_ids: original size, crop top-left, target size (we generate at the target size, uncropped)
-    time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=embeds.device)
-    return dict(encoder_hidden_states=torch.cat([negative_embeds, embeds]),
-                added_cond_kwargs=dict(text_embeds=torch.cat([negative_pooled, pooled]),
-                                       time_ids=time_ids.repeat(2 * n, 1).to(embeds.dtype)))
+    cond = encode_text(models, prompts)
+    if negative:
+        if models.family == "sdxl" and models.force_zeros_for_empty_prompt:
+            uncond = {k: torch.zeros_like(v) for k, v in cond.items()}
+        else:
+            uncond = {k: v.expand(n, *v.shape[1:]) for k, v in encode_text(models, [""], cache=True).items()}
+        cond = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+    rows, like = len(cond["encoder_hidden_states"]), cond["encoder_hidden_states"]
+    if models.family == "sdxl":
+        if time_ids is None:
+            time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution]).repeat(n, 1)
+        cond["time_ids"] = time_ids.repeat(rows // n, 1).to(like.device, like.dtype)
+    if models.guidance_embedding is not None:
+        cond["guidance"] = torch.full((rows,), models.guidance_embedding, device=like.device, dtype=torch.float32)
+    return cond
 
 
 def cache_prompt_embeds(models, prompts, batch_size=32):
@@ -672,22 +908,23 @@ def cache_prompt_embeds(models, prompts, batch_size=32):
     for start in range(0, len(distinct), batch_size):
         encode_text(models, distinct[start:start + batch_size], cache=True)
     for encoder in models.text_encoders:
-        encoder.to("cpu")
-    tensors = [x for pair in models.prompt_cache.values() for x in pair if x is not None]
+        if encoder is not None:
+            encoder.to("cpu")
+    tensors = [x for row in models.prompt_cache.values() for x in row.values()]
     return sum(x.numel() * x.element_size() for x in tensors) / 2 ** 20
 
 
 def predict_noise(unet, latents, t, cond, guidance_scale):
     """Model output with classifier-free guidance; latents (B, C, h, w), t a scalar or one timestep per sample (B,),
-    cond of batch 2B. One activation checkpoint when enable_checkpointing marked the UNet (see checkpointed)."""
+    cond of batch 2B (encode_prompts). One activation checkpoint when enable_checkpointing marked the denoiser (see
+    checkpointed)."""
     t = torch.as_tensor(t, device=latents.device)
     if guidance_scale <= 1:  # no guidance: the prompt half only
-        half = {k: (v[len(latents):] if torch.is_tensor(v) else {n: x[len(latents):] for n, x in v.items()})
-                for k, v in cond.items()}
-        return checkpointed(unet, lambda x: unet(x, t, **half, return_dict=False)[0], latents)
+        half = {k: v[len(latents):] for k, v in cond.items()}
+        return checkpointed(unet, lambda x: call_denoiser(unet, x, t, half), latents)
     t2 = t.repeat(2) if t.ndim else t  # the two halves of the batch share each sample's timestep
     noise_uncond, noise_text = checkpointed(
-        unet, lambda x: unet(torch.cat([x] * 2), t2, **cond, return_dict=False)[0], latents).chunk(2)
+        unet, lambda x: call_denoiser(unet, torch.cat([x] * 2), t2, cond), latents).chunk(2)
     return noise_uncond + guidance_scale * (noise_text - noise_uncond)
 
 
@@ -794,30 +1031,106 @@ def per_sample(value, x):
     return value.view(-1, *[1] * (x.ndim - 1)) if value.ndim else value
 
 
+def flow_sigmas(scheduler, t):
+    """sigma_i and sigma_{i+1} of a flow schedule at its timestep(s) t (a scalar or (B,)), from scheduler.sigmas."""
+    schedule = scheduler.timesteps.cpu()
+    t = torch.as_tensor(t).cpu().to(schedule.dtype)
+    found = schedule == t.reshape(-1, 1)  # (B, T)
+    if not found.any(1).all():
+        raise ValueError(f"timestep {t.tolist()} is not in the schedule {schedule.tolist()}")
+    index = found.int().argmax(1).reshape(t.shape)
+    sigmas = scheduler.sigmas.cpu()
+    return sigmas[index], sigmas[index + 1]
+
+
 def predict_x0_eps(scheduler, model_output, t, x):
-    """(x_0, eps) from the model output at x_t: linear in both; t a scalar or (B,)."""
+    """(x_0, eps) from the model output at x_t: linear in both; t a scalar or (B,). Flow models: x_sigma =
+    (1 - sigma) x_0 + sigma eps and v = eps - x_0, so x_0 = x - sigma v and eps = x + (1 - sigma) v."""
+    if is_flow(scheduler):
+        sigma = per_sample(flow_sigmas(scheduler, t)[0], x)
+        return x - sigma * model_output, x + (1 - sigma) * model_output
     abar = per_sample(scheduler.alphas_cumprod[torch.as_tensor(t).cpu()], x)
     if scheduler.config.prediction_type == "v_prediction":
         return abar.sqrt() * x - (1 - abar).sqrt() * model_output, abar.sqrt() * model_output + (1 - abar).sqrt() * x
     return (x - (1 - abar).sqrt() * model_output) / abar.sqrt(), model_output
 
 
+def draw_timesteps(scheduler, n, generator, low=0, high=None):
+    """n training timesteps (n,) drawn as diffusers' training examples draw them, from entries [low, high) of the
+    training schedule (default: all N). DDPM families: uniform integers. Flow models: a logit-normal(0, 1) u (the
+    SD3 and FLUX examples' default weighting_scheme) picks entry i = floor(u (high - low)) + low of the training
+    sigmas 1 - i / N, shifted by the config's shift unless the shift is dynamic (FLUX), as
+    FlowMatchEulerDiscreteScheduler builds them; the timestep is N sigma."""
+    N = scheduler.config.num_train_timesteps
+    high = N if high is None else high
+    if not is_flow(scheduler):
+        return torch.randint(low, high, (n,), generator=generator)
+    u = torch.sigmoid(torch.randn(n, generator=generator))
+    sigma = 1 - (low + (u * (high - low)).long().clamp(max=high - low - 1)) / N
+    if not scheduler.config.use_dynamic_shifting:
+        shift = scheduler.config.shift
+        sigma = shift * sigma / (1 + (shift - 1) * sigma)
+    return sigma * N
+
+
+def forward_process(scheduler, latents, noise, t):
+    """x_t and the model's regression target for per-sample training timesteps t (B,): sqrt(abar_t) x_0 +
+    sqrt(1 - abar_t) noise with the noise (or v = sqrt(abar_t) noise - sqrt(1 - abar_t) x_0) as target; flow models
+    (1 - sigma) x_0 + sigma noise with the velocity noise - x_0 (sigma = t / N). From alphas_cumprod or the config,
+    so the sampling scheduler serves."""
+    if is_flow(scheduler):
+        sigma = per_sample(torch.as_tensor(t, dtype=torch.float32) / scheduler.config.num_train_timesteps, latents)
+        return (1 - sigma) * latents + sigma * noise, noise - latents
+    abar = scheduler.alphas_cumprod.to(latents.device)[t].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
+    if scheduler.config.prediction_type == "v_prediction":
+        return noisy, abar.sqrt() * noise - (1 - abar).sqrt() * latents
+    return noisy, noise
+
+
 def sampler_step(scheduler, model_output, t, x, noise, eta):
     """x_{t-1} = a_t x_t + b_t eps + c_t z (eq. 2), differentiable in x and the model output; t a scalar or one
-    timestep per sample (B,). DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal
-    scheduler.step, row by row). DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its own step,
-    which is linear too (one scalar t)."""
-    if type(scheduler).__name__ == "DPMSolverMultistepScheduler":
-        return scheduler.step(model_output, t, x).prev_sample
-    abar_t, abar_prev = (per_sample(a, x) for a in alphas_at(scheduler, t))
+    timestep per sample (B,); noise None gives the mean. See step_mean_std."""
+    mean, std = step_mean_std(scheduler, model_output, t, x, eta)
+    return mean if noise is None else mean + per_sample(std, x) * noise
+
+
+def step_std(scheduler, t, eta):
+    """c_t, the standard deviation of the step's Gaussian transition at timestep(s) t (a scalar or (B,)), see
+    step_mean_std; 0 for a deterministic step."""
+    if is_flow(scheduler):
+        sigma, sigma_next = flow_sigmas(scheduler, t)
+        below_one = torch.where(sigma == 1, scheduler.sigmas[1].cpu(), sigma)
+        return eta * (sigma / (1 - below_one)).sqrt() * (sigma - sigma_next).sqrt()
+    abar_t, abar_prev = alphas_at(scheduler, t)
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     if type(scheduler).__name__ == "DDPMScheduler":
-        sigma = variance.clamp(min=1e-20).sqrt()
-    else:
-        sigma = eta * variance.sqrt()
+        return variance.clamp(min=1e-20).sqrt()
+    return eta * variance.sqrt()
+
+
+def step_mean_std(scheduler, model_output, t, x, eta):
+    """The step as a Gaussian transition x_{t-1} ~ N(mean, std^2): mean = a_t x_t + b_t eps (eq. 2), std = c_t.
+    DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal scheduler.step, row by row).
+    Flow models: the Euler step x + (sigma_{i+1} - sigma_i) v of FlowMatchEulerDiscreteScheduler (std 0); with
+    eta = a > 0 Flow-GRPO's SDE, sigma_t = a sqrt(sigma / (1 - sigma)), mean = x (1 + sigma_t^2 dt / (2 sigma)) +
+    v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt, std = sigma_t sqrt(-dt) (dt < 0; at sigma = 1 the denominator takes
+    the next sigma, as Flow-GRPO's code does). DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its
+    own step, which is linear too (one scalar t, std 0)."""
+    if type(scheduler).__name__ == "DPMSolverMultistepScheduler":
+        return scheduler.step(model_output, t, x).prev_sample, torch.tensor(0.0)
+    std = step_std(scheduler, t, eta)
+    if is_flow(scheduler):
+        sigma, sigma_next = (per_sample(s, x) for s in flow_sigmas(scheduler, t))
+        dt = sigma_next - sigma
+        if eta == 0:
+            return x + dt * model_output, std
+        var = per_sample(std, x) ** 2 / -dt  # sigma_t^2 (std = sigma_t sqrt(-dt))
+        mean = x * (1 + var / (2 * sigma) * dt) + model_output * (1 + var * (1 - sigma) / (2 * sigma)) * dt
+        return mean, std
+    abar_t, abar_prev = (per_sample(a, x) for a in alphas_at(scheduler, t))
     x0, eps = predict_x0_eps(scheduler, model_output, t, x)
-    x_prev = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
-    return x_prev if noise is None else x_prev + sigma * noise
+    return abar_prev.sqrt() * x0 + (1 - abar_prev - per_sample(std, x) ** 2).clamp(min=0).sqrt() * eps, std
 
 
 def rollout(unet, scheduler, cond, latents, generator, args, grad_steps=(), stop_index=None, stop_grad_input=True):
@@ -826,7 +1139,7 @@ def rollout(unet, scheduler, cond, latents, generator, args, grad_steps=(), stop
     stop_grad_input detaches every UNet input (DRTune eq. 3). With stop_index, sampling stops at that step and
     returns the x_0 predicted from x_t and the model output there (early stop); otherwise the final latents."""
     scheduler.set_timesteps(args.num_inference_steps, device=latents.device)  # also resets DPM++ history
-    stochastic = args.sampler == "ddpm" or (args.sampler == "ddim" and args.eta > 0)
+    stochastic = args.sampler == "ddpm" or (args.sampler in ("ddim", "euler") and args.eta > 0)
     for i, t in enumerate(scheduler.timesteps):
         with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
             model_output = predict_noise(unet, latents.detach() if stop_grad_input else latents, t, cond,
@@ -844,7 +1157,7 @@ def randn(shape, generator, device):
 
 
 def initial_latents(models, args, batch_size, generator, device):
-    shape = (batch_size, models.unet.config.in_channels, args.resolution // models.vae_scale_factor,
+    shape = (batch_size, models.vae.config.latent_channels, args.resolution // models.vae_scale_factor,
              args.resolution // models.vae_scale_factor)
     return randn(shape, generator, device)
 
@@ -883,7 +1196,7 @@ def step_generator(args, process_index, step):
 def add_lora(unet, args):
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
-                                target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+                                target_modules=args.lora_target_modules.split(",")))
     params = [p for p in unet.parameters() if p.requires_grad]
     for p in params:  # frozen weights stay in the mixed-precision dtype; trainable ones in fp32
         p.data = p.data.float()
@@ -898,27 +1211,34 @@ def make_optimizer(params, args, device):
                              fused=device.type in ("cuda", "cpu"))
 
 
-def save_lora(unet, is_sdxl, output_dir):
-    """pytorch_lora_weights.safetensors in the diffusers format: pipe.load_lora_weights(output_dir) loads it."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+def save_lora(unet, family, output_dir):
+    """pytorch_lora_weights.safetensors in the diffusers format of the family's pipeline:
+    pipe.load_lora_weights(output_dir) loads it (UNets: diffusers' key names, as its SD examples save them;
+    transformers: peft's, as its SD3 and FLUX examples save them)."""
+    import diffusers
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    state_dict = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    denoiser = FAMILIES[family]["denoiser"]
+    state_dict = get_peft_model_state_dict(unet)
+    if denoiser == "unet":
+        state_dict = convert_state_dict_to_diffusers(state_dict)
     # the metadata keeps lora_alpha; without it a reload assumes alpha = rank
-    pipeline_class.save_lora_weights(output_dir, unet_lora_layers=state_dict,
-                                     unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+    getattr(diffusers, FAMILIES[family]["pipeline"]).save_lora_weights(
+        output_dir, **{f"{denoiser}_lora_layers": state_dict,
+                       f"{denoiser}_lora_adapter_metadata": unet.peft_config["default"].to_dict()})
 
 
-def load_lora(unet, is_sdxl, path):
+def load_lora(unet, family, path):
     """The LoRA weights save_lora wrote in folder `path`, read with safetensors (never pickle)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
-    pipeline_class = StableDiffusionXLPipeline if is_sdxl else StableDiffusionPipeline
-    state_dict = pipeline_class.lora_state_dict(load_file(os.path.join(path, "pytorch_lora_weights.safetensors")))[0]
-    state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items()}
+    denoiser = FAMILIES[family]["denoiser"]
+    state_dict = load_file(os.path.join(path, "pytorch_lora_weights.safetensors"))
+    if denoiser == "unet":
+        state_dict = getattr(diffusers, FAMILIES[family]["pipeline"]).lora_state_dict(state_dict)[0]
+    state_dict = {k.removeprefix(f"{denoiser}."): v for k, v in state_dict.items()}
     result = set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(state_dict), adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"{path}: unexpected LoRA keys {result.unexpected_keys[:3]}")
@@ -1056,7 +1376,7 @@ def save_checkpoint(accelerator, unet, models, optimizer, lr_scheduler, args, st
                   os.path.join(tmp, f"{name}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora(unet, models.is_sdxl, tmp)
+        save_lora(unet, models.family, tmp)
         scalars = {f"{i}.{k}": v for i, values in optimizer_state["state"].items()
                    for k, v in values.items() if not torch.is_tensor(v)}
         marker = dict(format=1, script=os.path.basename(__file__), step=step, run_id=args.run_id,
@@ -1120,7 +1440,7 @@ def resume_step(accelerator, unet, models, optimizer, lr_scheduler, args):
         if args.resume_from_checkpoint is not None:
             accelerator.print(f"no checkpoint in {args.output_dir}; starting from scratch")
         return 0
-    load_lora(unet, models.is_sdxl, path)
+    load_lora(unet, models.family, path)
     saved = dict(marker["optimizer"]["scalars"], **load_file(os.path.join(path, "optimizer.safetensors")))
     optimizer_state = {}
     for key, value in saved.items():
@@ -1334,7 +1654,7 @@ def main(args):
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    accelerator.print(f"{'SDXL' if models.is_sdxl else 'SD1.5'} | {len(params)} LoRA tensors, "
+    accelerator.print(f"{FAMILIES[models.family]['label']} | {len(params)} LoRA tensors, "
                       f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable | batch {args.train_batch_size} x "
                       f"accumulation {args.gradient_accumulation_steps} x {accelerator.num_processes} processes = "
                       f"{total_batch} | {args.max_train_steps} steps from {start_step}")
@@ -1407,7 +1727,7 @@ def main(args):
 
     accelerator.wait_for_everyone()
     if main_process:
-        save_lora(unet, models.is_sdxl, args.output_dir)
+        save_lora(unet, models.family, args.output_dir)
         with accelerator.autocast():
             after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
             with reference_unet(unet):
@@ -1469,6 +1789,7 @@ def library_versions():
 # ---------------------------------------------------------------------------------------------
 
 NEEDS_DIFFERENTIABLE_REWARD = True
+NEEDS_STOCHASTIC_STEPS = False  # the default sampler is the family's first: ddpm, or euler for flow models
 
 
 def truncation_schedule(T, truncation_min, truncation_max, generator):

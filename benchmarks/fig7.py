@@ -76,7 +76,7 @@ def grad_norms(job):
     torch.manual_seed(args.seed)  # the same LoRA initialization in every process
     params = script.add_lora(models.unet, args)
     if job["lora"]:  # the trained state: drtune.py's LoRA (the same layout) loaded into it
-        script.load_lora(models.unet, models.is_sdxl, job["lora"])
+        script.load_lora(models.unet, models.family, job["lora"])
     out = []
     for K in job["K"]:
         args.draft_k, args.stop_grad_unet_input = K, job["stop_grad"]

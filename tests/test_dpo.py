@@ -156,7 +156,7 @@ def test_reference_is_the_same_unet_with_adapters_off(pairs_file):
     assert all(p.grad is not None for n, p in params.items() if n != frozen)
 
     base = UNet2DConditionModel.from_pretrained(TINY_SD, subfolder="unet").eval()
-    cond = dpo.prompt_conditioning(models, prompts, args.resolution)
+    cond = dpo.encode_prompts(models, prompts, args.resolution, negative=False)
     x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 700])
     with torch.no_grad():
         expected = base(x, t, **cond).sample
@@ -178,7 +178,7 @@ def test_reference_switch_is_undone_when_its_body_raises(pairs_file):
         for name, p in lora_params(unet).items():
             if "lora_B" in name:
                 p.normal_(0, 0.5)
-    cond = dpo.prompt_conditioning(models, ["a cat"], args.resolution)
+    cond = dpo.encode_prompts(models, ["a cat"], args.resolution, negative=False)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([300])
     with torch.no_grad():
         policy = unet(x, t, **cond).sample
@@ -307,7 +307,7 @@ def test_ema_reference_moves_by_exactly_the_rate(pairs_file):
             key = name.replace(".default.", ".ref.")
             torch.testing.assert_close(ref[key], old[key] + 0.3 * (p - old[key]), rtol=1e-6, atol=1e-8)
 
-    cond = dpo.prompt_conditioning(models, ["a cat"], args.resolution)
+    cond = dpo.encode_prompts(models, ["a cat"], args.resolution, negative=False)
     x, t = torch.randn(1, 4, 8, 8), torch.tensor([500])
     reference.rate = 1.0  # the reference follows the policy: the "ref" adapter then computes the policy's output
     reference.update()

@@ -62,7 +62,7 @@ def test_scaffold_is_identical(name):
 def test_world_demo_settings_are_identical(name):
     """Every --preset demo starts from the same trained tiny world (the constants above each script's presets)."""
     reference, other = top_level(source("drtune.py")), top_level(source(name))
-    for key in ("HERE", "WORLD", "WORLD_DEMO"):
+    for key in ("HERE", "WORLD", "WORLD_DEMO", "WORLD_DEMO_SD3"):
         assert other[key] == reference[key], f"{name}: {key} differs from drtune.py"
     import importlib
     assert importlib.import_module(name.removesuffix(".py")).PRESETS["demo"]["pretrained_model_name_or_path"].endswith(

@@ -58,7 +58,7 @@ def test_candidates_are_ddim_eta1_steps_from_one_mean():
     x, model_output = torch.randn(2, 4, 8, 8) * 3, torch.randn(2, 4, 8, 8)
     for t in reference.timesteps[[0, 7, 19]]:
         mean = spo.sampler_step(ours, model_output, t, x, None, 1.0)
-        sigma = spo.step_sigma(ours, int(t), 1.0)
+        sigma = spo.step_std(ours, int(t), 1.0)
         pool = spo.draw_candidates(mean, sigma, 3, torch.Generator().manual_seed(1))
         noise = torch.randn((3, *x.shape), generator=torch.Generator().manual_seed(1))
         for j in range(3):
@@ -67,10 +67,10 @@ def test_candidates_are_ddim_eta1_steps_from_one_mean():
     # per-sample timesteps (spo_loss): each row's mean and sigma equal the scalar step's of that row
     timesteps = reference.timesteps[[3, 11]]
     got = spo.sampler_step(ours, model_output, timesteps, x, None, 1.0)
-    sigmas = spo.step_sigma(ours, timesteps, 1.0)
+    sigmas = spo.step_std(ours, timesteps, 1.0)
     for i, t in enumerate(timesteps):
         torch.testing.assert_close(got[i], spo.sampler_step(ours, model_output[i:i + 1], t, x[i:i + 1], None, 1.0)[0])
-        torch.testing.assert_close(sigmas[i], spo.step_sigma(ours, int(t), 1.0))
+        torch.testing.assert_close(sigmas[i], spo.step_std(ours, int(t), 1.0))
 
 
 def test_pool_shares_x_t_and_the_step_mean(sd):
@@ -85,7 +85,7 @@ def test_pool_shares_x_t_and_the_step_mean(sd):
         model_output = spo.predict_noise(models.unet, x_t, t, cond, args.guidance_scale)
     mean = torch.cat([spo.sampler_step(scheduler, model_output[i:i + 1], s, x_t[i:i + 1], None, args.eta)
                       for i, s in enumerate(t.tolist())])  # row by row, each at its own timestep
-    sigma = torch.stack([spo.step_sigma(scheduler, s, args.eta) for s in t.tolist()]).view(-1, 1, 1, 1)
+    sigma = torch.stack([spo.step_std(scheduler, s, args.eta) for s in t.tolist()]).view(-1, 1, 1, 1)
     z = (pairs["next_latents"] - mean.unsqueeze(1)) / sigma.unsqueeze(1)  # (P, 2, C, h, w)
     assert abs(z.mean()) < 0.1 and abs(z.std() - 1) < 0.1
     assert (z[:, 0] - z[:, 1]).abs().amax(dim=(1, 2, 3)).min() > 0.5  # winner and loser: different noise
@@ -155,7 +155,7 @@ def test_a_deterministic_last_step_gives_no_pair():
     scheduler = DDIMScheduler.from_config(scheduler.config, set_alpha_to_one=True)
     pairs, stats = sample(args, models, scheduler, preference_model)
     last = int(scheduler.timesteps[-1])
-    assert spo.step_sigma(scheduler, last, 1.0) == 0
+    assert spo.step_std(scheduler, last, 1.0) == 0
     assert last not in pairs["timesteps"].tolist()
     assert len(pairs["timesteps"]) == 2 * (args.num_inference_steps - args.warm_steps - 1)  # B = 2 prompts
     assert len(stats["gaps"]) == 2 * (args.num_inference_steps - args.warm_steps)  # the last step is still compared
@@ -169,7 +169,7 @@ def test_loss_matches_a_forward_per_side_with_inner_steps():
     shared = (pairs["latents"][:, 0] == pairs["latents"][:, 1]).flatten(1).all(1)
     assert shared.any() and not shared.all()
     # SDXL's config sets set_alpha_to_one False: DDIM's last step stops at abar_0 < 1 and stays stochastic, a pair
-    assert spo.step_sigma(scheduler, int(scheduler.timesteps[-1]), 1.0) > 0
+    assert spo.step_std(scheduler, int(scheduler.timesteps[-1]), 1.0) > 0
     assert int(scheduler.timesteps[-1]) in pairs["timesteps"].tolist()
     with torch.no_grad():
         for p in models.unet.parameters():
@@ -185,7 +185,7 @@ def test_loss_matches_a_forward_per_side_with_inner_steps():
                 out = spo.predict_noise(models.unet, x_t, t, cond, args.guidance_scale)
                 mean = torch.cat([spo.sampler_step(scheduler, out[i:i + 1], s, x_t[i:i + 1], None, args.eta)
                                   for i, s in enumerate(t.tolist())])  # row by row
-                sigma = torch.stack([spo.step_sigma(scheduler, s, args.eta) for s in t.tolist()])
+                sigma = torch.stack([spo.step_std(scheduler, s, args.eta) for s in t.tolist()])
                 logps.append(spo.gaussian_log_density(pairs["next_latents"][:, side], mean, sigma))
             models.unet.enable_adapters()
             expected.append(logps[0] - logps[1])
@@ -315,7 +315,11 @@ def test_bad_input_is_one_clear_error(overrides, message, tmp_path):
 
 def test_defaults_are_the_papers():
     args = spo.parse_args([])
-    assert (args.sampler, args.eta, args.num_inference_steps, args.guidance_scale) == ("ddim", 1.0, 20, 5.0)
+    # the sampler is the family's stochastic one (check_arguments: DDIM for SD1.5/SDXL, the flow SDE for SD3/FLUX);
+    # CFG the family's pipeline's, the paper's 5 in its presets
+    assert (args.sampler, args.eta, args.num_inference_steps) == (None, 1.0, 20)
+    assert spo.NEEDS_STOCHASTIC_STEPS and spo.FAMILIES["sd15"]["stochastic_sampler"] == "ddim"
+    assert spo.parse_args(["--preset", "sd15-paper"]).guidance_scale == 5.0
     assert (args.num_candidates, args.pair_threshold, args.warm_steps, args.beta, args.clip_eps) == (4, 0.3, 4, 10, 0.1)
     assert args.reward == "pickscore" and not spo.NEEDS_DIFFERENTIABLE_REWARD
     sdxl = spo.parse_args(["--preset", "sdxl-paper"])

@@ -212,7 +212,9 @@ def test_spo_runs_with_the_spm(tiny, tmp_path, monkeypatch):
     row = spo.main(spo.parse_args(argv))
     rows = read_metrics(tmp_path / "run")
     assert [r["step"] for r in rows] == [0, 1, 2] and row["pairs"] > 0 and "raw_spo_pm" in row
-    scheduler = spo.make_scheduler(spo.parse_args(argv))
+    args = spo.parse_args(argv)
+    spo.check_arguments(args)
+    scheduler = spo.make_scheduler(args)
     scheduler.set_timesteps(4)
     compared = {int(t) for t in scheduler.timesteps[2:]} | {0}  # after W = 1 and the first branching step
     assert {t for t in seen if t is not None} == compared
