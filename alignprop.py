@@ -19,6 +19,8 @@ code's truncated_backprop_minmax (0, 50) of 50 steps means 0 to 50 trained steps
 stop-gradient, eq. 3: detach every UNet input; the DRTune paper's Fig. 6 shows AlignProp reaching the same reward
 in about half the iterations with it), --gradient_checkpointing, --reward, --learning_rate.
 
+Flow models (SD3/SD3.5, FLUX): the same truncation on the Euler trajectory, every trained step checkpointed.
+
 Choices where the sources leave room:
 - Alg. 1 l.3 prints AlignProp's set as {i}_{i >= randint(1, T)}. Read literally in the paper's t (t = 1 next to the
   image) that would train the steps next to the noise, against the paper's own text ("a higher probability for

@@ -65,6 +65,14 @@ SD1.5 and 200 for SDXL, 2000 steps, fp16, 512 px (SD1.5) / 1024 px (SDXL, with A
 flips and 20 % empty captions. The LoRA presets below keep beta, resolution, batch, warmup, step count and data
 augmentation and use the diffusers LoRA port's lr 1e-5 (rank 8 there; 64 here).
 
+Flow models (SD3/SD3.5, FLUX; the paper is about DDPM): the same loss on the flow-matching error. Winner and loser
+are noised with the same eps and sigma, x_sigma = (1 - sigma) x_0 + sigma eps, and each error is the squared
+difference of the model's velocity and its target eps - x_0, averaged per element. sigma is drawn as diffusers'
+SD3/FLUX training examples draw it: u ~ logit-normal(0, 1) picks an entry of the training schedule (shifted by the
+config's shift), and the loss weight is 1 (their default weighting_scheme): the draw already concentrates on the
+middle noise levels, and a per-sigma weight would change what beta means from one draw to the next. The velocity
+errors have another scale than the noise errors, so beta needs its own tuning (the SD3 world's demo keeps 100).
+
     # SD1.5 on Pick-a-Pic v2 (streamed) on 16 GPUs, effective batch 2048 pairs
     accelerate launch --num_processes 16 dpo.py --preset sd15-paper
     # SDXL on 16 GPUs, fp16-fix VAE

@@ -21,6 +21,10 @@ paper's Fig. 6 shows DRaFT-T converging only with it, Fig. 7 the gradient norm e
 --reward, --learning_rate (DRaFT-LV, which trains only the last step, wants a lower one than DRaFT-K: on the tiny
 world it collapses at the demo's 3e-3, loses reward at 1e-3 and gains at 3e-4; benchmarks.gallery).
 
+Flow models (SD3/SD3.5, FLUX): the same rules on the Euler trajectory (the step is linear in x with slope 1, so
+stop-gradient leaves the identity as the only path back); DRaFT-LV re-noises x_0 to the last step's sigma as
+(1 - sigma) x_0 + sigma eps and takes that step (x_0 = x - sigma v) with gradient.
+
 Choices where the sources leave room:
 - The variant flag is --draft_variant: the scaffold's --variant already names the weights variant (e.g. fp16).
 - `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,

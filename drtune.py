@@ -29,6 +29,18 @@ equally spaced over the steps that actually run (t = t_min..T, n = T - t_min + 1
 d = floor(n / K), offset s uniform in [t_min, T - (K-1) d], t_train = {s + i d}. Exactly K executed steps
 are trained every update, and with t_min = 1 and K dividing T this is the paper's {s, s + T/K, ...}.
 
+Flow models (SD3/SD3.5, FLUX; the paper is about DDPM and DPM-Solver): the Euler step x_{i+1} = x_i + (sigma_{i+1} -
+sigma_i) v(sg(x_i)) is the same linear form with a = 1, so the product of a_s in eq. 4-5 is 1: the reward gradient
+reaches every trained step unchanged along the linear path (tests/test_flow.py checks the identity against autograd).
+The early stop predicts x_0 = x_t - sigma_t v. K, m and the offsets are read on the flow schedule's steps as above.
+
+    # SD3.5-Medium and FLUX.1-dev (LoRA on the joint attention's image and text projections); the SD3 world on CPU
+    python drtune.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium --reward hpsv21 \
+        --resolution 1024 --num_inference_steps 28 --num_trained_steps 3 --early_stop_max 10 --guidance_scale 4.5 \
+        --mixed_precision bf16 --gradient_checkpointing --rank 64 --learning_rate 1e-5
+    python drtune.py --pretrained_model_name_or_path black-forest-labs/FLUX.1-dev --reward hpsv21 --resolution 1024 \
+        --num_inference_steps 28 --num_trained_steps 3 --early_stop_max 10 --mixed_precision bf16 --gradient_checkpointing
+    python drtune.py --preset demo --pretrained_model_name_or_path tiny_models/world-sd3
     # the paper's SD1.5 recipe on one GPU (effective batch 32), and on 8 GPUs
     python drtune.py --preset sd15-paper --reward hpsv21
     accelerate launch --num_processes 8 drtune.py --preset sd15-paper --reward hpsv21 --gradient_accumulation_steps 1

@@ -16,6 +16,9 @@ Knobs that matter: --stop_range (the DRTune paper's ReFL-10 and ReFL-20: 10 or 2
 --relu_margin, --loss_scale, --reward (ImageReward for ReFL's own recipe), --learning_rate, --pretrain_dataset and
 --pretrain_loss_weight (Alg. 2's regularizer).
 
+Flow models (SD3/SD3.5, FLUX): the stop step's x_0 is x_t - sigma_t v, and L_pre is the flow-matching loss (the
+velocity target noise - x_0 at a logit-normal sigma, as diffusers' SD3/FLUX examples train).
+
 Choices where the sources leave room:
 - `--preset paper` is the DRTune paper's unified SD1.5 setting (DDPM 50 steps, CFG 7.5, 512 px scored at 224,
   batch 32, lr 2e-5, clip 0.1, LoRA rank 128, fp16 frozen weights, HPS v2.1), with stop_range 10 (ReFL-10).

@@ -59,6 +59,15 @@ def finish_args(args, name, argv=None):
     return args
 
 
+def model_tag(model):
+    """'' for a UNet pipeline, '_sd3' or '_flux' for a flow one: the suffix of a benchmark's section and figure when
+    it runs on the SD3 world instead of the SD1.5 one (both sections stay in BENCHMARKS.md)."""
+    import drtune
+    from diffusers import DiffusionPipeline
+    family = drtune.detect_family(DiffusionPipeline.load_config(model))
+    return "" if family in ("sd15", "sdxl") else f"_{family}"
+
+
 def error(message):
     """Exit as argparse does: `<script>: error: <message>`."""
     sys.exit(f"{os.path.basename(sys.argv[0])}: error: {message}")
@@ -417,7 +426,8 @@ its own section below and leaves the others.
 """
 # The order of the sections in the file; keys not listed (e.g. dpo_full_size_sdxl, once measured) follow.
 SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "drtune_ablation",
-            "dpo", "spo", "step_preference", "spo_labels", "world_preference", "gallery"]
+            "dpo", "spo", "step_preference", "spo_labels", "world_preference", "gallery", "flow_full_size", "fig7_sd3",
+            "drtune_ablation_sd3"]
 PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python -m benchmarks.fig7`.\n",
                 "checkpointing": "## Gradient checkpointing granularities\n\nNot measured yet: run `python -m "
                                  "benchmarks.checkpointing`.\n",
@@ -432,6 +442,8 @@ PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `p
                 "drtune_ablation": "## DRTune against K and m\n\nNot measured yet: run `python -m "
                                    "benchmarks.drtune_ablation`.\n",
                 "gallery": "## Gallery\n\nNot made yet: run `python -m benchmarks.gallery`.\n",
+                "flow_full_size": "## Real-size flow models on CPU\n\nNot measured yet: run `python -m "
+                                  "benchmarks.flow_full_size`.\n",
                 "table1": "## Miniature Table 1\n\nNot measured yet: run `python -m benchmarks.table1`.\n",
                 **{f"full_size_{name}": f"## Full-size {title}, random weights\n\nNot measured yet: it needs a GPU. "
                    f"Run `python -m benchmarks.sweep --full_size {name}` on one; it replaces this section.\n"

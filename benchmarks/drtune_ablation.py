@@ -21,7 +21,7 @@ import time
 
 if not __package__:  # python benchmarks/drtune_ablation.py: the repo root on the path, as with -m
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from benchmarks import common, table1
+from benchmarks import common, fig7, table1
 
 REWARD = "symmetry:1,clipscore:1"
 T = 20
@@ -122,17 +122,19 @@ def main(args):
     print("\n" + "\n\n".join(tables) + "\n\n" + text)
     if args.output_dir is not None:
         os.makedirs(args.output_dir, exist_ok=True)
-        plot(runs, k_sweep, m_sweep, t, os.path.join(args.output_dir, "bench_drtune_ablation.png"))
+        tag = common.model_tag(args.model)  # the SD3 world's run gets its own section and figure
+        plot(runs, k_sweep, m_sweep, t, os.path.join(args.output_dir, f"bench_drtune_ablation{tag}.png"))
         body = "\n".join([
-            "## DRTune against K and m on the tiny world (Fig. 8 and 9)", "",
+            f"## DRTune against K and m on the tiny {'SD3 ' if tag else ''}world (Fig. 8 and 9)", "",
             *common.header_lines(args, seconds, "CPU time of each one-thread process"), "",
-            f"Protocol (the module docstring): drtune.py `--preset demo` on the world, reward `{REWARD}`, "
+            f"Protocol (the module docstring): drtune.py `--preset demo` on the world "
+            f"(`{os.path.relpath(args.model, common.ROOT)}`: {fig7.demo_sampling(tag)}), reward `{REWARD}`, "
             f"{args.budget:g} CPU s of training per run, seeds {', '.join(map(str, args.seeds))}, the 8 held-out "
             f"prompts with fixed noise; mean ± std over seeds. The K = {K_DEMO}, m = {M_DEMO} runs serve both "
             f"tables.", "", "Fig. 8, K at m = 8:", "", tables[0], "", "Fig. 9, m at K = 2:", "", tables[1], "",
-            "Reading (computed from the tables):", "", text, "", "![DRTune against K and m](bench_drtune_ablation.png)",
-            ""])
-        common.write_report(args.output_dir, "drtune_ablation", body)
+            "Reading (computed from the tables):", "", text, "",
+            f"![DRTune against K and m](bench_drtune_ablation{tag}.png)", ""])
+        common.write_report(args.output_dir, f"drtune_ablation{tag}", body)
     if any(x["status"] != "ok" for x in runs):
         sys.exit(1)
     return runs

@@ -56,6 +56,14 @@ def parse_args(argv=None):
     return args
 
 
+def demo_sampling(tag):
+    """The demo presets' sampler and CFG on the world the run used (draft.py and drtune.py share them)."""
+    import draft
+    demo = draft.PRESETS["demo"]
+    demo = dict(demo, **demo.get(tag.lstrip("_"), {})) if tag else demo
+    return f"{'flow Euler' if demo['sampler'] == 'euler' else demo['sampler'].upper()}, CFG {demo['guidance_scale']:g}"
+
+
 def fig7_argv(args):
     return ["--preset", "demo", "--pretrained_model_name_or_path", args.model, "--resolution", str(args.resolution),
             "--num_inference_steps", str(args.fig7_T), "--train_batch_size", str(args.fig7_batch_size),
@@ -210,9 +218,10 @@ def main(args):
     print(table + "\n\n" + text + f"\n\nbenchmark time: {seconds:.0f} s (backward passes: {cpu:.0f} CPU s)")
     if args.output_dir is not None:
         os.makedirs(args.output_dir, exist_ok=True)
-        fig7_plot(rows, states, os.path.join(args.output_dir, "bench_fig7.png"))
+        tag = common.model_tag(args.model)  # the SD3 world's run gets its own section and figure
+        fig7_plot(rows, states, os.path.join(args.output_dir, f"bench_fig7{tag}.png"))
         settings = (f"DRaFT-K (`draft.py`, `--preset demo`: `{os.path.relpath(args.model, common.ROOT)}`, "
-                    f"{args.resolution} px, DDPM, CFG 6, LoRA rank 8, fp32) with T={args.fig7_T}, batch "
+                    f"{args.resolution} px, {demo_sampling(tag)}, LoRA rank 8, fp32) with T={args.fig7_T}, batch "
                     f"{args.fig7_batch_size}, symmetry reward; for each K, {args.fig7_batches} batches (prompts and "
                     f"noise from the seeded per-step generator, the same batches for every K, variant and state). "
                     f"Norm: the L2 norm over all LoRA gradients after `algorithm_loss` + backward, before clipping. "
@@ -222,10 +231,12 @@ def main(args):
                     f"paper (SD1.5, T=50, batch 32, K up to 50, during a training run): {cpu:.0f} CPU s of backward "
                     f"passes.")
         body = "\n".join([
-            "## Fig. 7 on the tiny world: LoRA gradient norm against K, with and without stop-gradient", "",
+            f"## Fig. 7 on the tiny {'SD3 ' if tag else ''}world: LoRA gradient norm against K, with and without "
+            f"stop-gradient", "",
             *common.header_lines(args, seconds, "CPU time of each one-thread process"), "", settings, "", table, "",
-            "Reading (computed from the numbers above):", "", text, "", "![grad norm against K](bench_fig7.png)", ""])
-        common.write_report(args.output_dir, "fig7", body)
+            "Reading (computed from the numbers above):", "", text, "", f"![grad norm against K](bench_fig7{tag}.png)",
+            ""])
+        common.write_report(args.output_dir, f"fig7{tag}", body)
     return rows
 
 
