@@ -427,7 +427,7 @@ its own section below and leaves the others.
 # The order of the sections in the file; keys not listed (e.g. dpo_full_size_sdxl, once measured) follow.
 SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "drtune_ablation",
             "dpo", "spo", "step_preference", "spo_labels", "world_preference", "gallery", "flow_full_size", "fig7_sd3",
-            "drtune_ablation_sd3"]
+            "drtune_ablation_sd3", "gallery_sd3"]
 PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python -m benchmarks.fig7`.\n",
                 "checkpointing": "## Gradient checkpointing granularities\n\nNot measured yet: run `python -m "
                                  "benchmarks.checkpointing`.\n",

@@ -9,6 +9,7 @@ docs/gallery.png (one row per method: its 8 "before" images, then its 8 "after" 
 BENCHMARKS.md.
 
     python -m benchmarks.gallery                                  # 7 demos and DRaFT-LV at 2 more lrs, 8 CPU min
+    python -m benchmarks.gallery --model tiny_models/world-sd3    # the same on the SD3 world (gallery_sd3 section)
     python -m benchmarks.gallery --quick --output_dir /tmp/b      # seconds: 2 steps each, drtune and spo only
 """
 
@@ -45,6 +46,8 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=os.path.join(common.ROOT, "tiny_models", "world-sd15"),
+                        help="the world the demos run on (its demo presets' settings for that family)")
     parser.add_argument("--jobs", type=int, default=2, help="processes run in parallel")
     parser.add_argument("--num_threads", type=int, default=None, help=common.NUM_THREADS_HELP)
     parser.add_argument("--quick", action="store_true", help="2 training steps, DRTune and SPO only: seconds")
@@ -77,7 +80,14 @@ def run_demo(job):
     return dict(cpu=time.process_time() - start, before=np.stack(before), after=np.stack(after),
                 symmetry_before=result["before"]["symmetry"], symmetry_after=result["after"]["symmetry"],
                 drawn_before=result["before"]["drawn"], drawn_after=result["after"]["drawn"], evals=evals,
-                steps=args.max_train_steps, guidance_scale=args.guidance_scale, sampler=args.sampler)
+                steps=args.max_train_steps, guidance_scale=args.guidance_scale, sampler=args.sampler, eta=args.eta)
+
+
+def sampling(r):
+    """'DDPM, 6', 'DDIM, eta 1, 1.5', 'flow Euler, 4': a demo's sampler and CFG."""
+    name = "flow Euler" if r["sampler"] == "euler" else r["sampler"].upper()
+    eta = f", eta {r['eta']:g}" if r["eta"] else ""
+    return f"{name}{eta}, {r['guidance_scale']:g}"
 
 
 def compose(results, path, scale=3, gap=4):
@@ -98,7 +108,8 @@ def main(args):
     demos = [d for d in DEMOS if not args.quick or d[0] in ("DRTune", "SPO")]
     context = common.fork_context([module for _, module, _ in demos])
     with tempfile.TemporaryDirectory(prefix="bench-gallery-") as folder:
-        extra = ["--seed", str(args.seed)] + (["--max_train_steps", "2", "--validation_steps", "2"] if args.quick else [])
+        extra = ["--seed", str(args.seed), "--pretrained_model_name_or_path", args.model]
+        extra += ["--max_train_steps", "2", "--validation_steps", "2"] if args.quick else []
         jobs = [dict(module=module, flags=flags + extra, output_dir=os.path.join(folder, label.replace(" ", "_")),
                      num_threads=args.num_threads) for label, module, flags in demos]
         out = common.run_parallel(context, run_demo, jobs, args.jobs)
@@ -111,24 +122,26 @@ def main(args):
             "prompts drawn", "CPU s"]
     table = common.markdown_table(head, [
         [label, f"`{module}.py --preset demo{' ' + ' '.join(flags) if flags else ''}`",
-         f"{r['sampler'].upper()}, {r['guidance_scale']:g}", str(r["steps"]), f"{r['evals'][0]:.3g} → {r['evals'][-1]:.3g}",
+         sampling(r), str(r["steps"]), f"{r['evals'][0]:.3g} → {r['evals'][-1]:.3g}",
          f"{np.mean(r['symmetry_before']):.3f} → {np.mean(r['symmetry_after']):.3f}",
          f"{sum(r['drawn_before'])}/{len(r['drawn_before'])} → {sum(r['drawn_after'])}/{len(r['drawn_after'])}",
          f"{r['cpu']:.0f}"] for (label, module, flags), r in zip(demos, results.values())])
     seconds = time.time() - started
     print(table)
     if args.output_dir is not None:
-        compose(results, os.path.join(args.output_dir, "docs", "gallery.png"))
+        tag = common.model_tag(args.model)  # the SD3 world's gallery is a section and image of its own
+        compose(results, os.path.join(args.output_dir, "docs", f"gallery{tag}.png"))
         body = "\n".join([
-            "## Gallery: every demo on the tiny world", "",
+            f"## Gallery: every demo on the tiny {'SD3 ' if tag else ''}world (`{os.path.relpath(args.model, common.ROOT)}`)",
+            "",
             *common.header_lines(args, seconds, "CPU time of each one-thread process"), "",
             f"Each script's `--preset demo` as a user runs it (seed {args.seed}), the reward `symmetry:1,clipscore:1`; "
-            f"`docs/gallery.png` shows one row per method, its 8 \"before\" images (the base model under the "
+            f"`docs/gallery{tag}.png` shows one row per method, its 8 \"before\" images (the base model under the "
             f"method's sampler) then its 8 \"after\" images, on the 8 held-out prompts of "
             f"`tiny_models/world-eval-prompts.txt`. Symmetry error (eq. 6, numpy) and prompts drawn (the world's "
             f"pixel check) are read back from the images, outside rewards.py.", "", table, "",
-            "![gallery](docs/gallery.png)", ""])
-        common.write_report(args.output_dir, "gallery", body)
+            f"![gallery](docs/gallery{tag}.png)", ""])
+        common.write_report(args.output_dir, f"gallery{tag}", body)
     return results
 
 
