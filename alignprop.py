@@ -91,7 +91,9 @@ WORLD_DEMO = dict(
         ("aesthetic_mlp", "world-aesthetic.safetensors")]),
 )
 # The SD3-format world (tiny_models/world-sd3, same data, VAE and CLIP): `--preset demo --pretrained_model_name_or_path
-# tiny_models/world-sd3` applies the demo preset's "sd3" settings over its others. Its T5 slot was 77 zero tokens.
+# tiny_models/world-sd3` applies the demo preset's "sd3" settings over its others. Its T5 slot was 77 zero tokens. The
+# demos train it at lower learning rates than the SD1.5 world (its LoRA also adapts the text stream's projections;
+# at 3e-3 DRTune's and DRaFT's eval rewards rose, then fell, and online DPO at 2e-3 lost half the prompts).
 WORLD_DEMO_SD3 = dict(sampler="euler", max_sequence_length=77)
 
 # ---------------------------------------------------------------------------------------------
@@ -137,7 +139,7 @@ PRESETS = {
         WORLD_DEMO, output_dir="outputs/alignprop-demo", sampler="ddpm", num_inference_steps=20, guidance_scale=6.0,
         reward="symmetry:1,clipscore:1", train_batch_size=4, learning_rate=3e-3, max_grad_norm=1.0, rank=8, max_train_steps=60,
         validation_steps=20, checkpointing_steps=1000,
-        sd3=dict(WORLD_DEMO_SD3, guidance_scale=4.0),
+        sd3=dict(WORLD_DEMO_SD3, guidance_scale=4.0, learning_rate=1e-3),
     ),
     "paper": dict(SD15_PAPER),
 }
@@ -686,6 +688,8 @@ def check_family_arguments(args, family, denoiser_class, denoiser_config):
         raise UsageError(f"--guidance_scale {args.guidance_scale}: FLUX is guidance-distilled and runs without "
                          f"classifier-free guidance; set its distilled guidance with --guidance_embedding, or add "
                          f"--true_cfg for classifier-free guidance with the empty negative prompt")
+    if args.true_cfg and (args.guidance_scale is None or args.guidance_scale <= 1):
+        raise UsageError("--true_cfg needs a --guidance_scale above 1 (FluxPipeline's true_cfg_scale, e.g. 4)")
     if args.guidance_scale is None:
         args.guidance_scale = family["guidance_scale"]
     has_embedding = bool(denoiser_config.get("guidance_embeds"))
@@ -1276,10 +1280,6 @@ def complete_checkpoints(output_dir):
             if marker is not None and marker.get("step") == int(match.group(1)):
                 found[int(match.group(1))] = (os.path.join(output_dir, name), marker)
     return dict(sorted(found.items()))
-
-
-def checkpoint_steps(output_dir):
-    return list(complete_checkpoints(output_dir))
 
 
 def resume_changes(args):

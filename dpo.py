@@ -71,7 +71,8 @@ difference of the model's velocity and its target eps - x_0, averaged per elemen
 SD3/FLUX training examples draw it: u ~ logit-normal(0, 1) picks an entry of the training schedule (shifted by the
 config's shift), and the loss weight is 1 (their default weighting_scheme): the draw already concentrates on the
 middle noise levels, and a per-sigma weight would change what beta means from one draw to the next. The velocity
-errors have another scale than the noise errors, so beta needs its own tuning (the SD3 world's demo keeps 100).
+errors have another scale than the noise errors, so beta and the lr need their own tuning (the SD3 world's demo
+keeps beta 100 at a quarter of the SD1.5 demo's lr).
 
     # SD1.5 on Pick-a-Pic v2 (streamed) on 16 GPUs, effective batch 2048 pairs
     accelerate launch --num_processes 16 dpo.py --preset sd15-paper
@@ -124,7 +125,9 @@ WORLD_DEMO = dict(
         ("aesthetic_mlp", "world-aesthetic.safetensors")]),
 )
 # The SD3-format world (tiny_models/world-sd3, same data, VAE and CLIP): `--preset demo --pretrained_model_name_or_path
-# tiny_models/world-sd3` applies the demo preset's "sd3" settings over its others. Its T5 slot was 77 zero tokens.
+# tiny_models/world-sd3` applies the demo preset's "sd3" settings over its others. Its T5 slot was 77 zero tokens. The
+# demos train it at lower learning rates than the SD1.5 world (its LoRA also adapts the text stream's projections;
+# at 3e-3 DRTune's and DRaFT's eval rewards rose, then fell, and online DPO at 2e-3 lost half the prompts).
 WORLD_DEMO_SD3 = dict(sampler="euler", max_sequence_length=77)
 
 # ---------------------------------------------------------------------------------------------
@@ -260,7 +263,7 @@ PRESETS = {
         guidance_scale=3.0, reward="symmetry:1,clipscore:1", images_per_prompt=4, prompts_per_round=16,
         steps_per_round=10, ref_update_rate=0.5, train_batch_size=16, learning_rate=2e-3, beta_dpo=100.0,
         max_grad_norm=1.0, rank=8, max_train_steps=90, validation_steps=10, checkpointing_steps=1000, logging_steps=10,
-        sd3=dict(WORLD_DEMO_SD3, guidance_scale=3.0),
+        sd3=dict(WORLD_DEMO_SD3, guidance_scale=3.0, learning_rate=5e-4),
     ),
     # Offline Diffusion-DPO on Pick-a-Pic v2 (streamed), SD1.5 at 512 px: beta 5000, effective batch 2048 pairs
     # (8 x accumulation 16 per GPU on 16 GPUs), 2000 steps with 500 warmup steps (the official launcher), flips and
@@ -846,6 +849,8 @@ def check_family_arguments(args, family, denoiser_class, denoiser_config):
         raise UsageError(f"--guidance_scale {args.guidance_scale}: FLUX is guidance-distilled and runs without "
                          f"classifier-free guidance; set its distilled guidance with --guidance_embedding, or add "
                          f"--true_cfg for classifier-free guidance with the empty negative prompt")
+    if args.true_cfg and (args.guidance_scale is None or args.guidance_scale <= 1):
+        raise UsageError("--true_cfg needs a --guidance_scale above 1 (FluxPipeline's true_cfg_scale, e.g. 4)")
     if args.guidance_scale is None:
         args.guidance_scale = family["guidance_scale"]
     has_embedding = bool(denoiser_config.get("guidance_embeds"))
@@ -1436,10 +1441,6 @@ def complete_checkpoints(output_dir):
             if marker is not None and marker.get("step") == int(match.group(1)):
                 found[int(match.group(1))] = (os.path.join(output_dir, name), marker)
     return dict(sorted(found.items()))
-
-
-def checkpoint_steps(output_dir):
-    return list(complete_checkpoints(output_dir))
 
 
 def resume_changes(args):

@@ -349,9 +349,10 @@ def build_parser():
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help="T5 tokens of SD3 and FLUX prompts; default: the pipeline's (SD3 256, FLUX 512); a model "
                         "trained on fewer (the tiny SD3 world: 77) samples as trained only at that length")
-    g.add_argument("--sampler", choices=["pipeline", "ddpm", "ddim", "dpmpp"], default="pipeline",
+    g.add_argument("--sampler", choices=["pipeline", "ddpm", "ddim", "dpmpp", "euler"], default="pipeline",
                    help="the pipeline's own scheduler, or the training scripts' DDPM, DDIM (eta 0), DPM-Solver++ 2M "
-                        "(SD1.5 and SDXL; SD3 and FLUX sample with their own flow-matching Euler scheduler)")
+                        "(SD1.5 and SDXL); SD3 and FLUX sample with their own flow-matching Euler scheduler (euler, "
+                        "the training scripts' name for it, is the same)")
     g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call and per scoring batch")
     g = parser.add_argument_group("scores and outputs")
     g.add_argument("--rewards", default=DEFAULT_REWARDS, help=f"comma-separated rewards.py names, of: "
@@ -403,9 +404,12 @@ def check_arguments(args):
                                       "--pretrained_model_name_or_path", revision=args.revision)
     family = model_family(args, model_index)
     pipeline = FAMILY_PIPELINES[family]["pipeline"]
-    if FAMILY_PIPELINES[family]["flow_matching"] and args.sampler != "pipeline":
+    if FAMILY_PIPELINES[family]["flow_matching"] and args.sampler not in ("pipeline", "euler"):
         raise UsageError(f"--sampler {args.sampler}: {pipeline} samples with its own flow-matching Euler scheduler; "
-                         f"leave --sampler at pipeline")
+                         f"leave --sampler at pipeline (or euler)")
+    if not FAMILY_PIPELINES[family]["flow_matching"] and args.sampler == "euler":
+        raise UsageError(f"--sampler euler is the flow-matching step of SD3 and FLUX; {pipeline} takes pipeline, "
+                         f"ddpm, ddim or dpmpp")
     if args.max_sequence_length is not None and FAMILY_PIPELINES[family]["max_sequence_length"] is None:
         raise UsageError(f"--max_sequence_length: {pipeline} takes 77 CLIP tokens; the T5 length is for SD3 and "
                          f"FLUX")

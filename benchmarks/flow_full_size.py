@@ -15,7 +15,7 @@ features, and the family's pipeline class reads the file (lora_state_dict). Reco
 set and its CPU time (CPU figures: memory is what counts; times only as an order of magnitude). Writes the
 flow_full_size section of BENCHMARKS.md.
 
-    python -m benchmarks.flow_full_size                     # about 15 CPU minutes, ~16 GiB peak
+    python -m benchmarks.flow_full_size                     # about 3 CPU minutes, under 9 GiB peak
     python -m benchmarks.flow_full_size --models flux --flux_blocks 1 1 --output_dir /tmp/b   # a smaller look
 
 On a GPU, the SD3.5-M DRTune run at the paper's FDXL-like size is `--gpu` (1024 px, 28 steps, K = 3, CFG 7, T5 still

@@ -80,7 +80,7 @@ def carry(job):
     for i in range(len(timesteps) - 1):
         out = spo.predict_noise(unet, latents, timesteps[i], cond, gs)
         mean = spo.sampler_step(scheduler, out, timesteps[i], latents, None, args.eta)
-        sigma = spo.step_sigma(scheduler, timesteps[i], args.eta)
+        sigma = spo.step_std(scheduler, timesteps[i], args.eta)
         branches = spo.draw_candidates(mean, sigma, k, generator).flatten(0, 1)  # row j B + b
         out = spo.predict_noise(unet, branches, timesteps[i + 1], pool_cond, gs)  # spo.py's scoring call
         step = scores(spo.predict_x0_eps(scheduler, out, timesteps[i + 1], branches)[0])

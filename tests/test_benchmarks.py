@@ -127,7 +127,7 @@ def test_gallery_quick_runs_the_demos_and_composes_one_row_per_method(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     rows = markdown_rows(result.stdout, "method (row, top to bottom)")
     assert list(rows) == ["DRTune", "SPO"]
-    assert rows["SPO"][2] == "DDIM, 1.5" and rows["DRTune"][2] == "DDPM, 6"  # each demo's own sampler
+    assert rows["SPO"][2] == "DDIM, eta 1, 1.5" and rows["DRTune"][2] == "DDPM, 6"  # each demo's own sampler
     with Image.open(tmp_path / "docs" / "gallery.png") as image:  # 2 rows of 8 + 8 images of 32 px, 3x, 4 px gaps
         assert image.size == (3 * (16 * 32 + 4), 3 * (2 * 32 + 4))
     assert "<!-- begin gallery -->" in (tmp_path / "BENCHMARKS.md").read_text()

@@ -363,7 +363,7 @@ def test_nonfinite_updates_are_skipped_then_stop_with_checkpoint_intact(tmp_path
         drtune.main(args)
     rows = read_metrics(out)
     assert [r.get("skipped") for r in rows[1:]] == [False, False, True, True]
-    assert drtune.checkpoint_steps(out) == [2]
+    assert list(drtune.complete_checkpoints(out)) == [2]
     lora = load_file(os.path.join(out, "checkpoint-2", "pytorch_lora_weights.safetensors"))
     assert all(torch.isfinite(t).all() for t in lora.values())
 

@@ -278,6 +278,7 @@ def test_flow_families_end_to_end(name, sd3_without_t5, tmp_path):
     (dict(lora_scale=-1), "--lora_scale must be"),
     (dict(pretrained_model_name_or_path=TINY_SD35, sampler="ddim"),
      "--sampler ddim: StableDiffusion3Pipeline samples with its own flow-matching Euler scheduler"),
+    (dict(sampler="euler"), "--sampler euler is the flow-matching step of SD3 and FLUX"),
     (dict(max_sequence_length=77), "--max_sequence_length: StableDiffusionPipeline takes 77 CLIP tokens"),
     (dict(pretrained_model_name_or_path=TINY_FLUX, max_sequence_length=0), "--max_sequence_length must be >= 1"),
     (dict(pretrained_model_name_or_path=TINY_FLUX, max_sequence_length=600), "--max_sequence_length must be <= 512"),

@@ -295,6 +295,7 @@ def flux_without_guidance_embedding(tmp_path):
     (TINY_FLUX, dict(sampler="dpmpp"), "--sampler dpmpp does not exist for FLUX"),
     (TINY_FLUX, dict(guidance_scale=5.0), "FLUX is guidance-distilled.*--true_cfg"),
     (TINY_SD3, dict(true_cfg=True), "--true_cfg is FLUX's"),
+    (TINY_FLUX, dict(true_cfg=True), "--true_cfg needs a --guidance_scale above 1"),
     (TINY_SD3, dict(guidance_embedding=3.5), "no guidance embedding"),
     ("schnell", dict(guidance_embedding=3.5), "no guidance embedding"),
     (TINY_FLUX, dict(resolution=36), "not divisible by the VAE factor 4 x the FLUX patch size 2"),

@@ -235,7 +235,7 @@ def test_torn_and_foreign_checkpoints_are_never_latest_nor_pruned(tmp_path):
     (foreign / "checkpoint.json").write_text(json.dumps(dict(marker, step=1, run_id="another-run")))
     unmarked = out / "checkpoint-5"  # a folder we did not write
     unmarked.mkdir()
-    assert drtune.checkpoint_steps(str(out)) == [1, 2]
+    assert list(drtune.complete_checkpoints(str(out))) == [1, 2]
     args = drtune.parse_args(argv_of(drtune, out, resume_from_checkpoint="latest"))
     drtune.check_arguments(args)
     assert drtune.resume_checkpoint(args)[0] == str(ours)
@@ -344,7 +344,7 @@ def test_nonfinite_stop_is_one_line_naming_the_last_clean_checkpoint(tmp_path, m
     code, line = cli_error(drtune, argv, capsys, before_models=False)
     assert code == 1 and line.startswith("drtune.py: stopped at step 6: 2 updates in a row (from step 5)")
     assert f"resume from {out / 'checkpoint-2'}" in line and "--resume_changes learning_rate" in line
-    assert drtune.checkpoint_steps(str(out)) == [2, 4]
+    assert list(drtune.complete_checkpoints(str(out))) == [2, 4]
     markers = {s: json.loads((out / f"checkpoint-{s}" / "checkpoint.json").read_text()) for s in (2, 4)}
     assert markers[2]["clean"] and not markers[4]["clean"]
     assert [r["skipped"] for r in read_metrics(str(out))[1:]] == [False, False, True, False, True, True]
@@ -448,7 +448,7 @@ def test_sigkill_while_replacing_a_checkpoint_and_writing_metrics_then_resume_is
     run(module, out, max_train_steps=4, **flags)
     killed(fork_context, module, out, "replace", max_train_steps=6,
            resume_from_checkpoint=str(out / "checkpoint-2"), **flags)
-    assert not (out / "checkpoint-4").exists() and module.checkpoint_steps(str(out)) == [2, 4]
+    assert not (out / "checkpoint-4").exists() and list(module.complete_checkpoints(str(out))) == [2, 4]
     killed(fork_context, module, out, "metrics", max_train_steps=6, resume_from_checkpoint="latest", **flags)
     with pytest.raises(ValueError):
         json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])  # the row cut short

@@ -263,7 +263,7 @@ def test_resume_continues_identically(tmp_path):
     assert len(full) == 4 and full[-1]["reward_mean"] != full[1]["reward_mean"]
     out = str(tmp_path / "resumed")
     run(out, max_train_steps=2, checkpointing_steps=2)
-    assert spo.checkpoint_steps(out) == [2]
+    assert list(spo.complete_checkpoints(out)) == [2]
     assert run(out, max_train_steps=3, checkpointing_steps=2, resume_from_checkpoint="latest") == full
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import rewards
-from conftest import ROOT, WORLD_CLIP, WORLD_REWARD_OPTIONS, WORLD_SD
+from conftest import ROOT, WORLD_CLIP, WORLD_REWARD_OPTIONS, WORLD_SD, WORLD_SD3
 
 sys.path.insert(0, os.path.join(ROOT, "tiny_models"))
 import check_world  # noqa: E402
@@ -82,6 +82,21 @@ def test_shipped_pipeline_draws_the_prompted_background_in_plain_diffusers():
     images = pipe(prompts, num_inference_steps=20, guidance_scale=6.0, height=32, width=32, output_type="np",
                   generator=torch.Generator().manual_seed(0)).images
     assert sum(world.check(image, text)["background"] for image, text in zip(images, prompts)) >= 5
+
+
+def test_shipped_sd3_world_draws_the_prompted_shape_color_in_plain_diffusers():
+    """The SD3 world as a user loads it (no T5: text_encoder_3=None, tokenizer_3=None; 77 T5 tokens, as trained)."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(WORLD_SD3, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a white circle on a red background", "a yellow square on a blue background",
+               "a black triangle on a green background", "a purple circle on a yellow background",
+               "a orange square on a black background", "a red triangle on a white background"]
+    images = pipe(prompts, num_inference_steps=20, guidance_scale=4.0, height=32, width=32, output_type="np",
+                  max_sequence_length=77, generator=torch.Generator().manual_seed(0)).images
+    checks = [world.check(image, text) for image, text in zip(images, prompts)]
+    assert sum(c["background"] for c in checks) >= 5 and sum(c["color"] for c in checks) >= 5
 
 
 @pytest.fixture(scope="module")
@@ -186,14 +201,20 @@ def test_check_world_bad_input_is_one_line(world_model, argv, message, smoke_bui
     assert err.count("\n") == 1
 
 
+@pytest.mark.parametrize("world_name", ["sd15", "sd3"])
 @pytest.mark.parametrize("script", ["drtune.py", "refl.py", "draft.py", "alignprop.py", "dpo.py", "spo.py"])
-def test_every_demo_preset_runs_on_the_world(script, tmp_path):
-    """`--preset demo` as a user runs it (one step here): the world pipeline, its prompt files and reward models."""
+def test_every_demo_preset_runs_on_the_world(script, world_name, tmp_path):
+    """`--preset demo` as a user runs it (one step here): the world pipeline, its prompt files and reward models; on
+    the SD3 world (--pretrained_model_name_or_path tiny_models/world-sd3) the preset's sd3 settings apply."""
     out = tmp_path / "out"
-    subprocess.run([sys.executable, os.path.join(ROOT, script), "--preset", "demo", "--output_dir", str(out),
+    model = [] if world_name == "sd15" else ["--pretrained_model_name_or_path", WORLD_SD3]
+    subprocess.run([sys.executable, os.path.join(ROOT, script), "--preset", "demo", "--output_dir", str(out), *model,
                     "--max_train_steps", "1", "--validation_steps", "1", "--num_eval_prompts", "2", "--report_to",
                     "none"], check=True, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     with open(out / "config.json") as f:
         config = json.load(f)
-    assert config["pretrained_model_name_or_path"] == WORLD_SD and config["resolution"] == 32
+    assert config["pretrained_model_name_or_path"] == (WORLD_SD if world_name == "sd15" else WORLD_SD3)
+    assert config["resolution"] == 32
+    if world_name == "sd3":
+        assert (config["sampler"], config["max_sequence_length"]) == ("euler", 77)
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "samples" / "before_after.png").exists()
