@@ -238,6 +238,8 @@ def test_flow_dpo_loss_by_hand():
 
 SCRIPTS = {
     "drtune": (drtune, dict(num_trained_steps=2, early_stop_max=2)),
+    "drtune-checkpointed": (drtune, dict(num_trained_steps=2, early_stop_max=2, gradient_checkpointing=True,
+                                         checkpointing_granularity="both")),
     "refl": (refl, dict(stop_range=2)),
     "draft-k": (draft, dict(draft_variant="k", draft_k=2)),
     "draft-lv": (draft, dict(draft_variant="lv")),
@@ -247,9 +249,14 @@ SCRIPTS = {
 }
 
 
-@pytest.mark.parametrize("script", list(SCRIPTS))
+@pytest.mark.parametrize("script", [*SCRIPTS, "dpo-offline"])
 def test_every_script_trains_on_flow_models(flow_model, script, tmp_path):
-    module, flags = SCRIPTS[script]
+    if script == "dpo-offline":  # Pick-a-Pic-format pairs in a local parquet file
+        from benchmarks.common import pairs_parquet
+        pairs_parquet(str(tmp_path / "pairs.parquet"), 4, 32)
+        module, flags = dpo, dict(dataset_name=str(tmp_path / "pairs.parquet"))
+    else:
+        module, flags = SCRIPTS[script]
     out = str(tmp_path / "run")
     argv = tiny_argv(flow_model, out, **dict(FLOW, learning_rate=0.05, max_train_steps=2, **flags))
     module.main(module.parse_args(argv))
