@@ -582,7 +582,8 @@ def check_arguments(args):
     kwargs = dict(revision=args.revision)
     model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                       "--pretrained_model_name_or_path", **kwargs)
-    family = FAMILIES[detect_family(model_index)]
+    family_name = detect_family(model_index)
+    family = FAMILIES[family_name]
     denoiser_class = getattr(diffusers, family["denoiser_class"])
     denoiser_config = load_config_or_fail(denoiser_class, args.pretrained_model_name_or_path, "model",
                                           "--pretrained_model_name_or_path", subfolder=family["denoiser"], **kwargs)
@@ -611,7 +612,7 @@ def check_arguments(args):
     # Which checkpoints are this run's (kept through resumes; the same on every process): pruning touches no other.
     fresh = hashlib.sha256(json.dumps(run_fingerprint(args), sort_keys=True).encode()).hexdigest()[:16]
     args.run_id = marker["run_id"] if marker is not None else fresh
-    return dict(family=detect_family(model_index), model_index=model_index, reward_options=reward_options)
+    return dict(family=family_name, model_index=model_index, reward_options=reward_options)
 
 
 # --- model families: everything that differs between SD1.5, SDXL, SD3/SD3.5 and FLUX ---------------------------
