@@ -27,6 +27,7 @@ Run it with one torch thread per process (faster than two on these 2-core machin
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -251,6 +252,57 @@ def make_unet(cross_attention_dim):
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
 
 
+def save_training_state(ckpt_dir, params, ema, optimizer, step):
+    """A model phase's parameters, EMA and optimizer, each file written aside and renamed; state.json last."""
+    from safetensors.torch import save_file
+    os.makedirs(ckpt_dir, exist_ok=True)
+    for name, tensors in (("params", params), ("ema", ema)):  # keys p0, p1, ...: the flat parameter list
+        atomic_save(lambda p: save_file({f"p{i}": t.detach().contiguous() for i, t in enumerate(tensors)}, p),
+                    os.path.join(ckpt_dir, f"{name}.safetensors"))
+    atomic_save(lambda p: torch.save(optimizer.state_dict(), p), os.path.join(ckpt_dir, "optimizer.pt"))
+    atomic_save(lambda p: write_json(p, dict(step=step)), os.path.join(ckpt_dir, "state.json"))
+
+
+def load_training_state(ckpt_dir, params, ema, optimizer):
+    """What save_training_state wrote, into params, ema and optimizer; returns the step."""
+    from safetensors.torch import load_file
+    with open(os.path.join(ckpt_dir, "state.json")) as f:
+        step = json.load(f)["step"]
+    for name, tensors in (("params", params), ("ema", ema)):
+        loaded = load_file(os.path.join(ckpt_dir, f"{name}.safetensors"))
+        with torch.no_grad():
+            for i, t in enumerate(tensors):
+                t.copy_(loaded[f"p{i}"])
+    optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True))
+    return step
+
+
+@contextlib.contextmanager
+def ema_weights(params, ema):
+    """Inside, params hold the EMA weights; their training values come back after."""
+    backup = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, backup):
+                p.copy_(b)
+
+
+def save_pipeline_atomically(pipe, path):
+    """pipe.save_pretrained into path.tmp, then renamed into place (a killed build never leaves a torn folder)."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def encode_latents(vae, images):
     """Posterior mean and std of every training image, scaled (sampled afresh at each step)."""
     means, stds = [], []
@@ -287,7 +339,6 @@ def phase_unet(work, cfg, seed):
     text_encoder.load_state_dict(clip.text_model.state_dict())
     unet = make_unet(text_encoder.config.hidden_size)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    names = [f"p{i}" for i in range(len(params))]  # safetensors keys of the flat parameter list
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
     noise_scheduler = DDPMScheduler.from_config(SD15_SCHEDULER)
@@ -297,14 +348,7 @@ def phase_unet(work, cfg, seed):
 
     ckpt_dir, step = os.path.join(work, "unet-ckpt"), 0
     if os.path.exists(os.path.join(ckpt_dir, "state.json")):
-        with open(os.path.join(ckpt_dir, "state.json")) as f:
-            step = json.load(f)["step"]
-        for path, tensors in (("params", params), ("ema", ema)):
-            loaded = load_file(os.path.join(ckpt_dir, f"{path}.safetensors"))
-            with torch.no_grad():
-                for name, t in zip(names, tensors):
-                    t.copy_(loaded[name])
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True))
+        step = load_training_state(ckpt_dir, params, ema, optimizer)
         log(f"unet: resumed at step {step}")
 
     start, losses = time.time(), []
@@ -335,13 +379,7 @@ def phase_unet(work, cfg, seed):
         if step % 100 == 0:
             log(f"unet step {step} loss {np.mean(losses[-100:]):.4f} ({time.time() - start:.0f} s)")
         if step % cfg["unet_checkpoint_every"] == 0 or step == total:
-            os.makedirs(ckpt_dir, exist_ok=True)
-            atomic_save(lambda p: save_file({n: t.detach().contiguous() for n, t in zip(names, params)}, p),
-                        os.path.join(ckpt_dir, "params.safetensors"))
-            atomic_save(lambda p: save_file({n: t.contiguous() for n, t in zip(names, ema)}, p),
-                        os.path.join(ckpt_dir, "ema.safetensors"))
-            atomic_save(lambda p: torch.save(optimizer.state_dict(), p), os.path.join(ckpt_dir, "optimizer.pt"))
-            atomic_save(lambda p: write_json(p, dict(step=step)), os.path.join(ckpt_dir, "state.json"))
+            save_training_state(ckpt_dir, params, ema, optimizer, step)
             save_world_pipeline(work, unet, text_encoder, ema, params, os.path.join(work, "pipeline-ema"))
     return dict(seconds=time.time() - start, steps=step, final_loss=float(np.mean(losses[-100:])) if losses else None)
 
@@ -350,25 +388,12 @@ def save_world_pipeline(work, unet, text_encoder, ema, params, path):
     """The EMA weights as an SD1.5-format pipeline folder (written aside, then renamed into place)."""
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
 
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
     pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(os.path.join(work, "vae")),
                                    text_encoder=text_encoder, tokenizer=world_tokenizer(), unet=unet,
                                    scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    old = path + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    with torch.no_grad():
-        for p, b in zip(params, backup):
-            p.copy_(b)
+    with ema_weights(params, ema):
+        save_pipeline_atomically(pipe, path)
 
 
 def sd3_text_encoder(out):
@@ -421,20 +446,12 @@ def phase_sd3(work, out, cfg, seed):
     text_encoder = sd3_text_encoder(out)
     transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
     params = list(transformer.parameters()) + list(text_encoder.parameters())
-    names = [f"p{i}" for i in range(len(params))]
     ema = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
     ckpt_dir, step = os.path.join(work, "sd3-ckpt"), 0
     if os.path.exists(os.path.join(ckpt_dir, "state.json")):
-        with open(os.path.join(ckpt_dir, "state.json")) as f:
-            step = json.load(f)["step"]
-        for path, tensors in (("params", params), ("ema", ema)):
-            loaded = load_file(os.path.join(ckpt_dir, f"{path}.safetensors"))
-            with torch.no_grad():
-                for name, t in zip(names, tensors):
-                    t.copy_(loaded[name])
-        optimizer.load_state_dict(torch.load(os.path.join(ckpt_dir, "optimizer.pt"), weights_only=True))
+        step = load_training_state(ckpt_dir, params, ema, optimizer)
         log(f"sd3: resumed at step {step}")
 
     start, losses, total = time.time(), [], cfg["sd3_steps"]
@@ -464,13 +481,7 @@ def phase_sd3(work, out, cfg, seed):
         if step % 100 == 0:
             log(f"sd3 step {step} loss {np.mean(losses[-100:]):.4f} ({time.time() - start:.0f} s)")
         if step % cfg["unet_checkpoint_every"] == 0 or step == total:
-            os.makedirs(ckpt_dir, exist_ok=True)
-            atomic_save(lambda p: save_file({n: t.detach().contiguous() for n, t in zip(names, params)}, p),
-                        os.path.join(ckpt_dir, "params.safetensors"))
-            atomic_save(lambda p: save_file({n: t.contiguous() for n, t in zip(names, ema)}, p),
-                        os.path.join(ckpt_dir, "ema.safetensors"))
-            atomic_save(lambda p: torch.save(optimizer.state_dict(), p), os.path.join(ckpt_dir, "optimizer.pt"))
-            atomic_save(lambda p: write_json(p, dict(step=step)), os.path.join(ckpt_dir, "state.json"))
+            save_training_state(ckpt_dir, params, ema, optimizer, step)
             save_sd3_pipeline(out, transformer, text_encoder, ema, params, os.path.join(work, "sd3-pipeline-ema"))
     return dict(seconds=time.time() - start, steps=step, final_loss=float(np.mean(losses[-100:])) if losses else None)
 
@@ -481,10 +492,6 @@ def save_sd3_pipeline(out, transformer, text_encoder, ema, params, path):
     shift_factor 0 (the SD3 pipelines decode latents / scaling_factor + shift_factor)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
-    backup = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
     vae = AutoencoderKL.from_pretrained(os.path.join(out, "world-sd15", "vae"))
     vae.register_to_config(shift_factor=0.0)
     tokenizer = world_tokenizer()
@@ -492,17 +499,8 @@ def save_sd3_pipeline(out, transformer, text_encoder, ema, params, path):
                                     vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                     text_encoder_2=text_encoder, tokenizer_2=tokenizer, text_encoder_3=None,
                                     tokenizer_3=None)
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    old = path + ".old"
-    if os.path.exists(path):
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    with torch.no_grad():
-        for p, b in zip(params, backup):
-            p.copy_(b)
+    with ema_weights(params, ema):
+        save_pipeline_atomically(pipe, path)
 
 
 def quality(scene):
