@@ -364,6 +364,9 @@ def killed_run(script, argv, kill):
     """In a child process: run the script and SIGKILL it at `kill`: 'replace' (checkpoint-4 moved aside to be
     replaced, the new one not yet in place), 'delete' (the replaced checkpoint-4 half deleted) or 'metrics' (half of
     step 5's row written)."""
+    # a forkserver child inherits the forkserver start method: the DataLoader's workers (dpo-offline) would come from
+    # a new server of this process, which outlives the SIGKILL below with them; forked workers exit with their parent
+    multiprocessing.set_start_method("fork", force=True)
     module = importlib.import_module(script)
     replace, rmtree, log = os.replace, shutil.rmtree, module.MetricsLog.log
 
