@@ -160,12 +160,12 @@ def fig7_reading(rows, T):
         out.append("Stop-gradient removes the extra growth, as in the paper's Fig. 7.")
     elif ratio > 1 / 1.5:
         out.append("So stop-gradient barely changes the norm here, and the rise with K is there with it too: it comes "
-                   "from the paths that stop-gradient keeps (each trained step's noise prediction reaches x_0 "
-                   "linearly through the sampler's coefficients), not from the chain of UNet input Jacobians that it "
-                   "cuts. This disagrees with the paper's Fig. 7 (the norm explodes for K >= 15 without "
+                   "from the paths that stop-gradient keeps (each trained step's model output reaches x_0 "
+                   "linearly through the sampler's coefficients), not from the chain of denoiser input Jacobians that "
+                   "it cuts. This disagrees with the paper's Fig. 7 (the norm explodes for K >= 15 without "
                    "stop-gradient and stays low with it).")
     else:
-        out.append("So here the norm is smaller without stop-gradient: the chain of UNet input Jacobians that "
+        out.append("So here the norm is smaller without stop-gradient: the chain of denoiser input Jacobians that "
                    "stop-gradient cuts damps the gradient of the earlier steps instead of amplifying it, and the "
                    "paper's explosion (Fig. 7: K >= 15 without stop-gradient) does not appear.")
     return out
