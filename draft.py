@@ -1104,9 +1104,19 @@ def step_std(scheduler, t, eta):
     step_mean_std; 0 for a deterministic step."""
     if is_flow(scheduler):
         sigma, sigma_next = flow_sigmas(scheduler, t)
-        below_one = torch.where(sigma == 1, scheduler.sigmas[1].cpu(), sigma)
-        return eta * (sigma / (1 - below_one)).sqrt() * (sigma - sigma_next).sqrt()
-    abar_t, abar_prev = alphas_at(scheduler, t)
+        return flow_noise_level(scheduler, sigma, eta) * (sigma - sigma_next).sqrt()
+    return ddim_std(scheduler, *alphas_at(scheduler, t), eta)
+
+
+def flow_noise_level(scheduler, sigma, eta):
+    """Flow-GRPO's sigma_t = a sqrt(sigma / (1 - sigma)), a = eta; at sigma = 1 the denominator takes the next sigma
+    of the schedule, as Flow-GRPO's code does."""
+    below_one = torch.where(sigma == 1, scheduler.sigmas[1].to(sigma.device), sigma)
+    return eta * (sigma / (1 - below_one)).sqrt()
+
+
+def ddim_std(scheduler, abar_t, abar_prev, eta):
+    """DDIM's sigma_t = eta sqrt((1 - abar_prev) / (1 - abar_t) (1 - abar_t / abar_prev)); DDPM's posterior std."""
     variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
     if type(scheduler).__name__ == "DDPMScheduler":
         return variance.clamp(min=1e-20).sqrt()
@@ -1118,22 +1128,25 @@ def step_mean_std(scheduler, model_output, t, x, eta):
     DDIM with eta, and DDPM as DDIM's form with the DDPM posterior variance (both equal scheduler.step, row by row).
     Flow models: the Euler step x + (sigma_{i+1} - sigma_i) v of FlowMatchEulerDiscreteScheduler (std 0); with
     eta = a > 0 Flow-GRPO's SDE, sigma_t = a sqrt(sigma / (1 - sigma)), mean = x (1 + sigma_t^2 dt / (2 sigma)) +
-    v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt, std = sigma_t sqrt(-dt) (dt < 0; at sigma = 1 the denominator takes
-    the next sigma, as Flow-GRPO's code does). DPM-Solver++ is a two-step recurrence with no one-step (a, b, c): its
-    own step, which is linear too (one scalar t, std 0)."""
+    v (1 + sigma_t^2 (1 - sigma) / (2 sigma)) dt, std = sigma_t sqrt(-dt) (dt < 0). DPM-Solver++ is a two-step
+    recurrence with no one-step (a, b, c): its own step, which is linear too (one scalar t, std 0). std comes back
+    as a scalar or (B,), not broadcast."""
     if type(scheduler).__name__ == "DPMSolverMultistepScheduler":
         return scheduler.step(model_output, t, x).prev_sample, torch.tensor(0.0)
-    std = step_std(scheduler, t, eta)
     if is_flow(scheduler):
-        sigma, sigma_next = (per_sample(s, x) for s in flow_sigmas(scheduler, t))
-        dt = sigma_next - sigma
+        sigma, sigma_next = flow_sigmas(scheduler, t)
+        sigma_t = flow_noise_level(scheduler, sigma, eta)
+        std = sigma_t * (sigma - sigma_next).sqrt()
+        sigma, dt, sigma_t = (per_sample(v, x) for v in (sigma, sigma_next - sigma, sigma_t))
         if eta == 0:
             return x + dt * model_output, std
-        var = per_sample(std, x) ** 2 / -dt  # sigma_t^2 (std = sigma_t sqrt(-dt))
-        mean = x * (1 + var / (2 * sigma) * dt) + model_output * (1 + var * (1 - sigma) / (2 * sigma)) * dt
+        mean = (x * (1 + sigma_t ** 2 / (2 * sigma) * dt)
+                + model_output * (1 + sigma_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
         return mean, std
-    abar_t, abar_prev = (per_sample(a, x) for a in alphas_at(scheduler, t))
+    abar_t, abar_prev = alphas_at(scheduler, t)
+    std = ddim_std(scheduler, abar_t, abar_prev, eta)
     x0, eps = predict_x0_eps(scheduler, model_output, t, x)
+    abar_prev = per_sample(abar_prev, x)
     return abar_prev.sqrt() * x0 + (1 - abar_prev - per_sample(std, x) ** 2).clamp(min=0).sqrt() * eps, std
 
 
