@@ -382,7 +382,10 @@ def build_parser():
                    help="SD3/FLUX: T5 tokens (default: the pipeline's, SD3 256, FLUX 512; the SD3 world was trained "
                         "with 77); without a T5 encoder, SD3's T5 slot holds this many zero tokens")
     g = parser.add_argument_group("reward")
-    g.add_argument("--reward", default="hpsv21", help="rewards.py name or weighted sum, e.g. symmetry:1,clipscore:0.1")
+    g.add_argument("--reward", default="hpsv21",
+                   help="rewards.py name or weighted sum, e.g. symmetry:1,clipscore:0.1; your own function as "
+                        "path/to/file.py:function or package.module:function: (images in [0, 1], prompts) -> one "
+                        "score per image (README: Your own reward)")
     g.add_argument("--reward_options", default="", help="rewards.py options, e.g. hps_checkpoint=/path/file.pt")
     g.add_argument("--reward_resolution", type=int, default=None,
                    help="down-sample images to this size before the reward (the paper: 224 for SD1.5)")
@@ -732,17 +735,6 @@ def check_arguments(args):
         raise UsageError("--mixed_precision fp16 needs a GPU (no fp16 autocast on CPU); use bf16 or no")
     check_numbers(args)
     check_output_dir(args)
-    try:  # --reward None: no reward model (offline dpo.py without --reward)
-        reward_options = rewards.parse_options(args.reward_options)
-        reward_parts = rewards.parse_spec(args.reward) if args.reward is not None else []
-        if args.reward is not None:
-            rewards.check_options(args.reward, reward_options)
-    except (ValueError, rewards.RewardLoadError) as e:
-        raise UsageError(f"--reward {args.reward}: {e}") from e
-    if NEEDS_DIFFERENTIABLE_REWARD and not rewards.is_differentiable(args.reward):
-        names = [n for n, _ in reward_parts if not rewards.REWARDS[n].differentiable]
-        raise UsageError(f"--reward: {', '.join(names)} is not differentiable, and this method backpropagates "
-                         f"through the reward")
     kwargs = dict(revision=args.revision)
     model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                       "--pretrained_model_name_or_path", **kwargs)
@@ -769,6 +761,19 @@ def check_arguments(args):
                                             args.prompt_template)
     args.eval_prompt_list = apply_template(read_prompts(args.eval_prompts, DEFAULT_PROMPTS, "--eval_prompts"),
                                            args.prompt_template)[: args.num_eval_prompts]
+    try:  # --reward None: no reward model (offline dpo.py without --reward); a plug-in is called once on the prompts
+        reward_options = rewards.parse_options(args.reward_options)
+        reward_parts = rewards.parse_spec(args.reward) if args.reward is not None else []
+        if args.reward is not None:
+            rewards.check_options(args.reward, reward_options, prompts=args.train_prompt_list[:2],
+                                  image_size=args.reward_resolution or args.resolution)
+    except (ValueError, rewards.RewardLoadError) as e:
+        raise UsageError(f"--reward {args.reward}: {e}") from e
+    if NEEDS_DIFFERENTIABLE_REWARD and not rewards.is_differentiable(args.reward):
+        names = [n for n, _ in reward_parts if not rewards.reward_info(n).differentiable]
+        raise UsageError(f"--reward: {', '.join(names)} is not differentiable, and this method backpropagates "
+                         f"through the reward (grpo.py, dpo.py and spo.py need no gradient; a plug-in reward that "
+                         f"has one says so with `function.differentiable = True`)")
     check_algorithm_arguments(args)
     path, marker = resume_checkpoint(args)
     if marker is not None:

@@ -86,7 +86,7 @@ DEFAULT_REWARDS = "hpsv21,pickscore,aesthetic,clipscore,symmetry,compressibility
 
 def column(name):
     """(heading, scale, direction) of a reward's table column; a reward Table 1 lacks: its name, as computed."""
-    return TABLE_COLUMNS.get(name, (name, 1.0, "↓" if rewards.REWARDS[name].minimized else "↑"))
+    return TABLE_COLUMNS.get(name, (name, 1.0, "↓" if rewards.reward_info(name).minimized else "↑"))
 VARIANTS = ("base", "tuned")
 
 # Each model family's diffusers pipeline and default sampling. SD1.5 and SDXL at the papers' settings; SD3/SD3.5

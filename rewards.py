@@ -753,19 +753,134 @@ _REWARD_PATHS = {
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Plug-in rewards: your own function, named on the command line
+# ---------------------------------------------------------------------------------------------------------
+
+_PLUGINS = {}  # reference -> RewardInfo, each module imported once per process
+
+
+def _load_plugin(ref):
+    """The function of a plug-in reference: 'path/to/file.py:function' imports that file (relative to the working
+    directory), 'package.module:function' imports the module from sys.path. Raises ValueError, one line."""
+    target, _, function = ref.rpartition(":")
+    if target.endswith(".py") or os.sep in target or "/" in target:
+        path = os.path.abspath(target)
+        if not os.path.isfile(path):
+            raise ValueError(f"plug-in reward {ref!r}: no such file {target!r}")
+        import importlib.util
+
+        name = "reward_plugin_" + re.sub(r"\W", "_", path)
+        module = sys.modules.get(name)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(name, path)
+            if spec is None:
+                raise ValueError(f"plug-in reward {ref!r}: {target!r} is not a Python file")
+            module = importlib.util.module_from_spec(spec)
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:  # noqa: BLE001 - the user's file: report whatever it raised, in one line
+                raise ValueError(f"plug-in reward {ref!r}: importing {target} failed: {type(e).__name__}: {e}") from e
+            sys.modules[name] = module
+    else:
+        import importlib
+
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ValueError(f"plug-in reward {ref!r}: cannot import module {target!r} ({e}); give a file as "
+                             f"path/to/file.py:{function} or put its package on PYTHONPATH") from e
+    fn = getattr(module, function, None)
+    if not callable(fn):
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise ValueError(f"plug-in reward {ref!r}: {target} has no function {function!r}"
+                         + (f" (it has {', '.join(found)})" if found else ""))
+    return fn
+
+
+def _plugin_scores(ref, out, images):
+    """A plug-in's return value as a float32 tensor (B,) on the images' device; a wrong shape is one line."""
+    if not torch.is_tensor(out):
+        try:
+            out = torch.as_tensor(out, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"plug-in reward {ref!r} returned {type(out).__name__}, not one number per image "
+                             f"(a tensor, array or list of {len(images)})") from e
+    if out.shape != (len(images),):
+        raise ValueError(f"plug-in reward {ref!r} returned shape {tuple(out.shape)} for {len(images)} images; it must "
+                         f"return one score per image, shape ({len(images)},)")
+    return out.to(images.device, torch.float32)
+
+
+def _plugin_info(ref):
+    if ref not in _PLUGINS:
+        fn = _load_plugin(ref)
+
+        def factory(device, dtype, o):
+            def score(images, prompts):
+                scores = _plugin_scores(ref, fn(images, list(prompts)), images)
+                return scores, scores
+            return score
+        differentiable = bool(getattr(fn, "differentiable", False))
+        _PLUGINS[ref] = RewardInfo(factory, differentiable, False, (fn.__doc__ or ref).strip().split("\n")[0])
+    return _PLUGINS[ref]
+
+
+def _probe_plugin(ref, prompts, image_size):
+    """Call a plug-in once on random images with the run's first prompts: a failure, a wrong shape, or a function
+    that says it is differentiable but returns no gradient is one line before any model loads."""
+    info = _plugin_info(ref)
+    fn = _load_plugin(ref)
+    images = torch.rand(len(prompts), 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
+    images.requires_grad_(info.differentiable)
+    try:
+        out = fn(images, list(prompts))
+    except Exception as e:  # noqa: BLE001 - the user's function: report whatever it raised, in one line
+        raise ValueError(f"plug-in reward {ref!r} failed on {len(prompts)} random {image_size}x{image_size} images: "
+                         f"{type(e).__name__}: {e}") from e
+    scores = _plugin_scores(ref, out, images)
+    if info.differentiable and not scores.requires_grad:
+        raise ValueError(f"plug-in reward {ref!r} sets differentiable = True but its scores carry no gradient to "
+                         f"the images; compute them with torch ops on the images, or drop the flag")
+
+
+def reward_info(name):
+    """The RewardInfo of a rewards.py reward or of a plug-in reference (importing its module)."""
+    return REWARDS[name] if name in REWARDS else _plugin_info(name)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _split_item(item):
+    """'name[:weight]' or a plug-in 'file.py:function[:weight]' / 'package.module:function[:weight]' ->
+    (name, weight text); a plug-in's name is its 'file.py:function' reference."""
+    parts = [s.strip() for s in item.split(":")]
+    if parts[0] in REWARDS or len(parts) == 1:
+        return parts[0], ":".join(parts[1:])
+    if parts[1].isidentifier():
+        return f"{parts[0]}:{parts[1]}", ":".join(parts[2:])
+    return parts[0], ":".join(parts[1:])
+
+
+def is_plugin(name):
+    """True for a plug-in reference 'path/to/file.py:function' or 'package.module:function'."""
+    return name not in REWARDS and ":" in name
+
+
 def parse_spec(spec):
-    """'symmetry:1,clipscore:0.1' -> [('symmetry', 1.0), ('clipscore', 0.1)]; the weight defaults to 1."""
+    """'symmetry:1,clipscore:0.1' -> [('symmetry', 1.0), ('clipscore', 0.1)]; the weight defaults to 1. A plug-in
+    reward is written 'path/to/file.py:function[:weight]' or 'package.module:function[:weight]'."""
     if not spec.strip():
         raise ValueError("empty reward spec; give NAME[:WEIGHT],...")
     components = []
     for item in spec.split(","):
-        name, _, weight = (s.strip() for s in item.partition(":"))
-        if name not in REWARDS:
-            raise ValueError(f"unknown reward {name!r} in {spec!r}; known: {', '.join(REWARDS)}")
+        name, weight = _split_item(item)
+        if name not in REWARDS and not is_plugin(name):
+            raise ValueError(f"unknown reward {name!r} in {spec!r}; known: {', '.join(REWARDS)}, or your own as "
+                             f"path/to/file.py:function or package.module:function")
         if name in dict(components):
             raise ValueError(f"reward {name!r} appears twice in {spec!r}")
         try:
@@ -810,8 +925,10 @@ def _resolve(options):
     return SimpleNamespace(**{**OPTIONS, **{name: _convert(name, value) for name, value in options.items()}})
 
 
-def check_options(spec, options=None):
-    """Validate the spec, option names and values, and that local paths exist, without loading anything."""
+def check_options(spec, options=None, prompts=None, image_size=64):
+    """Validate the spec, option names and values, and that local paths exist, without loading a model; a plug-in
+    reward is imported and called once on random images of image_size px with `prompts` (default two copies of
+    "a photo")."""
     o = _resolve(options or {})
     if not 1 <= o.jpeg_quality <= 100:
         raise ValueError(f"reward option jpeg_quality={o.jpeg_quality}: must be in 1..100")
@@ -825,11 +942,13 @@ def check_options(spec, options=None):
         for reward in uses:
             for option in _REWARD_PATHS.get(reward, ()):
                 _is_local(name, option, getattr(o, option))
+        if is_plugin(name):
+            _probe_plugin(name, list(prompts or ["a photo"] * 2)[:2], image_size)
 
 
 def is_differentiable(spec):
-    """True when every reward of `spec` passes gradients to the images; loads nothing."""
-    return all(REWARDS[name].differentiable for name, _ in parse_spec(spec))
+    """True when every reward of `spec` passes gradients to the images; loads no model (imports plug-ins)."""
+    return all(reward_info(name).differentiable for name, _ in parse_spec(spec))
 
 
 class Reward:
@@ -840,8 +959,8 @@ class Reward:
 
     def __init__(self, components):
         self.components = components  # [(name, weight, score)]
-        self.differentiable = all(REWARDS[name].differentiable for name, _, _ in components)
-        self.step_aware = any(REWARDS[name].step_aware for name, _, _ in components)
+        self.differentiable = all(reward_info(name).differentiable for name, _, _ in components)
+        self.step_aware = any(reward_info(name).step_aware for name, _, _ in components)
         self.last_raw = {}
 
     def __call__(self, images, prompts, timesteps=None):
@@ -851,7 +970,7 @@ class Reward:
             raise ValueError(f"{len(prompts)} prompts for {len(images)} images")
         total, raw, clamped = 0.0, {}, None
         for name, weight, score in self.components:
-            if REWARDS[name].step_aware:
+            if reward_info(name).step_aware:
                 reward, raw[name] = score(images, list(prompts), timesteps)
             else:
                 clamped = images.clamp(0, 1) if clamped is None else clamped
@@ -865,7 +984,7 @@ def build_reward(spec, device="cpu", dtype=torch.float32, **options):
     """Load the models of `spec` once and return a `Reward`; options are listed in the module docstring."""
     check_options(spec, options)
     o = _resolve(options)
-    return Reward([(name, weight, REWARDS[name].factory(device, dtype, o)) for name, weight in parse_spec(spec)])
+    return Reward([(name, weight, reward_info(name).factory(device, dtype, o)) for name, weight in parse_spec(spec)])
 
 
 # ---------------------------------------------------------------------------------------------------------
