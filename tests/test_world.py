@@ -84,6 +84,21 @@ def test_shipped_pipeline_draws_the_prompted_background_in_plain_diffusers():
     assert sum(world.check(image, text)["background"] for image, text in zip(images, prompts)) >= 5
 
 
+def test_shipped_pipeline_draws_well_at_its_own_scheduler_and_the_pipelines_defaults():
+    """A user's first call: StableDiffusionPipeline.from_pretrained and pipe(prompts) at the pipeline's defaults (its
+    shipped scheduler, 50 steps, CFG 7.5). With SD1.5's PNDM, which the world shipped before, the background came out
+    right for 5 of these 16 prompts; with the shipped DDIM, for every one."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(WORLD_SD)
+    pipe.set_progress_bar_config(disable=True)
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"
+    prompts = check_world.eval_prompts(16, "any")  # held-out scene seeds
+    images = pipe(prompts, height=32, width=32, output_type="np", generator=torch.Generator().manual_seed(0)).images
+    rates = check_world.score([world.check(image, text) for image, text in zip(images, prompts)])
+    assert rates["background"][0] >= 15 / 16 and rates["color"][0] >= 0.85, rates
+
+
 def test_shipped_sd3_world_draws_the_prompted_shape_color_in_plain_diffusers():
     """The SD3 world as a user loads it (no T5: text_encoder_3=None, tokenizer_3=None; 77 T5 tokens, as trained)."""
     from diffusers import StableDiffusion3Pipeline
@@ -148,6 +163,7 @@ def test_build_script_smoke(smoke_build):
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(out / "world-sd15")
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    assert type(pipe.scheduler).__name__ == "DDIMScheduler"  # the scheduler the shipped world draws well with
     clip = out / "world-clip"
     reward = rewards.build_reward(
         "clipscore:1,pickscore:1,aesthetic:1", clip_model=str(clip / "open_clip_config.json"),

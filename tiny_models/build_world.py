@@ -47,10 +47,14 @@ FULL = dict(num_scenes=100_000, vae_steps=3000, vae_batch=32, clip_steps=800, cl
             unet_steps=5500, unet_batch=64, unet_checkpoint_every=500, aesthetic_steps=1500, sd3_steps=4500)
 SMOKE = dict(num_scenes=256, vae_steps=3, vae_batch=8, clip_steps=3, clip_batch=16, unet_steps=4, unet_batch=8,
              unet_checkpoint_every=2, aesthetic_steps=3, sd3_steps=4)
-# The real SD1.5 scheduler file (PNDM); the scripts and the pipelines build DDPM / DDIM / DPM++ from it.
+# The real SD1.5 scheduler settings; the scripts and the pipelines build DDPM / DDIM / DPM++ from them.
 SD15_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                       set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1, trained_betas=None,
                       clip_sample=False, timestep_spacing="leading", prediction_type="epsilon")
+# The world-sd15 folder ships them as a DDIMScheduler, the scheduler it draws well with when loaded plainly
+# (StableDiffusionPipeline.from_pretrained) and called at the pipeline's defaults, 50 steps and CFG 7.5: SD1.5's own
+# PNDM drew the prompted background there about 20-40% of the time, DDIM 100% (README: The tiny world).
+WORLD_SCHEDULER = "DDIMScheduler"
 NOISE_OFFSET, MIN_SNR_GAMMA, EMPTY_CAPTION_PROB, EMA_DECAY = 0.1, 5.0, 0.1, 0.999
 # The SD3 world's scheduler: SD3's FlowMatchEulerDiscreteScheduler file with shift 1 (8x8 latents need no shift
 # toward noise; SD3's 3.0 is for 128x128 latents). Training draws sigma from a logit-normal(0, 1), as diffusers'
@@ -384,13 +388,31 @@ def phase_unet(work, cfg, seed):
     return dict(seconds=time.time() - start, steps=step, final_loss=float(np.mean(losses[-100:])) if losses else None)
 
 
+def world_scheduler():
+    """The scheduler world-sd15 ships (WORLD_SCHEDULER with SD1.5's settings, every key written out)."""
+    import diffusers
+    return getattr(diffusers, WORLD_SCHEDULER).from_config(SD15_SCHEDULER)
+
+
+def write_world_scheduler(path):
+    """Put the world's scheduler into the pipeline folder `path`: scheduler/scheduler_config.json and its entry in
+    model_index.json (so that an export of a work folder saved with another scheduler ships this one)."""
+    world_scheduler().save_pretrained(os.path.join(path, "scheduler"))
+    index_path = os.path.join(path, "model_index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    index["scheduler"] = ["diffusers", WORLD_SCHEDULER]
+    with open(index_path, "w") as f:  # as diffusers writes it
+        f.write(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def save_world_pipeline(work, unet, text_encoder, ema, params, path):
     """The EMA weights as an SD1.5-format pipeline folder (written aside, then renamed into place)."""
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline
 
     pipe = StableDiffusionPipeline(vae=AutoencoderKL.from_pretrained(os.path.join(work, "vae")),
                                    text_encoder=text_encoder, tokenizer=world_tokenizer(), unet=unet,
-                                   scheduler=PNDMScheduler.from_config(SD15_SCHEDULER), safety_checker=None,
+                                   scheduler=world_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     with ema_weights(params, ema):
         save_pipeline_atomically(pipe, path)
@@ -605,6 +627,7 @@ def phase_export(work, out):
     for name, source in (("world-sd15", "pipeline-ema"),):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
         shutil.copytree(os.path.join(work, source), os.path.join(out, name))
+        write_world_scheduler(os.path.join(out, name))
     clip_dir = os.path.join(out, "world-clip")
     shutil.rmtree(clip_dir, ignore_errors=True)
     clip = CLIPModel.from_pretrained(os.path.join(work, "clip"))
