@@ -925,10 +925,10 @@ def _resolve(options):
     return SimpleNamespace(**{**OPTIONS, **{name: _convert(name, value) for name, value in options.items()}})
 
 
-def check_options(spec, options=None, prompts=None, image_size=64):
+def check_options(spec, options=None, prompts=None, image_size=64, probe=True):
     """Validate the spec, option names and values, and that local paths exist, without loading a model; a plug-in
-    reward is imported and called once on random images of image_size px with `prompts` (default two copies of
-    "a photo")."""
+    reward is imported and (probe) called once on random images of image_size px with `prompts` (default two copies
+    of "a photo")."""
     o = _resolve(options or {})
     if not 1 <= o.jpeg_quality <= 100:
         raise ValueError(f"reward option jpeg_quality={o.jpeg_quality}: must be in 1..100")
@@ -942,7 +942,7 @@ def check_options(spec, options=None, prompts=None, image_size=64):
         for reward in uses:
             for option in _REWARD_PATHS.get(reward, ()):
                 _is_local(name, option, getattr(o, option))
-        if is_plugin(name):
+        if is_plugin(name) and probe:
             _probe_plugin(name, list(prompts or ["a photo"] * 2)[:2], image_size)
 
 
@@ -982,7 +982,7 @@ class Reward:
 
 def build_reward(spec, device="cpu", dtype=torch.float32, **options):
     """Load the models of `spec` once and return a `Reward`; options are listed in the module docstring."""
-    check_options(spec, options)
+    check_options(spec, options, probe=False)
     o = _resolve(options)
     return Reward([(name, weight, reward_info(name).factory(device, dtype, o)) for name, weight in parse_spec(spec)])
 

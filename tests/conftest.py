@@ -6,6 +6,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SD = os.path.join(ROOT, "tiny_models", "sd15")
 TINY_SDXL = os.path.join(ROOT, "tiny_models", "sdxl")
+TINY_SD3 = os.path.join(ROOT, "tiny_models", "sd35")
+TINY_FLUX = os.path.join(ROOT, "tiny_models", "flux")
 # The trained tiny world (tiny_models/build_world.py) and its reward models
 WORLD_SD = os.path.join(ROOT, "tiny_models", "world-sd15")
 WORLD_SD3 = os.path.join(ROOT, "tiny_models", "world-sd3")  # the SD3-format world (build_world.py sd3 phase)

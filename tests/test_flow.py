@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, read_metrics, tiny_argv
+from conftest import ROOT, TINY_FLUX, TINY_SD3, read_metrics, tiny_argv
 from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 
 import alignprop
@@ -20,8 +20,6 @@ import refl
 import spo
 
 CPU = torch.device("cpu")
-TINY_SD3 = os.path.join(ROOT, "tiny_models", "sd35")
-TINY_FLUX = os.path.join(ROOT, "tiny_models", "flux")
 PIPELINES = {TINY_SD3: StableDiffusion3Pipeline, TINY_FLUX: FluxPipeline}
 FLOW = dict(resolution=32, max_sequence_length=16, num_inference_steps=4, guidance_scale=None)
 DRTUNE = dict(num_trained_steps=2, early_stop_max=2)

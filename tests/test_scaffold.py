@@ -8,8 +8,8 @@ import os
 import pytest
 from conftest import ROOT
 
-SCRIPTS = ["drtune.py", "refl.py", "draft.py", "alignprop.py", "dpo.py", "spo.py"]
-# scripts whose whole scaffold region is the same text; dpo.py and spo.py train differently: they write their
+SCRIPTS = ["drtune.py", "refl.py", "draft.py", "alignprop.py", "dpo.py", "spo.py", "grpo.py"]
+# scripts whose whole scaffold region is the same text; dpo.py, spo.py and grpo.py train differently: they write their
 # own main() and keep identical every other scaffold piece they use
 FULL_SCAFFOLD = ["drtune.py", "refl.py", "draft.py", "alignprop.py"]
 BEGIN = "# Scaffold: identical in every algorithm script"

@@ -222,22 +222,13 @@ def _largest_component(mask):
     return out
 
 
-def check(image, text, min_pixels=20):
-    """Read an image back against its caption. image: (H, W, 3) uint8, or float in [0, 1].
-    Every pixel takes the nearest palette color; the background is the most common color of the border. A shape
-    counts as drawn when its color is among the most common non-background colors (the first for one shape, the
-    first two for two) and its largest connected region has at least min_pixels pixels (a shape of the world
-    has 40 or more at 32 px). Returns booleans, None where the caption does not ask: background; color (one-shape
-    prompts); shape (one-shape prompts: the template, fitted to the region's bounding box, that overlaps it
-    best); position (every position word: the anchor nearest to the region's centroid); colors_pair (two-shape
-    prompts: both colors drawn)."""
-    target = parse(text)
-    if target is None:
-        raise ValueError(f"not a caption of the world: {text!r}")
+def _read(image, target, min_pixels):
+    """The pixel reading shared by check() and fields(): (background right, [(drawn, region mask)] per shape)."""
     image = np.asarray(image, dtype=np.float32)
     if image.max() <= 1.0:
         image = image * 255
     h, w, _ = image.shape
+    min_pixels = max(1, round(min_pixels * h * w / RESOLUTION ** 2))  # the same share of the image at any size
     names = list(COLORS)
     labels = _nearest_color(image.reshape(-1, 3)).reshape(h, w)
     border = np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])
@@ -245,26 +236,87 @@ def check(image, text, min_pixels=20):
     counts = np.bincount(labels.ravel(), minlength=len(names))
     counts[background] = 0
     top = [i for i in np.argsort(-counts, kind="stable")[: len(target["shapes"])] if counts[i] > 0]
-    result = dict(background=names[background] == target["background"], color=None, shape=None, position=None,
-                  colors_pair=None)
-    found, regions = [], []
+    shapes = []
     for s in target["shapes"]:
         index = names.index(s["color"])
         region = _largest_component(labels == index)
-        found.append(index in top and region.sum() >= min_pixels)
-        regions.append(region)
+        shapes.append((bool(index in top and region.sum() >= min_pixels), region))
+    return names[background] == target["background"], shapes
+
+
+def _placed(region, position):
+    h, w = region.shape
+    ys, xs = np.nonzero(region)
+    return _nearest_position((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h) == position
+
+
+def check(image, text, min_pixels=20):
+    """Read an image back against its caption. image: (H, W, 3) uint8, or float in [0, 1].
+    Every pixel takes the nearest palette color; the background is the most common color of the border. A shape
+    counts as drawn when its color is among the most common non-background colors (the first for one shape, the
+    first two for two) and its largest connected region has at least min_pixels pixels at 32 px (a shape of the
+    world has 40 or more; the same share of the image at other sizes). Returns booleans, None where the caption
+    does not ask: background; color (one-shape prompts); shape (one-shape prompts: the template, fitted to the
+    region's bounding box, that overlaps it best); position (every position word: the anchor nearest to the
+    region's centroid); colors_pair (two-shape prompts: both colors drawn)."""
+    target = parse(text)
+    if target is None:
+        raise ValueError(f"not a caption of the world: {text!r}")
+    background, shapes = _read(image, target, min_pixels)
+    result = dict(background=background, color=None, shape=None, position=None, colors_pair=None)
+    for s, (found, region) in zip(target["shapes"], shapes):
         if s["position"] is not None:
-            ok = False
-            if found[-1]:
-                ys, xs = np.nonzero(region)
-                ok = _nearest_position((xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h) == s["position"]
+            ok = found and _placed(region, s["position"])
             result["position"] = ok if result["position"] is None else result["position"] and ok
     if len(target["shapes"]) == 1:
-        result["color"] = found[0]
-        result["shape"] = found[0] and _shape_type(regions[0]) == target["shapes"][0]["shape"]
+        found, region = shapes[0]
+        result["color"] = found
+        result["shape"] = found and _shape_type(region) == target["shapes"][0]["shape"]
     else:
-        result["colors_pair"] = all(found)
+        result["colors_pair"] = all(found for found, _ in shapes)
     return result
+
+
+def fields(image, text, min_pixels=20):
+    """GenEval in miniature: every field the caption asks for, read back as in check(), one boolean each:
+    background; then per shape (first, second) its color drawn, its type (the best-fitting template of its region),
+    and its position word if it has one. A shape not drawn gets its type and position wrong."""
+    target = parse(text)
+    if target is None:
+        raise ValueError(f"not a caption of the world: {text!r}")
+    background, shapes = _read(image, target, min_pixels)
+    out = dict(background=background)
+    for i, (s, (found, region)) in enumerate(zip(target["shapes"], shapes)):
+        out[f"color_{i}"] = found
+        out[f"shape_{i}"] = found and _shape_type(region) == s["shape"]
+        if s["position"] is not None:
+            out[f"position_{i}"] = found and _placed(region, s["position"])
+    return out
+
+
+def reward(images, prompts):
+    """The world's pixel checker as a reward (a plug-in: --reward tiny_models/world.py:reward): the fraction of the
+    caption's fields (fields()) that each image draws right; images (B, 3, H, W) in [0, 1], one score per image."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().permute(0, 2, 3, 1).cpu().numpy()
+    return np.array([np.mean(list(fields(image, prompt).values())) for image, prompt in zip(pixels, prompts)],
+                    dtype=np.float32)
+
+
+reward.differentiable = False  # pixel counting: no gradient; for grpo.py, dpo.py --online and spo.py
+
+
+def position_prompts(num, seed_start, held_out="exclude"):
+    """num captions of two shapes, each with a position word (the world's scenes from seed_start on that have
+    them; GenEval's "position" task in miniature)."""
+    out, seed = [], seed_start
+    while len(out) < num:
+        scene = sample_scene(seed, held_out)
+        seed += 1
+        if len(scene["shapes"]) == 2 and scene["shapes"][0]["position"] is not None:
+            text = caption(scene)
+            if text not in out:
+                out.append(text)
+    return out
 
 
 def demo_prompts():
@@ -358,7 +410,11 @@ if __name__ == "__main__":
             print(f"{name}: mean symmetry error {np.mean(r['symmetry']):.3f}, drawn {sum(r['drawn'])}/{len(prompts)}")
     if args.write_json:
         print(write_json())
-        for name, prompts in zip(("world-train-prompts.txt", "world-eval-prompts.txt"), demo_prompts()):
+        train = position_prompts(256, 0)  # grpo.py's demo: two shapes with position words, 40 others to evaluate
+        held = [p for p in position_prompts(80, 10**7) if p not in train][:40]
+        files = dict(zip(("world-train-prompts.txt", "world-eval-prompts.txt"), demo_prompts()))
+        files.update({"world-position-train-prompts.txt": train, "world-position-eval-prompts.txt": held})
+        for name, prompts in files.items():
             with open(os.path.join(HERE, name), "w") as f:
                 f.write("\n".join(prompts) + "\n")
     if args.enlarge:

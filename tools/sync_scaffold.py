@@ -81,7 +81,7 @@ def main():
     with open(os.path.join(ROOT, "drtune.py"), encoding="utf-8") as f:
         reference = f.read()
     changed = []
-    for name in SCRIPTS + ["grpo.py"]:
+    for name in SCRIPTS:
         if name == "drtune.py" or not os.path.exists(os.path.join(ROOT, name)):
             continue
         if args.check:
