@@ -204,12 +204,10 @@ def check_algorithm_arguments(args):
     config = load_config_or_fail(DDPMScheduler, args.pretrained_model_name_or_path, "model",
                                  "--pretrained_model_name_or_path", subfolder="scheduler", revision=args.revision)
     training_timesteps(args, config["num_train_timesteps"])  # a bad --timestep_range fails here
-    if args.online and args.dataset_name is not None:
-        if args.dataset_name != PRESETS.get(args.preset, {}).get("dataset_name"):
-            raise UsageError(f"--dataset_name {args.dataset_name} holds offline pairs, but online self-rewarding is on"
-                             f"{f' (--preset {args.preset})' if args.preset else ''}: pass --offline to train on the "
-                             f"pairs, or leave out --dataset_name")
-        args.dataset_name = None  # the preset's offline data, not used by the --online asked for explicitly
+    if args.online and args.dataset_name is not None:  # a preset's pairs went with a typed --online (PRESET_MODES)
+        raise UsageError(f"--dataset_name {args.dataset_name} holds offline pairs, but online self-rewarding is on"
+                         f"{f' (--preset {args.preset})' if args.preset else ''}: pass --offline to train on the "
+                         f"pairs, or leave out --dataset_name")
     if args.online:
         if args.reward is None:
             raise UsageError("--online ranks each round's samples with a reward: give --reward (any rewards.py "
@@ -235,6 +233,20 @@ def check_algorithm_arguments(args):
     source = args.validation_dataset_name
     if source is not None and not os.path.exists(source) and not is_hub_id(source):
         raise UsageError(f"dataset: local path '{source}' does not exist (--validation_dataset_name)")
+
+
+# The flags of each mode, which a preset's values yield to when the command line switches that mode off (the
+# scaffold's parse_args): `--preset demo --offline --dataset_name pairs.parquet` trains offline DPO without the demo's
+# online settings (--ref_update_rate ...), and `--preset sd15-paper --online` online DPO without its Pick-a-Pic pairs.
+PRESET_MODES = (
+    ("online", True, "online self-rewarding DPO (--online)",
+     ("images_per_prompt", "prompts_per_round", "steps_per_round", "pair_margin", "ref_update_rate",
+      "cache_prompt_embeds")),
+    ("online", False, "offline DPO on pairs (--offline)",
+     ("dataset_name", "dataset_split", "streaming", "shuffle_buffer_size", "random_crop", "random_flip",
+      "proportion_empty_prompts", "validation_dataset_name", "validation_dataset_split", "num_validation_pairs",
+      "dataloader_num_workers")),
+)
 
 
 def training_timesteps(args, num_train_timesteps):
@@ -460,14 +472,17 @@ def parse_args(argv=None):
     if args.preset is not None:  # presets replace defaults, so flags given explicitly still win
         preset = dict(PRESETS[args.preset])
         per_family = {f: preset.pop(f) for f in FAMILIES if f in preset}
+        defaults = {dest: parser.get_default(dest) for dest in vars(args)}
         parser.set_defaults(**preset)
         args = parser.parse_args(argv)
         if per_family:  # a preset's settings for one family (the SD3 world's demo) go over its others
             from diffusers import DiffusionPipeline
             family = detect_family(load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                                        "--pretrained_model_name_or_path", revision=args.revision))
+            preset.update(per_family.get(family, {}))
             parser.set_defaults(**per_family.get(family, {}))
             args = parser.parse_args(argv)
+        yield_to_modes_switched_off(args, preset, defaults, typed_flags(argv))
     return args
 
 
@@ -1818,6 +1833,34 @@ def library_versions():
     import peft
     import transformers
     return {m.__name__: m.__version__ for m in (torch, diffusers, transformers, peft, accelerate)}
+
+
+def typed_flags(argv=None):
+    """The destinations of the flags given on the command line (argv, else sys.argv's): a parser of the same
+    flags without any default parses it, so only what was typed lands in its namespace."""
+    probe = build_parser()
+    add_algorithm_arguments(probe)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    probe._defaults.clear()
+    return set(vars(probe.parse_args(argv)))
+
+
+def yield_to_modes_switched_off(args, preset, defaults, typed):
+    """A preset's values for the flags of a mode that the command line switched off go back to their defaults
+    instead of being refused (dpo.py --preset demo --offline: the online preset's --ref_update_rate is left out).
+    The algorithm region's PRESET_MODES lists the modes: (switch, value, name, flags), the flags being used only while
+    args.switch == value. Only a switch typed on the command line turns a mode off this way, and a flag typed there
+    is kept (and checked) whatever its mode. Said in one line (by the first process)."""
+    for switch, value, name, flags in globals().get("PRESET_MODES", ()):
+        if switch not in typed or getattr(args, switch) == value:
+            continue
+        left_out = [f for f in flags if f in preset and f not in typed and preset[f] != defaults.get(f)]
+        for flag in left_out:
+            setattr(args, flag, defaults.get(flag))
+        if left_out and os.environ.get("RANK", "0") == "0":
+            print(f"--preset {args.preset}: {', '.join(f'--{f} {preset[f]}' for f in left_out)} left out: "
+                  f"{'they are' if len(left_out) > 1 else 'it is'} for {name}, which the command line switched off")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -296,15 +296,46 @@ def parse_args(argv=None):
     if args.preset is not None:  # presets replace defaults, so flags given explicitly still win
         preset = dict(PRESETS[args.preset])
         per_family = {f: preset.pop(f) for f in FAMILIES if f in preset}
+        defaults = {dest: parser.get_default(dest) for dest in vars(args)}
         parser.set_defaults(**preset)
         args = parser.parse_args(argv)
         if per_family:  # a preset's settings for one family (the SD3 world's demo) go over its others
             from diffusers import DiffusionPipeline
             family = detect_family(load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                                        "--pretrained_model_name_or_path", revision=args.revision))
+            preset.update(per_family.get(family, {}))
             parser.set_defaults(**per_family.get(family, {}))
             args = parser.parse_args(argv)
+        yield_to_modes_switched_off(args, preset, defaults, typed_flags(argv))
     return args
+
+
+def typed_flags(argv=None):
+    """The destinations of the flags given on the command line (argv, else sys.argv's): a parser of the same
+    flags without any default parses it, so only what was typed lands in its namespace."""
+    probe = build_parser()
+    add_algorithm_arguments(probe)
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS
+    probe._defaults.clear()
+    return set(vars(probe.parse_args(argv)))
+
+
+def yield_to_modes_switched_off(args, preset, defaults, typed):
+    """A preset's values for the flags of a mode that the command line switched off go back to their defaults
+    instead of being refused (dpo.py --preset demo --offline: the online preset's --ref_update_rate is left out).
+    The algorithm region's PRESET_MODES lists the modes: (switch, value, name, flags), the flags being used only while
+    args.switch == value. Only a switch typed on the command line turns a mode off this way, and a flag typed there
+    is kept (and checked) whatever its mode. Said in one line (by the first process)."""
+    for switch, value, name, flags in globals().get("PRESET_MODES", ()):
+        if switch not in typed or getattr(args, switch) == value:
+            continue
+        left_out = [f for f in flags if f in preset and f not in typed and preset[f] != defaults.get(f)]
+        for flag in left_out:
+            setattr(args, flag, defaults.get(flag))
+        if left_out and os.environ.get("RANK", "0") == "0":
+            print(f"--preset {args.preset}: {', '.join(f'--{f} {preset[f]}' for f in left_out)} left out: "
+                  f"{'they are' if len(left_out) > 1 else 'it is'} for {name}, which the command line switched off")
 
 
 def is_hub_id(path):
