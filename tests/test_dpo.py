@@ -380,6 +380,41 @@ def test_bad_input_is_one_clear_error(overrides, message, pairs_file, tmp_path):
         dpo.check_arguments(args)
 
 
+def test_a_preset_yields_the_flags_of_a_mode_switched_off_on_the_command_line(pairs_file, tmp_path, capsys):
+    """PRESET_MODES through the scaffold's parse_args: `--preset demo --offline --dataset_name pairs` (the demo is
+    online) trains offline without the demo's online values, said in one line; the preset's other values stay; a
+    flag of the mode switched off that the user typed is still checked; without the switch typed, still refused."""
+    from conftest import WORLD_SD3
+    out = ["--output_dir", str(tmp_path / "out")]
+    args = dpo.parse_args(["--preset", "demo", "--offline", "--dataset_name", pairs_file, *out])
+    line = capsys.readouterr().out.strip()
+    assert line == ("--preset demo: --prompts_per_round 16, --ref_update_rate 0.5 left out: they are for online "
+                    "self-rewarding DPO (--online), which the command line switched off")
+    default = dpo.parse_args([])
+    assert not args.online and (args.ref_update_rate, args.prompts_per_round) == (0.0, default.prompts_per_round)
+    assert (args.learning_rate, args.beta_dpo, args.guidance_scale) == (2e-3, 100.0, 3.0)  # not a mode's: kept
+    dpo.check_arguments(args)  # refused before: --ref_update_rate belongs to online DPO
+    # the SD3 world's settings of the demo apply as well, and the same flags yield
+    sd3 = dpo.parse_args(["--preset", "demo", "--pretrained_model_name_or_path", WORLD_SD3, "--offline",
+                          "--dataset_name", pairs_file, *out])
+    assert (sd3.learning_rate, sd3.sampler, sd3.ref_update_rate) == (5e-4, "euler", 0.0)
+    # typed, a flag of the mode switched off is the user's: refused as before
+    typed = dpo.parse_args(["--preset", "demo", "--offline", "--dataset_name", pairs_file, "--ref_update_rate",
+                            "0.5", *out])
+    with pytest.raises(dpo.UsageError, match="--ref_update_rate moves the reference between rounds of --online"):
+        dpo.check_arguments(typed)
+    # the mode not switched off by a flag: the preset's mode stands and the pairs are refused
+    with pytest.raises(dpo.UsageError, match="pass --offline"):
+        dpo.check_arguments(dpo.parse_args(["--preset", "demo", "--dataset_name", pairs_file, *out]))
+    # the other way: an offline preset's pairs yield to a typed --online (the paper preset: hub data, no network here)
+    online = dpo.parse_args(["--preset", "sd15-paper", "--online", *out])
+    assert online.online and online.dataset_name is None and online.validation_dataset_name is None
+    assert online.streaming is False and online.beta_dpo == 5000.0 and online.reward == "pickscore"
+    assert "--dataset_name yuvalkirstain/pickapic_v2" in capsys.readouterr().out
+    # no preset: nothing yields
+    assert dpo.parse_args(["--offline", "--ref_update_rate", "0.5"]).ref_update_rate == 0.5
+
+
 def test_any_reward_online_and_dataset_errors(tmp_path, monkeypatch):
     args = dpo.parse_args(tiny_argv(TINY_SD, str(tmp_path), online=True, reward="jpeg_size"))
     dpo.check_arguments(args)  # DPO needs no reward gradient
