@@ -242,8 +242,8 @@ def test_torn_and_foreign_checkpoints_are_never_latest_nor_pruned(tmp_path):
     run(drtune, out, max_train_steps=4, checkpointing_steps=1, checkpoints_total_limit=1,
         resume_from_checkpoint="latest")
     assert sorted(os.listdir(out)) == sorted(["checkpoint-1", "checkpoint-4", "checkpoint-5", "checkpoint-6",
-                                              "config.json", "metrics.jsonl", "pytorch_lora_weights.safetensors",
-                                              "reward_curve.png", "samples"])
+                                              "README.md", "config.json", "lora_kohya.safetensors", "metrics.jsonl",
+                                              "pytorch_lora_weights.safetensors", "reward_curve.png", "samples"])
 
 
 def test_no_checkpoint_with_a_non_finite_lora_weight(tmp_path):

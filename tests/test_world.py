@@ -12,6 +12,7 @@ import torch
 
 import rewards
 from conftest import ROOT, WORLD_CLIP, WORLD_REWARD_OPTIONS, WORLD_SD, WORLD_SD3
+from test_lora_files import assert_model_card
 
 sys.path.insert(0, os.path.join(ROOT, "tiny_models"))
 import check_world  # noqa: E402
@@ -234,3 +235,7 @@ def test_every_demo_preset_runs_on_the_world(script, world_name, tmp_path):
     if world_name == "sd3":
         assert (config["sampler"], config["max_sequence_length"]) == ("euler", 77)
     assert (out / "pytorch_lora_weights.safetensors").exists() and (out / "samples" / "before_after.png").exists()
+    card = assert_model_card(out, script, config)  # README.md and lora_kohya.safetensors (tests/test_lora_files.py)
+    assert f"python {script} --preset demo --output_dir" in card.text  # the command as typed
+    if world_name == "sd3":  # how to load the world without T5, as the README says
+        assert "text_encoder_3=None, tokenizer_3=None" in card.text and "max_sequence_length=77" in card.text
