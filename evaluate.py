@@ -35,6 +35,12 @@ What it does, and the choices made:
   set_adapters(weights=--lora_scale)), so base and tuned differ by the LoRA alone and an image depends on its index,
   not on the number of processes (and on the batch only through the rounding of batched kernels: at most one 8-bit
   level in the tests). The safety checker is off: its black images would be scored.
+- A training run's settings: with --lora a script's --output_dir, the flags left out come from its config.json
+  (RUN_SETTINGS), so the LoRA is scored on images sampled as the run sampled its grids: the model (with its VAE,
+  revision and variant) unless --pretrained_model_name_or_path is given, the sampler, DDIM's eta, steps, guidance
+  (FLUX: the run's --guidance_embedding and --true_cfg scale), resolution, T5 length, --validation_lora_scale and
+  --prompt_template. One line says which settings were used and where each came from (the run, the command line,
+  the pipeline's defaults); a run's value that does not fit the model given is refused naming where it came from.
 - Resumable: images/base/NNNNN.png and images/tuned/NNNNN.png (NNNNN the prompt's index), each written to a
   temporary name and renamed; a rerun generates only the missing ones, each in the batch an uninterrupted run makes
   it in (so with the same pixels). images/settings.json records what the images depend on (model and its family,
@@ -106,6 +112,17 @@ FAMILY_PIPELINES = {
 }
 TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 SAMPLING_DEFAULTS = ("num_inference_steps", "guidance_scale", "max_sequence_length")  # flags the family defaults
+# What a training run's config.json (in --lora, its --output_dir) gives the flags the command line leaves out, so that
+# the LoRA is scored on images sampled as the run sampled its grids. The model with its VAE, revision and variant
+# (only when --pretrained_model_name_or_path is not given); then each sampling flag on its own: {flag: run's key}.
+# FLUX: evaluate's --guidance_scale is FluxPipeline's (the distilled guidance embedding, the run's
+# --guidance_embedding) and the run's --guidance_scale under --true_cfg is FluxPipeline's true_cfg_scale. DDIM's eta
+# is taken for a DDIM run only; a flow run's SDE eta has no counterpart in the pipelines (their Euler step is the ODE).
+RUN_MODEL = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "revision", "variant")
+RUN_SETTINGS = dict(sampler="sampler", eta="eta", num_inference_steps="num_inference_steps",
+                    guidance_scale="guidance_scale", resolution="resolution", max_sequence_length="max_sequence_length",
+                    lora_scale="validation_lora_scale", prompt_template="prompt_template")
+FLAG_DEFAULTS = dict(sampler="pipeline", eta=0.0, lora_scale=1.0)  # without a run's value or a flag
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,16 +339,20 @@ def build_parser():
     parser = OneLineParser(prog="evaluate.py", description=__doc__.split("\n\n")[0],
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = parser.add_argument_group("model")
-    g.add_argument("--pretrained_model_name_or_path", required=True,
+    g.add_argument("--pretrained_model_name_or_path", default=None,
                    help="hub id or local diffusers folder: SD1.5, SDXL, SD3/SD3.5 or FLUX family, detected from its "
-                        "components")
+                        "components (default: the run's model, with its VAE, revision and variant, when --lora is a "
+                        "training script's --output_dir)")
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="another VAE, e.g. an fp16-safe SDXL VAE")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--lora", default=None,
                    help="a training script's --output_dir (pytorch_lora_weights.safetensors) or a hub id; without it "
-                        "only the base model is scored")
-    g.add_argument("--lora_scale", type=float, default=1.0, help="LoRA weight at inference (FDXL: 0.7)")
+                        "only the base model is scored. A run's config.json there gives the sampling settings that "
+                        "are not given here (RUN_SETTINGS: the run's sampler, eta, steps, guidance, resolution, T5 "
+                        "length, grid LoRA scale, prompt template)")
+    g.add_argument("--lora_scale", type=float, default=None,
+                   help="LoRA weight at inference (FDXL: 0.7; default: the run's --validation_lora_scale, else 1)")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="the pipeline's dtype")
     g = parser.add_argument_group("prompts and sampling")
     g.add_argument("--prompts", default="hpsv2-benchmark",
@@ -349,10 +370,16 @@ def build_parser():
     g.add_argument("--max_sequence_length", type=int, default=None,
                    help="T5 tokens of SD3 and FLUX prompts; default: the pipeline's (SD3 256, FLUX 512); a model "
                         "trained on fewer (the tiny SD3 world: 77) samples as trained only at that length")
-    g.add_argument("--sampler", choices=["pipeline", "ddpm", "ddim", "dpmpp", "euler"], default="pipeline",
-                   help="the pipeline's own scheduler, or the training scripts' DDPM, DDIM (eta 0), DPM-Solver++ 2M "
-                        "(SD1.5 and SDXL); SD3 and FLUX sample with their own flow-matching Euler scheduler (euler, "
-                        "the training scripts' name for it, is the same)")
+    g.add_argument("--sampler", choices=["pipeline", "ddpm", "ddim", "dpmpp", "euler"], default=None,
+                   help="the pipeline's own scheduler, or the training scripts' DDPM, DDIM (with --eta), DPM-Solver++ "
+                        "2M (SD1.5 and SDXL); SD3 and FLUX sample with their own flow-matching Euler scheduler (euler, "
+                        "the training scripts' name for it, is the same); default: the run's, else pipeline")
+    g.add_argument("--eta", type=float, default=None,
+                   help="DDIM's eta with --sampler ddim (default: the run's, else 0); the pipelines' flow Euler step "
+                        "has none (a run's SDE eta is not applied: its images are sampled with the ODE)")
+    g.add_argument("--true_cfg_scale", type=float, default=None,
+                   help="FLUX: classifier-free guidance with the empty negative prompt (FluxPipeline's true_cfg_scale; "
+                        "default: the run's --guidance_scale when it trained with --true_cfg)")
     g.add_argument("--batch_size", type=int, default=4, help="prompts per pipeline call and per scoring batch")
     g = parser.add_argument_group("scores and outputs")
     g.add_argument("--rewards", default=DEFAULT_REWARDS, help=f"comma-separated rewards.py names, of: "
@@ -365,10 +392,101 @@ def build_parser():
     return parser
 
 
+def read_run_config(args):
+    """The config.json of the training run in --lora (a script's --output_dir), or None (a hub id, a folder without
+    one, a config.json that is not a training run's)."""
+    if args.lora is None or not os.path.isfile(os.path.join(args.lora, "config.json")):
+        return None
+    path = os.path.join(args.lora, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--lora {args.lora}: its config.json is not readable JSON ({type(e).__name__}); give the "
+                         f"sampling flags and --pretrained_model_name_or_path, or remove the file") from e
+    return config if isinstance(config, dict) and "script" in config else None
+
+
+def take_run_settings(args, config, family=None):
+    """Fill the flags the command line left out (None) from the run's config.json, recording where each setting came
+    from in args.setting_sources. Without family: the model (RUN_MODEL) and the family-independent settings; with
+    it: guidance (FLUX's mapping), then FLAG_DEFAULTS for what is still unset."""
+    sources = args.__dict__.setdefault("setting_sources", {})
+    if family is None:
+        if args.pretrained_model_name_or_path is None and config is not None:
+            for key in RUN_MODEL:
+                setattr(args, key, config.get(key))
+            sources["pretrained_model_name_or_path"] = "run"
+        values = {} if config is None else {flag: config.get(key) for flag, key in RUN_SETTINGS.items()
+                                            if flag != "guidance_scale"}
+        if values.get("sampler") != "ddim" or (args.sampler or "ddim") != "ddim":  # DDIM's eta, for DDIM only
+            values.pop("eta", None)
+        for flag, value in values.items():
+            if getattr(args, flag) is None and value is not None:
+                setattr(args, flag, value)
+                sources[flag] = "run"
+        if args.eta is None and config is not None and config.get("eta") and not sources.get("eta"):
+            sources["eta_not_applied"] = config["eta"]
+        for flag, value in FLAG_DEFAULTS.items():
+            if getattr(args, flag) is None:
+                setattr(args, flag, value)
+                sources.setdefault(flag, "default")
+        return
+    values = {}
+    if config is not None and family == "flux":
+        values = dict(guidance_scale=config.get("guidance_embedding"),
+                      true_cfg_scale=config.get("guidance_scale") if config.get("true_cfg") else None)
+    elif config is not None:
+        values = dict(guidance_scale=config.get("guidance_scale"))
+    for flag, value in values.items():
+        if getattr(args, flag) is None and value is not None:
+            setattr(args, flag, value)
+            sources[flag] = "run"
+    for flag in (*SAMPLING_DEFAULTS, "resolution", "true_cfg_scale"):
+        sources.setdefault(flag, "command line" if getattr(args, flag) is not None else "default")
+    for flag in (*RUN_SETTINGS, "pretrained_model_name_or_path"):
+        sources.setdefault(flag, "command line")
+
+
+def describe_settings(args):
+    """The one line that says how the images are sampled and where each setting came from."""
+    sources = args.setting_sources
+    cfg = f"embedded guidance {args.guidance_scale:g}" if args.family == "flux" else f"CFG {args.guidance_scale:g}"
+    parts = [("pretrained_model_name_or_path", f"model {args.pretrained_model_name_or_path}"),
+             ("sampler", f"sampler {args.sampler}"), ("eta", f"eta {args.eta:g}"),
+             ("num_inference_steps", f"{args.num_inference_steps} steps"), ("guidance_scale", cfg),
+             ("true_cfg_scale", None if args.true_cfg_scale is None else f"true CFG {args.true_cfg_scale:g}"),
+             ("resolution", f"{args.resolution} px" if args.resolution else "the pipeline's resolution"),
+             ("max_sequence_length", None if args.max_sequence_length is None else
+              f"{args.max_sequence_length} T5 tokens"),
+             ("lora_scale", None if args.lora is None else f"LoRA scale {args.lora_scale:g}"),
+             ("prompt_template", None if args.prompt_template is None else f"prompt template {args.prompt_template!r}")]
+    parts = [(flag, text) for flag, text in parts if text is not None]
+    origin = {"run": f"from {os.path.join(args.lora, 'config.json')}" if args.lora else "", "command line":
+              "from the command line", "default": f"the {FAMILY_PIPELINES[args.family]['pipeline']}'s defaults"}
+    groups = {}
+    for flag, _ in parts:
+        groups.setdefault(sources.get(flag, "default"), []).append(flag.removesuffix("_or_path"))
+    where = "; ".join(f"{origin[k]}: {', '.join('--' + f for f in flags)}" for k, flags in groups.items())
+    note = ""
+    if "eta_not_applied" in sources:
+        note = (f"; the run's eta {sources['eta_not_applied']:g} is not applied (the pipeline's "
+                f"{'Euler step is the ODE' if FAMILY_PIPELINES[args.family]['flow_matching'] else 'sampler is not DDIM'})")
+    return f"evaluate.py: sampling with {', '.join(text for _, text in parts)} ({where}){note}"
+
+
 def check_arguments(args):
     """Every bad input we can see without loading a large model, each as one line. Returns the prompts, their styles
-    (or None), the reward names and options, and the model's family (a key of FAMILY_PIPELINES)."""
+    (or None), the reward names and options, and the model's family (a key of FAMILY_PIPELINES). Flags left out are
+    taken from the run's config.json in --lora where it has them (RUN_SETTINGS)."""
     from diffusers import DiffusionPipeline
+    if args.lora is not None and not os.path.isdir(args.lora) and not is_hub_id(args.lora):
+        raise UsageError(f"--lora: no such folder '{args.lora}' (a training script's --output_dir)")
+    run_config = read_run_config(args)
+    take_run_settings(args, run_config)
+    if args.pretrained_model_name_or_path is None:
+        raise UsageError("--pretrained_model_name_or_path is required (the base model), unless --lora is a training "
+                         "run's --output_dir, whose config.json names it")
     for flag in ("num_prompts", "resolution", "num_inference_steps", "max_sequence_length", "reward_resolution"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UsageError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
@@ -379,6 +497,8 @@ def check_arguments(args):
         raise UsageError("--batch_size must be >= 1 and --grid_prompts >= 0")
     if not math.isfinite(args.lora_scale) or args.lora_scale < 0:
         raise UsageError(f"--lora_scale must be a number >= 0, got {args.lora_scale}")
+    if not 0 <= args.eta <= 1:
+        raise UsageError(f"--eta must be in [0, 1] (DDIM's eta), got {args.eta}")
     if not 0 <= args.seed < 2 ** 32:
         raise UsageError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
@@ -394,8 +514,6 @@ def check_arguments(args):
             rewards.check_options(name, options)
     except (ValueError, rewards.RewardLoadError) as e:
         raise UsageError(f"--rewards {args.rewards}: {e}") from e
-    if args.lora is not None and not os.path.isdir(args.lora) and not is_hub_id(args.lora):
-        raise UsageError(f"--lora: no such folder '{args.lora}' (a training script's --output_dir)")
     if args.lora is not None and os.path.isdir(args.lora) and not os.path.isfile(
             os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
         raise UsageError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors in it (a training script's "
@@ -403,6 +521,8 @@ def check_arguments(args):
     model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                       "--pretrained_model_name_or_path", revision=args.revision)
     family = model_family(args, model_index)
+    take_run_settings(args, run_config, family)
+    args.family = family
     pipeline = FAMILY_PIPELINES[family]["pipeline"]
     if FAMILY_PIPELINES[family]["flow_matching"] and args.sampler not in ("pipeline", "euler"):
         raise UsageError(f"--sampler {args.sampler}: {pipeline} samples with its own flow-matching Euler scheduler; "
@@ -410,6 +530,11 @@ def check_arguments(args):
     if not FAMILY_PIPELINES[family]["flow_matching"] and args.sampler == "euler":
         raise UsageError(f"--sampler euler is the flow-matching step of SD3 and FLUX; {pipeline} takes pipeline, "
                          f"ddpm, ddim or dpmpp")
+    if args.eta > 0 and args.sampler != "ddim":
+        raise UsageError(f"--eta {args.eta} is DDIM's: use it with --sampler ddim")
+    if args.true_cfg_scale is not None and (family != "flux" or args.true_cfg_scale <= 1):
+        raise UsageError(f"--true_cfg_scale {args.true_cfg_scale}: FluxPipeline's classifier-free guidance with the "
+                         f"empty negative prompt, a number above 1, for FLUX models only")
     if args.max_sequence_length is not None and FAMILY_PIPELINES[family]["max_sequence_length"] is None:
         raise UsageError(f"--max_sequence_length: {pipeline} takes 77 CLIP tokens; the T5 length is for SD3 and "
                          f"FLUX")
@@ -484,7 +609,17 @@ def generation_settings(args, prompts, family):
                 prompts=hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16], seed=args.seed,
                 resolution=args.resolution, num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
-                sampler=args.sampler, mixed_precision=args.mixed_precision, family=family)
+                sampler=args.sampler, eta=args.eta, true_cfg_scale=args.true_cfg_scale,
+                mixed_precision=args.mixed_precision, family=family)
+
+
+def step_kwargs(args):
+    """The pipeline call's arguments beyond the common ones: DDIM's eta (the SD pipelines pass it to the step),
+    FLUX's true CFG with the empty negative prompt (as the training scripts' --true_cfg)."""
+    out = dict(eta=args.eta) if args.sampler == "ddim" else {}
+    if args.true_cfg_scale is not None:
+        out.update(true_cfg_scale=args.true_cfg_scale, negative_prompt="")
+    return out
 
 
 def check_settings(args, settings):
@@ -516,7 +651,7 @@ def generate_missing(pipe, args, prompts, indices, variant, progress):
             continue
         generators = [torch.Generator().manual_seed(image_seed(args.seed, i)) for i in batch]
         images = pipe([prompts[i] for i in batch], generator=generators, num_inference_steps=args.num_inference_steps,
-                      guidance_scale=args.guidance_scale, **size, **text).images
+                      guidance_scale=args.guidance_scale, **size, **text, **step_kwargs(args)).images
         for i, image in zip(batch, images):
             if i in missing:
                 path = image_path(args.output_dir, variant, i)
@@ -618,6 +753,8 @@ def main(args):
     settings = generation_settings(args, prompts, family)
     check_settings(args, settings)
     state = PartialState(cpu=not torch.cuda.is_available())
+    if state.is_main_process:
+        print(describe_settings(args), flush=True)
     device, dtype = state.device, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision,
                                                                                         torch.float32)
     if state.is_main_process:
@@ -661,10 +798,17 @@ def main(args):
 
 def cli(argv=None):
     """Bad input (UsageError, RewardLoadError) is one line on stderr and exit code 2."""
+    args = build_parser().parse_args(argv)
     try:
-        main(build_parser().parse_args(argv))
+        main(args)
     except (UsageError, rewards.RewardLoadError) as error:
-        print(f"evaluate.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        message = " ".join(str(error).split())
+        taken = [f"--{flag}" for flag, source in getattr(args, "setting_sources", {}).items()
+                 if source == "run" and f"--{flag}" in message]
+        if taken:  # a value the user did not type: say where it came from
+            message += (f" ({', '.join(taken)} taken from {os.path.join(args.lora, 'config.json')}; give "
+                        f"{'it' if len(taken) == 1 else 'them'} on the command line to override)")
+        print(f"evaluate.py: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -300,3 +300,69 @@ def test_bad_input_is_one_line_before_any_model(overrides, message, tmp_path, ca
                                   str(tmp_path / "out"), **flags))
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("evaluate.py: error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_runs_lora_is_sampled_as_the_run_sampled(tmp_path, capsys):
+    """evaluate.py --lora RUN without the model or sampling flags: the run's config.json gives the model, sampler,
+    eta, steps, CFG, resolution and grid LoRA scale, and one line says so; the base images are the plain diffusers
+    pipeline's with a DDIM scheduler at the run's eta, steps, CFG and size; a flag given wins and is named."""
+    from conftest import tiny_argv
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    run = tmp_path / "run"
+    drtune.main(drtune.parse_args(tiny_argv(TINY_SD, str(run), sampler="ddim", eta=0.5, num_inference_steps=3,
+                                            guidance_scale=2.5, num_trained_steps=1, early_stop_max=1,
+                                            max_train_steps=1, validation_lora_scale=0.5)))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert evaluate.cli(["--lora", str(run), "--prompts", str(prompts), "--rewards", "symmetry", "--output_dir",
+                         str(out)]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluate.py: sampling with "))
+    assert line.startswith(f"evaluate.py: sampling with model {TINY_SD}, sampler ddim, eta 0.5, 3 steps, CFG 2.5, "
+                           f"32 px, LoRA scale 0.5 (from {run / 'config.json'}: --pretrained_model_name, --sampler, "
+                           f"--eta, --num_inference_steps, --guidance_scale, --resolution, --lora_scale)"), line
+    with open(out / "images" / "settings.json") as f:
+        settings = json.load(f)
+    assert {k: settings[k] for k in ("model", "sampler", "eta", "num_inference_steps", "guidance_scale", "resolution",
+                                     "lora_scale")} == dict(model=TINY_SD, sampler="ddim", eta=0.5,
+                                                            num_inference_steps=3, guidance_scale=2.5, resolution=32,
+                                                            lora_scale=0.5)
+    pipe = StableDiffusionPipeline.from_pretrained(TINY_SD, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, timestep_spacing="leading")
+    pipe.set_progress_bar_config(disable=True)
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        image = pipe([prompt], num_inference_steps=3, guidance_scale=2.5, eta=0.5, height=32, width=32,
+                     generator=[torch.Generator().manual_seed(evaluate.image_seed(0, i))]).images[0]
+        assert np.abs(np.array(image).astype(int) - pixels(out / "images" / "base" / f"{i:05d}.png")).max() <= 1
+    # a flag given on the command line wins, and the line names it
+    assert evaluate.cli(["--lora", str(run), "--prompts", str(prompts), "--rewards", "symmetry", "--output_dir",
+                         str(tmp_path / "eval2"), "--num_inference_steps", "2", "--sampler", "ddpm"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.startswith("evaluate.py: sampling with "))
+    assert "sampler ddpm, eta 0, 2 steps, CFG 2.5" in line and "from the command line: --sampler, --num_inference_steps" in line
+    # a run's value that does not fit the model given is one line that says where it came from
+    code = evaluate.cli(["--lora", str(run), "--pretrained_model_name_or_path", TINY_SD35, "--prompts", str(prompts),
+                         "--rewards", "symmetry", "--output_dir", str(tmp_path / "eval3")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--sampler ddim" in err and "taken from" in err and "config.json" in err
+
+
+def test_a_flux_runs_guidance_maps_to_the_pipelines(tmp_path):
+    """A FLUX run's --guidance_embedding is FluxPipeline's guidance_scale and its --guidance_scale under --true_cfg
+    FluxPipeline's true_cfg_scale (the empty negative prompt); its SDE eta is not applied (the pipeline's ODE)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    make_lora(TINY_FLUX, run)
+    (run / "config.json").write_text(json.dumps(dict(
+        script="grpo.py", pretrained_model_name_or_path=TINY_FLUX, pretrained_vae_model_name_or_path=None,
+        revision=None, variant=None, sampler="euler", eta=0.7, num_inference_steps=3, guidance_scale=4.0,
+        true_cfg=True, guidance_embedding=2.5, resolution=32, max_sequence_length=16, validation_lora_scale=1.0,
+        prompt_template=None)))
+    args = evaluate.build_parser().parse_args(["--lora", str(run), "--prompts", "tiny_models/world-eval-prompts.txt",
+                                               "--rewards", "symmetry", "--output_dir", str(tmp_path / "eval")])
+    evaluate.check_arguments(args)
+    assert (args.guidance_scale, args.true_cfg_scale, args.eta, args.sampler) == (2.5, 4.0, 0.0, "euler")
+    assert evaluate.step_kwargs(args) == dict(true_cfg_scale=4.0, negative_prompt="")
+    args.family = "flux"
+    line = evaluate.describe_settings(args)
+    assert "embedded guidance 2.5, true CFG 4" in line and "the run's eta 0.7 is not applied" in line
