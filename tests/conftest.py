@@ -63,6 +63,82 @@ def tiny_model(request):
     return request.param
 
 
+def _our_children():
+    """The live processes this pytest process started, directly or below (zombies are dead: left out)."""
+    import psutil
+    out = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE:
+                out[child.pid] = child
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _our_listening_ports():
+    import psutil
+    return {c.laddr.port for c in psutil.Process().net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_tmpdir(tmp_path_factory):
+    """TMPDIR (and tempfile's) for the session: an empty folder of pytest's, so that a temporary file or folder a
+    test or the scripts it runs leave behind is seen (nothing_left_running) and never piles up in /tmp."""
+    import multiprocessing.util
+    import tempfile
+    multiprocessing.util.get_temp_dir()  # this process's pymp- folder where multiprocessing removes it at exit
+    scratch = tmp_path_factory.getbasetemp() / "tmpdir"
+    scratch.mkdir()
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"], tempfile.tempdir = str(scratch), None
+    yield scratch
+    if saved is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_running(scratch_tmpdir):
+    """A test fails if a process it started (a child of pytest, at any depth) is still alive after it (10 s of grace
+    to exit), if pytest itself still listens on a port the test opened, or if the test left a file or folder in
+    TMPDIR; what was left is then ended or removed, so that the next tests start clean. Processes, ports and
+    temporary files of broader fixtures (module or session scope: the forkserver of test_reliability) were there before this fixture and are theirs to end; torch's compile cache (torchinductor_USER, made once
+    per process) stays."""
+    import shutil
+    import time
+
+    import psutil
+    before, ports, entries = set(_our_children()), _our_listening_ports(), set(os.listdir(scratch_tmpdir))
+    yield
+    deadline = time.monotonic() + 10
+    while True:
+        left = {pid: p for pid, p in _our_children().items() if pid not in before}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    described = []
+    for process in left.values():
+        try:
+            described.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(left.values()), timeout=10)
+    open_ports = sorted(_our_listening_ports() - ports)
+    files = sorted(n for n in set(os.listdir(scratch_tmpdir)) - entries if not n.startswith("torchinductor_"))
+    for name in files:
+        path = scratch_tmpdir / name
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() and not path.is_symlink() else path.unlink()
+    problems = ([f"processes still running (killed now): {'; '.join(described)}"] if described else []) + \
+               ([f"ports still listening: {open_ports}"] if open_ports else []) + \
+               ([f"left in TMPDIR (removed now): {', '.join(files[:10])}"] if files else [])
+    if problems:
+        pytest.fail("the test left things behind: " + " | ".join(problems), pytrace=False)
+
+
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """accelerate keeps one global state per process; a script runs once per process, tests run main() many times."""
@@ -117,16 +193,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def torchrun_env(folder):
+    """The environment of a torchrun launch: one thread per process, and TMPDIR inside the test's own folder, where
+    torchrun's torchelastic_* folder (which it leaves behind) goes away with the test's tmp_path."""
+    tmp = os.path.join(folder, "torchrun-tmp")
+    os.makedirs(tmp, exist_ok=True)
+    return dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=tmp)
+
+
 def two_process_loras(script, argv, port=None):
     """Train `script` with torchrun on 2 CPU processes (gloo) and return each rank's final LoRA state dict."""
     import subprocess
     import sys
 
     import torch
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    output_dir = argv[argv.index("--output_dir") + 1]
+    env = torchrun_env(os.path.dirname(os.path.abspath(output_dir)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
            str(port or free_port()), os.path.join(ROOT, "tests", "dist_worker.py"), script, *argv]
     run = subprocess.run(cmd, env=env, cwd=ROOT, timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    output_dir = argv[argv.index("--output_dir") + 1]
     return [torch.load(os.path.join(output_dir, f"lora_rank{r}.pt")) for r in (0, 1)]

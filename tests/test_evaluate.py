@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tiny_rewards
 import torch
-from conftest import ROOT, STYLES, TINY_SD, TINY_SDXL, free_port
+from conftest import ROOT, STYLES, TINY_SD, TINY_SDXL, free_port, torchrun_env
 
 import drtune
 import evaluate
@@ -185,7 +185,7 @@ def test_two_processes_give_what_one_gives(tmp_path):
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           str(free_port()), os.path.join(ROOT, "evaluate.py"),
                           *eval_argv(TINY_SD, lora, two, prompts=tmp_path / "p.txt", batch_size=1)],
-                         env=env, timeout=300, capture_output=True, text=True)
+                         env=torchrun_env(tmp_path), timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     assert "process 1/2: 2 of 3 prompts, 4 images to make" in run.stdout
     assert "process 2/2: 1 of 3 prompts, 2 images to make" in run.stdout
