@@ -187,6 +187,62 @@ def _is_local(reward, option, value):
     raise RewardLoadError(f"{reward}: {option}={value!r}: no such file or directory")
 
 
+def _check_local(reward, option, value):
+    """A local path is what its option says, read cheaply before any model loads: a checkpoint file that
+    safetensors or torch.load(weights_only=True) opens (memory-mapped: no weights read), a model folder (hub id
+    options), an open_clip JSON config; else RewardLoadError naming the option and the fix."""
+    kind = _PATH_OPTIONS[option]
+    if kind is _HUB_ID:
+        if not os.path.isdir(value):
+            raise RewardLoadError(f"{reward}: {option}={value!r} is a file; give a model folder (with config.json) "
+                                  f"or a hub id in --reward_options")
+        return
+    if option in ("clip_model", "hps_model"):
+        if not str(value).endswith(".json") or not os.path.isfile(value):
+            raise RewardLoadError(f"{reward}: {option}={value!r}: give an open_clip architecture name (e.g. "
+                                  f"ViT-H-14) or a local open_clip model config .json in --reward_options")
+        try:
+            json.loads(Path(value).read_text())
+        except (OSError, ValueError) as e:
+            raise RewardLoadError(f"{reward}: {option}={value!r} is not a JSON open_clip model config "
+                                  f"({type(e).__name__}); fix it in --reward_options") from e
+        return
+    if os.path.isdir(value):
+        raise RewardLoadError(f"{reward}: {option}={value!r} is a folder; give the checkpoint file in --reward_options")
+    try:
+        if str(value).endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(value, framework="pt"):
+                pass
+        else:
+            try:
+                torch.load(value, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # not torch's zip format: no memory map, read it
+                if "mmap" not in str(e):
+                    raise
+                torch.load(value, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever the file is, the user's fix is the same: another file
+        first = (str(e).strip().splitlines() or [""])[0][:160]
+        with open(value, "rb") as f:
+            head = f.read(12)
+        image = head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8")) or head[8:12] == b"WEBP"
+        refused = "pickle" in str(e).lower() or "weights_only" in str(e)
+        why = ("an image file" if image else "torch.load(weights_only=True) refuses it: pickled objects beyond "
+               "tensors, or not a torch.save file" if refused else f"{type(e).__name__}: {first}")
+        raise RewardLoadError(f"{reward}: {option}={value!r} is not a readable checkpoint ({why}); give a "
+                              f"safetensors or plain torch.save state-dict file in --reward_options") from e
+
+
+def _check_open_clip_name(reward, option, value):
+    """An open_clip architecture name that open_clip knows (a hub reference is not checked here)."""
+    import open_clip
+    if value not in open_clip.list_models() and not value.startswith("hf-hub:"):
+        close = [m for m in open_clip.list_models() if value.lower().replace("/", "-") in m.lower()][:5]
+        raise RewardLoadError(f"{reward}: {option}={value!r} is not an open_clip architecture "
+                              f"({'did you mean ' + ', '.join(close) + '? ' if close else ''}e.g. ViT-H-14, or a "
+                              f"local .json model config) in --reward_options")
+
+
 def _unreachable(reward, option, what, example):
     return RewardLoadError(
         f"{reward}: could not load {what} (offline or not cached); "
@@ -941,7 +997,10 @@ def check_options(spec, options=None, prompts=None, image_size=64, probe=True):
         uses = [name] + (["clipscore"] if name == "symmetry" and o.symmetry_clip_weight > 0 else [])
         for reward in uses:
             for option in _REWARD_PATHS.get(reward, ()):
-                _is_local(name, option, getattr(o, option))
+                if _is_local(name, option, getattr(o, option)):
+                    _check_local(name, option, getattr(o, option))
+                elif option in ("clip_model", "hps_model"):
+                    _check_open_clip_name(name, option, getattr(o, option))
         if is_plugin(name) and probe:
             _probe_plugin(name, list(prompts or ["a photo"] * 2)[:2], image_size)
 
@@ -984,7 +1043,18 @@ def build_reward(spec, device="cpu", dtype=torch.float32, **options):
     """Load the models of `spec` once and return a `Reward`; options are listed in the module docstring."""
     check_options(spec, options, probe=False)
     o = _resolve(options)
-    return Reward([(name, weight, reward_info(name).factory(device, dtype, o)) for name, weight in parse_spec(spec)])
+    parts = []
+    for name, weight in parse_spec(spec):
+        try:
+            parts.append((name, weight, reward_info(name).factory(device, dtype, o)))
+        except RewardLoadError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a file that is not what its option says, however it fails: one line
+            named = ", ".join(f"{k}={getattr(o, k)!r}" for k in _REWARD_PATHS.get(name, ()))
+            first = " ".join(str(e).split())[:300]
+            raise RewardLoadError(f"{name}: could not load its model ({type(e).__name__}: {first})"
+                                  f"{'; check ' + named + ' in --reward_options' if named else ''}") from e
+    return Reward(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -398,10 +398,13 @@ def killed_run(script, argv, kill):
 @pytest.fixture(scope="module")
 def fork_context():
     """Fresh processes forked from a server that has imported the libraries and scripts (no import per child)."""
+    import multiprocessing.forkserver as forkserver
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["torch", "accelerate", "diffusers", "transformers", "peft", "datasets", "drtune",
                                     "dpo", "spo", "conftest", "test_reliability"])
-    return context
+    forkserver.ensure_running()  # started here, so that it is the fixture's process, not a test's
+    yield context
+    forkserver._forkserver._stop()  # the server lives until pytest exits otherwise (conftest: nothing_left_running)
 
 
 def killed(context, module, output_dir, kill, **flags):
@@ -473,3 +476,42 @@ def test_sigkill_while_deleting_the_replaced_checkpoint(tmp_path, fork_context):
     args = drtune.parse_args(argv_of(drtune, out, resume_from_checkpoint="latest"))
     drtune.check_arguments(args)
     assert drtune.resume_checkpoint(args)[0] == str(out / "checkpoint-4")
+
+
+def reward_files(tmp_path):
+    """Files that are not what their reward option says: a pickle torch.load(weights_only=True) refuses, an image, a
+    folder where a checkpoint goes, a file where a model folder goes, an open_clip architecture that does not exist."""
+    import argparse
+
+    from PIL import Image
+    torch.save({"state_dict": {}, "args": argparse.Namespace(a=1)}, tmp_path / "pickled.pt")
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.pt", format="PNG")
+    return [
+        ("hpsv21", f"hps_checkpoint={tmp_path / 'pickled.pt'}", "hps_checkpoint", "torch.load(weights_only=True) refuses"),
+        ("hpsv21", f"hps_checkpoint={tmp_path / 'image.pt'}", "hps_checkpoint", "an image file"),
+        ("aesthetic", f"aesthetic_mlp={tmp_path}", "aesthetic_mlp", "is a folder"),
+        ("pickscore", f"pickscore_model={tmp_path / 'image.pt'}", "pickscore_model", "give a model folder"),
+        ("clipscore", "clip_model=ViT-H-15", "clip_model", "not an open_clip architecture"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(5))
+def test_reward_files_that_are_not_what_their_option_says_are_one_line(case, tmp_path, capsys, no_models):
+    import evaluate
+    reward, options, option, message = reward_files(tmp_path)[case]
+    code, line = cli_error(drtune, argv_of(drtune, tmp_path / "out", reward=reward, reward_options=options), capsys)
+    assert code == 2 and f"--reward {reward}" in line and option in line and message in line
+    assert evaluate.cli(["--pretrained_model_name_or_path", TINY_SD, "--rewards", reward, "--reward_options", options,
+                         "--prompts", "tiny_models/world-eval-prompts.txt", "--output_dir", str(tmp_path / "e")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and option in err and message in err
+
+
+def test_a_reward_model_that_fails_to_load_is_one_line(tmp_path):
+    """Past the cheap checks (a readable checkpoint of the wrong model): build_reward's one line names the options."""
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    import rewards
+    from conftest import WORLD_REWARD_OPTIONS
+    with pytest.raises(rewards.RewardLoadError, match=r"^hpsv21: could not load its model .*hps_checkpoint="):
+        rewards.build_reward("hpsv21", **dict(WORLD_REWARD_OPTIONS, hps_checkpoint=str(tmp_path / "other.safetensors")))
