@@ -1753,7 +1753,7 @@ def save_model_card(args, family, rows):
     call = "".join(f", {k}={v}" for k, v in (("max_sequence_length", args.max_sequence_length),) if v is not None)
     paragraphs = [" ".join(p.split()) for p in (__doc__ or script).strip().split("\n\n")]  # the module's docstring
     method = paragraphs[0].split(":")[0] if ":" in paragraphs[0] else script
-    paper = next((p for p in paragraphs if p.startswith("Paper:")), "")
+    paper = next((p for p in paragraphs if p.startswith(("Paper:", "Papers:"))), "")
     processes = config.get("num_processes", 1)
     launcher = f"accelerate launch --num_processes {processes}" if processes > 1 else "python"
     command = (f"{launcher} {shlex.join([script] + sys.argv[1:])}" if os.path.basename(sys.argv[0]) == script else
