@@ -181,8 +181,8 @@ def check_algorithm_arguments(args):
                          f"samples per round (--train_batch_size x --gradient_accumulation_steps x --group_size)")
 
 
-# The demo's prompts: two shapes, each with a position word (tiny_models/world.py position_prompts; the evaluation
-# captions are other scenes' and never trained on).
+# The demo's prompts: two shapes, each with a position word, the words any two different sides (tiny_models/world.py
+# position_prompts; the 40 evaluation captions are never trained on).
 POSITION_PROMPTS = dict(train_prompts=os.path.join(WORLD, "world-position-train-prompts.txt"),
                         eval_prompts=os.path.join(WORLD, "world-position-eval-prompts.txt"))
 PRESETS = {
@@ -1747,6 +1747,136 @@ def yield_to_modes_switched_off(args, preset, defaults, typed):
                   f"{'they are' if len(left_out) > 1 else 'it is'} for {name}, which the command line switched off")
 
 
+KOHYA_LORA_NAME = "lora_kohya.safetensors"
+
+
+KOHYA_LAYOUTS = {
+    "sd15": ("unet", "ComfyUI (models/loras) and Automatic1111/Forge (models/Lora, `<lora:NAME:1>` in the prompt)"),
+    "sdxl": ("unet", "ComfyUI (models/loras) and Automatic1111/Forge (models/Lora, `<lora:NAME:1>` in the prompt)"),
+    "sd3": ("lora_transformer", "ComfyUI (models/loras)"),
+    "flux": ("lora_transformer", "ComfyUI (models/loras)"),
+}
+
+
+def save_lora_kohya(unet, family, output_dir):
+    """lora_kohya.safetensors: save_lora's weights in the kohya layout that ComfyUI and Automatic1111/Forge load
+    (`<module>.lora_down.weight`, `.lora_up.weight`, `.alpha`), converted from peft's state dict by diffusers'
+    convert_state_dict_to_kohya. The module names are diffusers' after the family's prefix (KOHYA_LAYOUTS): lora_unet_
+    for the UNets (the names kohya's sd-scripts give SD1.5's), lora_transformer_ for SD3 and FLUX (OneTrainer's
+    layout). alpha is the layer's LoRA scale x rank (peft's scaling), so alpha / rank reproduces lora_alpha / r."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    prefix, state_dict, kohya = KOHYA_LAYOUTS[family][0], get_peft_model_state_dict(unet), {}
+    for name, layer in unet.named_modules():
+        if isinstance(layer, LoraLayer) and "default" in layer.lora_A:
+            pair = convert_state_dict_to_kohya({f"{prefix}.{name}.{w}": state_dict[f"{name}.{w}"]
+                                                for w in ("lora_A.weight", "lora_B.weight")})
+            (alpha,) = [k for k in pair if k.endswith(".alpha")]  # the converter's alpha is the rank
+            pair[alpha] = torch.tensor(float(layer.scaling["default"] * layer.r["default"]))
+            kohya.update(pair)
+    save_file({k: v.detach().contiguous() for k, v in kohya.items()}, os.path.join(output_dir, KOHYA_LORA_NAME),
+              metadata={"format": "pt"})
+
+
+def save_model_card(args, family, rows):
+    """README.md in --output_dir, the run's model card (main process, end of training): base model, method and paper
+    (this script's docstring), reward, the command and config.json, before_after.png and reward_curve.png, the eval
+    rewards of `rows` (metrics.jsonl's), how to load the LoRA in diffusers and, from lora_kohya.safetensors, in the
+    tools of KOHYA_LAYOUTS, and the base model's license where its own card gives one (a local folder's README.md, or
+    the README.md of a hub id already in the local hub cache); unset otherwise. The card data goes through diffusers'
+    populate_model_card as its training examples do; not through load_or_create_model_card, which first asks the hub
+    for the output's README.md (a network call, and an error for a local folder): the card is written offline."""
+    import shlex
+
+    import diffusers
+    from diffusers.utils.hub_utils import populate_model_card
+    from huggingface_hub import ModelCard, ModelCardData, try_to_load_from_cache
+    base, spec, script = args.pretrained_model_name_or_path, FAMILIES[family], os.path.basename(__file__)
+    readme = os.path.join(base, "README.md") if os.path.isdir(base) else (
+        try_to_load_from_cache(base, "README.md", revision=args.revision) if is_hub_id(base) else None)
+    base_card = ModelCard.load(readme, ignore_metadata_errors=True).data if isinstance(readme, str) and \
+        os.path.isfile(readme) else ModelCardData()
+    data = {k: base_card.get(k) for k in ("license", "license_name", "license_link") if base_card.get(k)}
+    data = ModelCardData(**data, base_model=base if is_hub_id(base) else None, pipeline_tag="text-to-image")
+    with open(os.path.join(args.output_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    index = os.path.join(base, "model_index.json") if os.path.isdir(base) else None
+    with open(index) if index and os.path.isfile(index) else contextlib.nullcontext() as f:
+        empty = [k for k, v in (json.load(f) if f else {}).items() if v == [None, None]]  # slots left empty
+    empty = [k for k in empty if k not in getattr(diffusers, spec["pipeline"])._optional_components]
+    load = "".join(f", {k}=None" for k in empty)
+    call = "".join(f", {k}={v}" for k, v in (("max_sequence_length", args.max_sequence_length),) if v is not None)
+    paragraphs = [" ".join(p.split()) for p in (__doc__ or script).strip().split("\n\n")]  # the module's docstring
+    method = paragraphs[0].split(":")[0] if ":" in paragraphs[0] else script
+    paper = next((p for p in paragraphs if p.startswith(("Paper:", "Papers:"))), "")
+    processes = config.get("num_processes", 1)
+    launcher = f"accelerate launch --num_processes {processes}" if processes > 1 else "python"
+    command = (f"{launcher} {shlex.join([script] + sys.argv[1:])}" if os.path.basename(sys.argv[0]) == script else
+               f"# {script}'s main() was called from Python; its arguments are config.json's")
+    evals = [r for r in rows if r.get("eval_reward") is not None]
+    results = "No reward was evaluated." if not evals else (
+        f"Eval reward (`{args.reward}` on the first {len(args.eval_prompt_list)} evaluation prompts, fixed noise): "
+        f"{evals[0]['eval_reward']:.4g} at step {evals[0]['step']}{' (the base model)' * (evals[0]['step'] == 0)}"
+        f", **{evals[-1]['eval_reward']:.4g}** at step {evals[-1]['step']} (final).")
+    scale = (f"\npipe.fuse_lora(lora_scale={args.validation_lora_scale})  # the LoRA scale of the grids"
+             if args.validation_lora_scale != 1 else "")
+    body = f"""# {method} LoRA for {os.path.basename(base.rstrip("/"))}
+
+A LoRA of {spec['label']} `{base}`, trained with `{script}` toward the reward `{args.reward}`.
+
+{paragraphs[0]}
+
+{paper}
+
+## Results
+
+{results} Sampled with {args.sampler}, {args.num_inference_steps} steps, guidance {args.guidance_scale}, \
+{args.resolution} px (config.json).
+
+![Before (top row: the base model) and after (bottom row: this LoRA), same prompts, noise](samples/before_after.png)
+
+![Reward during training](reward_curve.png)
+
+## How to use
+
+diffusers (`pytorch_lora_weights.safetensors`, diffusers' format):
+
+```python
+from diffusers import {spec['pipeline']}
+
+pipe = {spec['pipeline']}.from_pretrained({json.dumps(base)}{load})
+pipe.load_lora_weights({json.dumps(args.output_dir)}){scale}
+image = pipe({json.dumps(args.eval_prompt_list[0])}, num_inference_steps={args.num_inference_steps}, \
+height={args.resolution}, width={args.resolution}{call}).images[0]
+```
+
+`{KOHYA_LORA_NAME}` holds the same weights in the kohya layout, for {KOHYA_LAYOUTS[family][1]}: copy it \
+there under a name of your choice. It changes the {spec['denoiser']} only (ComfyUI: a LoraLoaderModelOnly node). To \
+score it as the papers do: `python evaluate.py --pretrained_model_name_or_path {shlex.quote(base)} --lora \
+{shlex.quote(args.output_dir)} --rewards ...`.
+
+## Training
+
+```bash
+{command}
+```
+
+<details><summary>config.json: every argument after presets, library versions</summary>
+
+```json
+{json.dumps(config, indent=2)}
+```
+
+</details>
+"""
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    card = populate_model_card(card, tags=["text-to-image", "lora", "diffusers-training", "reward-fine-tuning",
+                                           script.removesuffix(".py"), family])
+    card.save(os.path.join(args.output_dir, "README.md"))
+
+
 # ---------------------------------------------------------------------------------------------
 # Algorithm: GRPO (DDPO, Flow-GRPO, MixGRPO)
 # ---------------------------------------------------------------------------------------------
@@ -2069,12 +2199,14 @@ def main(args):
     accelerator.wait_for_everyone()
     if main_process:
         save_lora(unet, models.family, args.output_dir)
+        save_lora_kohya(unet, models.family, args.output_dir)
         with accelerator.autocast():
             after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
             with reference_unet(unet):
                 before = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
         save_grid(torch.cat([before, after]), os.path.join(args.output_dir, "samples", "before_after.png"), nrow=2)
         plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
+        save_model_card(args, models.family, metrics.rows)
     accelerator.end_training()
     return row
 

@@ -427,12 +427,19 @@ its own section below and leaves the others.
 # The order of the sections in the file; keys not listed (e.g. dpo_full_size_sdxl, once measured) follow.
 SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "drtune_ablation",
             "dpo", "spo", "step_preference", "spo_labels", "world_preference", "gallery", "flow_full_size", "fig7_sd3",
-            "drtune_ablation_sd3", "gallery_sd3"]
-PLACEHOLDERS = {"fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python -m benchmarks.fig7`.\n",
+            "drtune_ablation_sd3", "gallery_sd3", "grpo_world", "grpo_world_sd3", "grpo_backprop",
+            "flow_grpo_peer"]
+PLACEHOLDERS = {"grpo_world": "## GRPO on the world's two-shape placement\n\nNot measured yet: run `python -m "
+                              "benchmarks.grpo_world`.\n",
+                "grpo_backprop": "## GRPO against reward backpropagation\n\nNot measured yet: run `python -m "
+                                 "benchmarks.grpo_backprop`.\n",
+                "fig7": "## Fig. 7 on the tiny model\n\nNot measured yet: run `python -m benchmarks.fig7`.\n",
                 "checkpointing": "## Gradient checkpointing granularities\n\nNot measured yet: run `python -m "
                                  "benchmarks.checkpointing`.\n",
                 "peers": "## Side by side with the public implementations\n\nNot measured yet: run `python -m "
                          "benchmarks.peers` (see its --help).\n",
+                "flow_grpo_peer": "## Side by side with Flow-GRPO's train_sd3.py\n\nNot measured yet: run `python -m "
+                                  "benchmarks.flow_grpo_peer` (see its docstring).\n",
                 "dpo": "## Offline Diffusion-DPO\n\nNot measured yet: run `python -m benchmarks.preference --dpo`.\n",
                 "spo": "## SPO\n\nNot measured yet: run `python -m benchmarks.preference --spo`.\n",
                 "step_preference": "## Does a step-level win carry to the final image?\n\nNot measured yet: run "

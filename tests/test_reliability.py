@@ -20,13 +20,14 @@ import alignprop
 import dpo
 import draft
 import drtune
+import grpo
 import refl
 import spo
 
 # flags that make each script valid on the tiny pipeline with 4 sampling steps
 VALID = {drtune: dict(num_trained_steps=2, early_stop_max=2), refl: dict(stop_range=2), draft: dict(draft_k=2),
          alignprop: {}, dpo: dict(online=True, images_per_prompt=2, prompts_per_round=2),
-         spo: dict(num_inference_steps=6, warm_steps=2, pair_threshold=0.0)}
+         spo: dict(num_inference_steps=6, warm_steps=2, pair_threshold=0.0), grpo: dict(group_size=2)}
 SCRIPTS = list(VALID)
 
 

@@ -219,7 +219,7 @@ def test_check_world_bad_input_is_one_line(world_model, argv, message, smoke_bui
 
 
 @pytest.mark.parametrize("world_name", ["sd15", "sd3"])
-@pytest.mark.parametrize("script", ["drtune.py", "refl.py", "draft.py", "alignprop.py", "dpo.py", "spo.py"])
+@pytest.mark.parametrize("script", ["drtune.py", "refl.py", "draft.py", "alignprop.py", "dpo.py", "spo.py", "grpo.py"])
 def test_every_demo_preset_runs_on_the_world(script, world_name, tmp_path):
     """`--preset demo` as a user runs it (one step here): the world pipeline, its prompt files and reward models; on
     the SD3 world (--pretrained_model_name_or_path tiny_models/world-sd3) the preset's sd3 settings apply."""

@@ -305,17 +305,21 @@ def reward(images, prompts):
 reward.differentiable = False  # pixel counting: no gradient; for grpo.py, dpo.py --online and spo.py
 
 
-def position_prompts(num, seed_start, held_out="exclude"):
-    """num captions of two shapes, each with a position word (the world's scenes from seed_start on that have
-    them; GenEval's "position" task in miniature)."""
-    out, seed = [], seed_start
+def position_prompts(num, seed):
+    """num distinct captions of two shapes, each with a position word: colors and shapes as the world's scenes draw
+    them, the two words any two different sides (left, right, top, bottom; not only the opposite pairs the training
+    scenes have, so "on the left ... on the top" too): GenEval's "position" task in miniature, where the world puts
+    the first-named shape on the left or top whatever the words say."""
+    rng, colors, sides, out = np.random.default_rng(seed), list(COLORS), ["left", "right", "top", "bottom"], []
     while len(out) < num:
-        scene = sample_scene(seed, held_out)
-        seed += 1
-        if len(scene["shapes"]) == 2 and scene["shapes"][0]["position"] is not None:
-            text = caption(scene)
-            if text not in out:
-                out.append(text)
+        background, first, second = (colors[i] for i in rng.choice(len(colors), 3, replace=False))
+        shapes = [SHAPES[i] for i in rng.integers(len(SHAPES), size=2)]
+        if (first, shapes[0]) in HELD_OUT or (second, shapes[1]) in HELD_OUT:
+            continue
+        a, b = (sides[i] for i in rng.choice(4, 2, replace=False))
+        text = f"a {first} {shapes[0]} on the {a} and a {second} {shapes[1]} on the {b} on a {background} background"
+        if text not in out:
+            out.append(text)
     return out
 
 
@@ -411,7 +415,7 @@ if __name__ == "__main__":
     if args.write_json:
         print(write_json())
         train = position_prompts(256, 0)  # grpo.py's demo: two shapes with position words, 40 others to evaluate
-        held = [p for p in position_prompts(80, 10**7) if p not in train][:40]
+        held = [p for p in position_prompts(80, 1) if p not in train][:40]
         files = dict(zip(("world-train-prompts.txt", "world-eval-prompts.txt"), demo_prompts()))
         files.update({"world-position-train-prompts.txt": train, "world-position-eval-prompts.txt": held})
         for name, prompts in files.items():

@@ -1,0 +1,168 @@
+"""GRPO on the tiny world's weakness: two shapes, each with a position word (GenEval's "position" task in miniature).
+
+Protocol (fixed before the runs): `grpo.py --preset demo` (the world's pixel checker as the reward, tiny_models/world.py
+:reward, on the 256 training captions of tiny_models/world-position-train-prompts.txt: two shapes, each with a
+position word, the two words any two different sides, world.position_prompts) for each --seeds,
+run as a user runs it (one-thread fresh process, the preset unchanged but the output folder and seed). Each run's
+LoRA is then read as a new user would sample it: the family's plain diffusers pipeline with the LoRA loaded, 20 steps,
+at every sampler of the family (DDPM and DDIM; the SD3 world: its Euler) and CFG 3 and 5, on the 40 held-out captions
+of world-position-eval-prompts.txt (never trained on) and on 64 held-out captions of the world's usual mix (to see
+that backgrounds, colors and shapes do not fall). Read by world.check (pixel statistics, no model): "both placed"
+(the two shapes drawn, each nearest its word's anchor), both drawn, background; on the mix: background, color,
+shape. The base model is read the same way. Goal (issue 20): both placed >= 50% on the held-out captions.
+
+    python -m benchmarks.grpo_world                                   # 3 seeds, about 3 x 12 CPU min
+    python -m benchmarks.grpo_world --model tiny_models/world-sd3     # Flow-GRPO on the SD3 world (grpo_world_sd3)
+    python -m benchmarks.grpo_world --runs outputs/grpo-demo          # read finished runs only
+    python -m benchmarks.grpo_world --quick --output_dir /tmp/b       # seconds: 2 rounds, 8 prompts
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+if not __package__:  # python benchmarks/grpo_world.py: the repo root on the path, as with -m
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import common
+
+WORLD = os.path.join(common.ROOT, "tiny_models")
+sys.path.insert(0, WORLD)
+import check_world  # noqa: E402
+import world  # noqa: E402
+
+GUIDANCE = (3.0, 5.0)
+
+
+def read_prompts(name):
+    with open(os.path.join(WORLD, name)) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def load_pipeline(model, lora=None):
+    """The family's plain diffusers pipeline (as check_world loads it), with a run's LoRA when given."""
+    import diffusers
+
+    index = check_world.model_index(model)
+    family = check_world.model_family(model, index)
+    kwargs = dict(safety_checker=None, requires_safety_checker=False) if family == "sd15" else {}
+    text = None
+    if family == "sd3" and index.get("text_encoder_3") == [None, None]:
+        kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        text = 77
+    pipe = getattr(diffusers, check_world.PIPELINES[family]).from_pretrained(model, **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    return pipe, family, text
+
+
+def read(pipe, family, text, position_prompts, mix_prompts, seed=0):
+    """{sampler/cfg: dict(both_placed, both_drawn, background, mix_background, mix_color, mix_shape)}."""
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    base_config, out = pipe.scheduler.config, {}
+    for sampler in check_world.SAMPLERS[family]:
+        if sampler != "euler":
+            pipe.scheduler = dict(ddpm=DDPMScheduler, ddim=DDIMScheduler)[sampler].from_config(base_config)
+        for cfg in GUIDANCE:
+            images = check_world.generate(pipe, position_prompts, cfg, 20, seed, text)
+            checks = [world.check(im, p) for im, p in zip(images, position_prompts)]
+            mix = [world.check(im, p) for im, p in
+                   zip(check_world.generate(pipe, mix_prompts, cfg, 20, seed, text), mix_prompts)]
+            score = check_world.score(mix)
+            out[f"{sampler}/{cfg:g}"] = dict(
+                both_placed=float(np.mean([bool(c["position"]) for c in checks])),
+                both_drawn=float(np.mean([bool(c["colors_pair"]) for c in checks])),
+                background=float(np.mean([c["background"] for c in checks])),
+                mix_background=score["background"][0], mix_color=score["color"][0], mix_shape=score["shape"][0])
+    return out
+
+
+def train(args, seed, output_dir):
+    command = [sys.executable, os.path.join(common.ROOT, "grpo.py"), "--preset", "demo", "--output_dir", output_dir,
+               "--seed", str(seed), "--report_to", "none", "--pretrained_model_name_or_path", args.model]
+    if args.quick:
+        command += ["--max_train_steps", "2", "--validation_steps", "1", "--train_batch_size", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    start = time.process_time()
+    subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
+    usage = os.times()
+    return usage.children_user + usage.children_system - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=os.path.join(WORLD, "world-sd15"))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--runs", default=None, help="comma-separated finished run folders: read them, train nothing")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, 8 prompts: a smoke test of the benchmark")
+    parser.add_argument("--output_dir", default=common.ROOT, help="where BENCHMARKS.md is (re)written")
+    args = common.finish_args(parser.parse_args(argv), "grpo_world", argv)
+    import torch
+    torch.set_num_threads(args.num_threads or 1)
+    start = time.time()
+    positions = read_prompts("world-position-eval-prompts.txt")
+    mix = check_world.eval_prompts(64, "any")
+    if args.quick:
+        positions, mix = positions[:8], mix[:8]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.runs:
+            runs = [(os.path.basename(r.rstrip("/")), r, None) for r in args.runs.split(",")]
+        else:
+            runs = []
+            for seed in map(int, args.seeds.split(",")):
+                out = os.path.join(tmp, f"seed{seed}")
+                runs.append((f"seed {seed}", out, train(args, seed, out)))
+        pipe, family, text = load_pipeline(args.model)
+        results = {"base": read(pipe, family, text, positions, mix)}
+        metrics = {}
+        for name, path, _ in runs:
+            pipe, family, text = load_pipeline(args.model, path)
+            results[name] = read(pipe, family, text, positions, mix)
+            with open(os.path.join(path, "metrics.jsonl")) as f:
+                metrics[name] = [json.loads(line) for line in f]
+    body = report(args, results, runs, metrics, time.time() - start)
+    common.write_report(args.output_dir, "grpo_world" + common.model_tag(args.model), body)
+    return results
+
+
+def report(args, results, runs, metrics, seconds):
+    settings = list(results["base"])
+    lines = ["## GRPO on the world's two-shape placement" + (" (SD3 world)" if common.model_tag(args.model) else ""),
+             "", *common.header_lines(args, seconds, "CPU seconds of the training processes"), "",
+             "Held-out two-shape captions with position words (40, never trained on): both shapes placed right / both "
+             "drawn / background; the world's usual mix (64 held-out captions): background / color / shape of "
+             "one-shape prompts. Plain diffusers pipeline, 20 steps, the run's LoRA loaded.", ""]
+    head = ["model", *settings]
+    rows = []
+    for name, result in results.items():
+        rows.append([name] + [f"{r['both_placed']:.0%} / {r['both_drawn']:.0%} / {r['background']:.0%} ; "
+                              f"{r['mix_background']:.0%} / {r['mix_color']:.0%} / {r['mix_shape']:.0%}"
+                              for r in (result[s] for s in settings)])
+    lines.append(common.markdown_table(head, rows))
+    trained = [r for r in results if r != "base"]
+    if trained:
+        means = {s: np.mean([results[r][s]["both_placed"] for r in trained]) for s in settings}
+        base = {s: results["base"][s]["both_placed"] for s in settings}
+        lines += ["", "Both placed, mean over the runs against the base: " + "; ".join(
+            f"{s} {base[s]:.0%} -> {means[s]:.0%}" for s in settings) + "."]
+        cpu = [c for _, _, c in runs if c is not None]
+        if cpu:
+            lines += [f"Training: {np.mean(cpu) / 60:.1f} CPU min per run (one thread)."]
+        for name in trained:
+            rows_ = [r for r in metrics[name] if "reward_mean" in r]
+            if rows_:
+                first, last = np.mean([r["reward_mean"] for r in rows_[:5]]), np.mean([r["reward_mean"] for r in rows_[-5:]])
+                lines += [f"{name}: training reward (fraction of fields right) {first:.3f} (first 5 rounds) -> "
+                          f"{last:.3f} (last 5)."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
