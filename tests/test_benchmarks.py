@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ROOT
 
-from benchmarks import common, full_size, peers
+from benchmarks import common, flow_grpo_peer, full_size, peers
 
 
 def run_benchmark(name, *flags, timeout=300):
@@ -259,6 +259,25 @@ def test_peers_harness_times_our_side_between_optimizer_steps(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "TRL is not importable" in result.stdout and "pip install trl==0.23.1" in result.stdout
     assert "no --peer_dpo_script" in result.stdout
+
+
+def test_flow_grpo_peer_quick_times_our_side_per_trained_image_and_skips_a_missing_peer(tmp_path):
+    """benchmarks.flow_grpo_peer --quick runs grpo.py's own loop on the tiny SD3 pipeline in a fresh process, timed
+    between optimizer steps (one warm-up round, one timed round of 2 updates); with no Flow-GRPO copy the peer side
+    is skipped in one line that says how to get it (no network, no peer install here)."""
+    result = run_benchmark("flow_grpo_peer", "--quick", "--peer_root", str(tmp_path / "no_flow_grpo"),
+                           "--output_dir", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    skipped = [line for line in result.stdout.splitlines() if line.startswith("skipped:")]
+    assert len(skipped) == 1 and "Flow-GRPO is not installed" in skipped[0] and "git clone" in skipped[0]
+    rows = markdown_rows(result.stdout, "side")
+    assert set(rows) == {"ours: grpo.py"}
+    cells = rows["ours: grpo.py"]
+    assert float(cells[1].split()[0]) > 0 and cells[2] == "—"  # CPU s per trained image; no ratio without a peer
+    assert float(cells[3]) >= float(cells[5]) > 0 and cells[-1] == "1"  # peak RSS, above its imports; one run
+    report = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "<!-- begin flow_grpo_peer -->" in report and "not run: Flow-GRPO is not installed" in report
+    assert flow_grpo_peer.settings(True)["G"] == 2 and flow_grpo_peer.settings(False)["T"] == 10
 
 
 def test_the_report_reads_back_unchanged(tmp_path):
