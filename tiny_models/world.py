@@ -305,6 +305,21 @@ def reward(images, prompts):
 reward.differentiable = False  # pixel counting: no gradient; for grpo.py, dpo.py --online and spo.py
 
 
+def placement(images, prompts):
+    """GenEval's position task in miniature, as a reward (--reward tiny_models/world.py:placement): the fraction of
+    the caption's position words whose shape is drawn with its centroid nearest that word's anchor; 1 for a
+    caption without position words. images (B, 3, H, W) in [0, 1], one score per image."""
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().permute(0, 2, 3, 1).cpu().numpy()
+    scores = []
+    for image, prompt in zip(pixels, prompts):
+        read = [v for k, v in fields(image, prompt).items() if k.startswith("position")]
+        scores.append(np.mean(read) if read else 1.0)
+    return np.array(scores, dtype=np.float32)
+
+
+placement.differentiable = False
+
+
 def position_prompts(num, seed):
     """num distinct captions of two shapes, each with a position word: colors and shapes as the world's scenes draw
     them, the two words any two different sides (left, right, top, bottom; not only the opposite pairs the training
