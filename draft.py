@@ -353,6 +353,90 @@ def load_config_or_fail(cls, path, what, flag, **kwargs):
                          f"diffusers folder with {flag} /path/to/model") from e
 
 
+# The files from_pretrained reads a model's weights from, by library, in the order it tries them: safetensors, then
+# pickled .bin, each whole or sharded (an index whose weight_map names the shards). A --variant goes before the last
+# suffix of each name, as both libraries write it: model.fp16.safetensors, model.safetensors.index.fp16.json.
+WEIGHT_FILES = {"diffusers": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json",
+                              "diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json"),
+                "transformers": ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                                 "pytorch_model.bin.index.json")}
+
+
+def with_variant(name, variant):
+    if variant is None:
+        return name
+    stem, suffix = name.rsplit(".", 1)
+    return f"{stem}.{variant}.{suffix}"
+
+
+def check_weights(path, subfolder, library, variant, flag, revision=None):
+    """One line unless the model at path/subfolder has the config and the weights its from_pretrained reads (with
+    --variant: that variant's files; sharded: every shard its index names), before any model loads. A local folder is
+    read; a hub id only when offline (HF_HUB_OFFLINE), from what the hub cache holds; online, from_pretrained fetches
+    what is missing."""
+    from huggingface_hub import constants, try_to_load_from_cache
+    hub = not os.path.isdir(path)
+    if hub and not constants.HF_HUB_OFFLINE:
+        return
+    where = f"{subfolder}/" if subfolder else ""
+
+    def find(name):  # the file's local path, or None
+        if not hub:
+            local = os.path.join(path, subfolder or "", name)
+            return local if os.path.isfile(local) else None
+        found = try_to_load_from_cache(path, where + name, revision=revision)
+        return found if isinstance(found, str) else None
+
+    fix = (f"download it with network first (hf download {path}), or give a local diffusers folder with {flag}"
+           if hub else f"the folder is incomplete: download the model again, or give a complete diffusers folder "
+                       f"with {flag}")
+    held = "the hub cache (HF_HUB_OFFLINE is set) holds" if hub else "it has"
+    if find("config.json") is None:
+        raise UsageError(f"{flag} {path}: {where}config.json is "
+                         f"{'not in the hub cache (HF_HUB_OFFLINE is set)' if hub else 'missing'}; {fix}")
+    names = [with_variant(name, variant) for name in WEIGHT_FILES[library]]
+    present = [name for name in names if find(name)]
+    if not present:
+        plain = [name for name in WEIGHT_FILES[library] if find(name)]
+        if variant is not None and plain:
+            raise UsageError(f"--variant {variant}: {flag} {path}: {where}{names[0]} is missing (nor "
+                             f"{', '.join(names[1:])}), only {plain[0]}; leave out --variant, or give a folder that "
+                             f"has the {variant} files")
+        raise UsageError(f"{flag} {path}: {subfolder or 'the folder'} has no weights file ({held} none of "
+                         f"{', '.join(names)}); {fix}")
+    # the file it loads: diffusers takes an index before a whole file, transformers the first in WEIGHT_FILES' order
+    chosen = next((n for n in present if n.endswith(".json")), present[0]) if library == "diffusers" else present[0]
+    if chosen.endswith(".json"):  # sharded: every shard the index names
+        try:
+            with open(find(chosen), encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            if not all(isinstance(shard, str) for shard in shards):
+                raise TypeError("a shard name that is not a string")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{flag} {path}: {where}{chosen} is not a shard index (JSON with a weight_map; "
+                             f"{type(e).__name__}); {fix}") from e
+        missing = [shard for shard in shards if not find(shard)]
+        if missing:
+            raise UsageError(f"{flag} {path}: {where}{chosen} names {len(shards)} shards, {len(missing)} missing "
+                             f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {fix}")
+
+
+def check_model_files(args, model_index, family):
+    """check_weights for each model the script loads: the denoiser, the text encoders model_index.json names and the
+    VAE (the pipeline's, or --pretrained_vae_model_name_or_path's, which is loaded without --variant)."""
+    path = args.pretrained_model_name_or_path
+    components = [family["denoiser"], *[f"text_encoder{n}" for n, _ in family["encoders"]]]
+    components += [] if args.pretrained_vae_model_name_or_path else ["vae"]
+    for name in components:
+        entry = model_index.get(name) or [None, None]
+        if entry[0] is not None:
+            check_weights(path, name, "transformers" if name.startswith("text_encoder") else "diffusers",
+                          args.variant, "--pretrained_model_name_or_path", args.revision)
+    if args.pretrained_vae_model_name_or_path:
+        check_weights(args.pretrained_vae_model_name_or_path, None, "diffusers", None,
+                      "--pretrained_vae_model_name_or_path")
+
+
 PROMPT_FILE_TYPES = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 PROMPT_FIELDS = ("prompt", "caption", "text")
 # The HPS v2 prompts (Wu et al. 2023), in the hub dataset HPSV2_DATASET or a local copy of its JSON files: the
@@ -614,6 +698,7 @@ def check_arguments(args):
     vae_kwargs = dict(subfolder="vae", **kwargs) if args.pretrained_vae_model_name_or_path is None else {}
     vae_config = load_config_or_fail(AutoencoderKL, vae_path, "VAE", "--pretrained_vae_model_name_or_path",
                                      **vae_kwargs)
+    check_model_files(args, model_index, family)
     check_family_arguments(args, family, denoiser_class, denoiser_config)
     vae_factor, patch = 2 ** (len(vae_config["block_out_channels"]) - 1), family_patch_size(family, denoiser_config)
     if args.resolution % (vae_factor * patch):  # the latents must also split into the transformer's patches

@@ -1904,13 +1904,14 @@ def check_weights(path, subfolder, library, variant, flag, revision=None):
 
     def find(name):  # the file's local path, or None
         if not hub:
-            return os.path.join(path, subfolder or "", name) if os.path.isfile(os.path.join(path, subfolder or "",
-                                                                                             name)) else None
+            local = os.path.join(path, subfolder or "", name)
+            return local if os.path.isfile(local) else None
         found = try_to_load_from_cache(path, where + name, revision=revision)
         return found if isinstance(found, str) else None
 
-    fix = (f"fetch the model again with network, or give a complete diffusers folder with {flag}" if hub else
-           f"the folder is incomplete: download the model again, or give a complete diffusers folder with {flag}")
+    fix = (f"download it with network first (hf download {path}), or give a local diffusers folder with {flag}"
+           if hub else f"the folder is incomplete: download the model again, or give a complete diffusers folder "
+                       f"with {flag}")
     held = "the hub cache (HF_HUB_OFFLINE is set) holds" if hub else "it has"
     if find("config.json") is None:
         raise UsageError(f"{flag} {path}: {where}config.json is "

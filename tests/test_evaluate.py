@@ -24,7 +24,8 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")  # SD3's and FLUX's joint attention
 COPIED = ["UsageError", "OneLineParser", "is_hub_id", "load_config_or_fail", "PROMPT_FILE_TYPES", "PROMPT_FIELDS",
           "HPSV2_DATASET", "HPSV2_STYLES", "PICKAPIC_DATASET", "PICKAPIC_SPLITS", "PROMPT_SETS", "prompts_of_json",
-          "hpsv2_file", "hpsv2_prompts", "pickapic_prompts", "read_prompt_set", "prompts_from_dataset", "apply_template"]
+          "hpsv2_file", "hpsv2_prompts", "pickapic_prompts", "read_prompt_set", "prompts_from_dataset", "apply_template",
+          "WEIGHT_FILES", "with_variant", "check_weights"]
 
 
 def top_level(path):
