@@ -11,8 +11,8 @@ Protocol (fixed before the first run):
 - Methods: each script's `main()` with `--preset demo` on the demos' world prompts (tiny_models/world-train-prompts.txt,
   the 8 held-out prompts of world-eval-prompts.txt), overriding only the reward, the prompts and sampler above, the
   seed, max_train_steps and validation_steps. DRTune: its demo (K = 2 trained steps, early stop up to 8). ReFL: its
-  demo (stop range 10). GRPO: its demo's group (8 images x 4 prompts), learning rate and trained-step fraction, the
-  plain DDPO/GRPO objective (clip range 1e-4, no KL).
+  demo (stop range 10). GRPO: 4 prompts x G = 8 images per round, half of each image's 20 steps trained, the demos'
+  learning rate 3e-3, the plain DDPO/GRPO objective (clip range 1e-4, no KL, no window), pinned in METHODS.
 - Budget, CPU time and evaluation exactly as benchmarks/world_preference.py measures them (its train_run): a probe
   of the CPU s per step (seed 0, 4 steps), max_train_steps = budget / that, training CPU time measured per run from
   the end of the step-0 evaluation to the last step, less evaluations; the scripts' own evaluation at step 0, every
@@ -44,7 +44,11 @@ REWARD = "symmetry:1,clipscore:1"
 SAMPLER = dict(sampler="ddpm", num_inference_steps=20, guidance_scale=6.0)
 PROMPTS = dict(train_prompts=os.path.join(WORLD, "world-train-prompts.txt"),
                eval_prompts=os.path.join(WORLD, "world-eval-prompts.txt"))
-METHODS = [("DRTune", "drtune", []), ("ReFL", "refl", []), ("GRPO", "grpo", [])]
+# GRPO pinned to its plain form (the demo's preset may move): 4 prompts x G = 8 per round, half the steps trained,
+# the demos' learning rate 3e-3, clip range 1e-4, no KL, every step stochastic
+GRPO = ["--group_size", "8", "--train_batch_size", "4", "--timestep_fraction", "0.5", "--learning_rate", "3e-3",
+        "--beta", "0", "--sde_window_size", "0", "--clip_range", "1e-4"]
+METHODS = [("DRTune", "drtune", []), ("ReFL", "refl", []), ("GRPO", "grpo", GRPO)]
 QUICK = dict(num_inference_steps=8, num_eval_prompts=2, budget=1.0, probe_steps=2,
              grpo=["--train_batch_size", "2", "--group_size", "2"], drtune=["--train_batch_size", "2", "--early_stop_max", "4"],
              refl=["--train_batch_size", "2", "--stop_range", "4"])
