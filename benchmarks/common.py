@@ -428,8 +428,12 @@ its own section below and leaves the others.
 SECTIONS = ["peers", "checkpointing", "tiny", "full_size_sd15", "full_size_sdxl", "fig7", "table1", "drtune_ablation",
             "dpo", "spo", "step_preference", "spo_labels", "world_preference", "gallery", "flow_full_size", "fig7_sd3",
             "drtune_ablation_sd3", "gallery_sd3", "grpo_world", "grpo_world_sd3", "grpo_backprop",
-            "flow_grpo_peer"]
-PLACEHOLDERS = {"grpo_world": "## GRPO on the world's two-shape placement\n\nNot measured yet: run `python -m "
+            "flow_grpo_peer", "memory_plan", "memory_plan_gpu"]
+PLACEHOLDERS = {"memory_plan": "## Memory per GPU on real models, planned\n\nNot computed yet: run `python -m "
+                               "benchmarks.memory_plan`.\n",
+                "memory_plan_gpu": "## Memory per GPU: one denoiser step measured\n\nNot measured yet: it needs a "
+                                   "GPU. Run `python -m benchmarks.memory_plan --measure` on one.\n",
+                "grpo_world": "## GRPO on the world's two-shape placement\n\nNot measured yet: run `python -m "
                               "benchmarks.grpo_world`.\n",
                 "grpo_backprop": "## GRPO against reward backpropagation\n\nNot measured yet: run `python -m "
                                  "benchmarks.grpo_backprop`.\n",

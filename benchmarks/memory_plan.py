@@ -1,0 +1,348 @@
+"""Memory on a real GPU, planned on a CPU: what each script needs per GPU for SD1.5, SDXL, SD3.5-Medium and FLUX.1-dev,
+with LoRA and with full fine-tuning sharded by FSDP over 8 GPUs, and whether it fits 24, 40 or 80 GB.
+
+Method (fixed before the numbers were seen):
+- Parameters: counted on the published architectures, built on torch's "meta" device (shapes only, nothing allocated
+  or downloaded): the configs of benchmarks/full_size.py (SD1.5 UNet, SDXL UNet, the SD VAE, CLIP-L, OpenCLIP-bigG) and
+  benchmarks/flow_full_size.py (SD3.5-Medium's MMDiT-X transformer, the 16-channel VAE), FLUX.1-dev's transformer at
+  its 19 double and 38 single blocks, T5-XXL's encoder (24 layers, d_model 4096, d_ff 10240, 64 heads). The reward
+  model of every script but offline DPO is HPS v2.1 (open_clip ViT-H-14, 986.1 M parameters: open_clip's model
+  table), bf16.
+- Activations: not scaled from the tiny runs (their channel widths and token counts are not the real ones, and the
+  scaling would be the estimate's largest error) but counted on the real architecture at the real size: one forward
+  of the denoiser (and of the VAE decoder) on the meta device at batch 1 and the family's resolution, summing the bytes
+  of every tensor autograd saves for backward (torch.autograd.graph.saved_tensors_hooks), parameters left out.
+  Attention is counted as the fused kernels a GPU runs save it (q, k, v, output and a float32 log-sum-exp per query;
+  no tokens x tokens matrix). Two trainable sets: LoRA (only the attention projections' weights need gradients; the
+  rank-r intermediates, r / width of the saved inputs, are left out) and full (every weight). Tensors saved twice as
+  views are counted twice: on CPU with real tensors at 128 px, the count is 15% above the distinct storages (SD1.5),
+  so these figures lean high. The TRAPS measurement of SD1.5 at 512 px (bf16, LoRA: 0.97 GiB per step) is the check.
+- A training step per GPU, batch 1 (activations grow linearly with the batch; weights do not): frozen weights bf16
+  (denoiser, VAE, text encoders, reward); LoRA: fp32 adapter weights, gradients and Adam's two moments, 16 bytes per
+  LoRA parameter, at the rank of the script's preset for the family (else its --rank default); full fine-tuning under
+  FSDP2 over 8 GPUs: fp32 master weights, fp32 gradients and Adam's moments of the denoiser sharded 1/8 (16 bytes per
+  parameter / 8), plus two gathered bf16 units (the one computing and the one prefetched; a unit is a block of
+  down/up/transformer blocks) and, for DPO, SPO and GRPO, a frozen bf16 reference denoiser sharded 1/8 (with LoRA the
+  reference is the adapter-off model: nothing more). Text encoders and reward are replicated (not sharded).
+- Trained denoiser calls whose graph an update holds: DRTune K (its preset's num_trained_steps), ReFL 1, DRaFT its
+  preset's K, AlignProp every step (the truncation can reach T), DPO 2 (winner and loser), SPO 1 (both candidates'
+  log-densities come from one call), GRPO 1 (each transition's loss is backpropagated on its own); CFG doubles the batch
+  of a trained call where the script trains through CFG (every script but DPO, and not FLUX, which is guidance
+  distilled). Backpropagating methods (DRTune, ReFL, DRaFT, AlignProp) also decode with gradient. Without gradient
+  checkpointing the saved activations of every trained call and of the decode add up; with it (the scripts' `call`
+  granularity) each call keeps only its input and the backward recomputes one call or the decode at a time: the peak is
+  the largest of them plus the inputs.
+- Not counted: the CUDA context and allocator slack (about 0.5-1 GiB), the reward model's own activations, the
+  no-grad sampling's transient activations (smaller than one trained call's), the text encoders' activations.
+
+    python -m benchmarks.memory_plan             # CPU, about a minute: writes the memory_plan section of BENCHMARKS.md
+    python -m benchmarks.memory_plan --measure   # GPU only: measured peak of one denoiser training step beside the plan
+
+--measure (needs a GPU; refused on a CPU) builds each denoiser at full size with random weights in bf16 on the GPU,
+runs one forward and backward at the plan's shapes (LoRA-like: attention projections trainable; with and without
+checkpointing the call) and reports torch.cuda.max_memory_allocated above the weights next to the planned activations.
+"""
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+
+import torch
+
+if not __package__:
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks import common
+from benchmarks.flow_full_size import CLIP_G, FLOW_VAE, FLUX_TRANSFORMER, SD35_TRANSFORMER
+from benchmarks.full_size import CLIP_BIGG, CLIP_L, SD15_UNET, SD_VAE, SDXL_UNET
+
+GIB = 2 ** 30
+T5_XXL = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+              feed_forward_proj="gated-gelu", is_gated_act=True)  # google/t5-v1_1-xxl's encoder (SD3, FLUX)
+HPS_V21_PARAMS = 986.1e6  # open_clip ViT-H-14 (image and text towers), the HPS v2.1 checkpoint's architecture
+FAMILIES = {
+    "sd15": dict(title="SD1.5", resolution=512, text=[("clip", CLIP_L)], cfg=True, tokens=77),
+    "sdxl": dict(title="SDXL", resolution=1024, text=[("clip", CLIP_L), ("clip", CLIP_BIGG)], cfg=True, tokens=77),
+    "sd35": dict(title="SD3.5-Medium", resolution=1024, text=[("clip", CLIP_L), ("clip", CLIP_G), ("t5", T5_XXL)],
+                 cfg=True, tokens=77 + 256),
+    "flux": dict(title="FLUX.1-dev", resolution=1024, text=[("clip", CLIP_L), ("t5", T5_XXL)], cfg=False, tokens=512),
+}
+SCRIPTS = ["drtune", "refl", "draft", "alignprop", "dpo", "spo", "grpo"]
+BACKPROP = {"drtune", "refl", "draft", "alignprop"}
+REFERENCE = {"dpo", "spo", "grpo"}  # a frozen reference denoiser (full fine-tuning keeps a sharded bf16 copy)
+GPUS = (24, 40, 80)
+FSDP_WORLD = 8
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--families", nargs="+", choices=list(FAMILIES), default=list(FAMILIES))
+    parser.add_argument("--measure", action="store_true",
+                        help="GPU only: measure one denoiser training step's peak at full size, random weights")
+    parser.add_argument("--output_dir", default=common.ROOT, help="folder of BENCHMARKS.md")
+    args = common.finish_args(parser.parse_args(argv), "memory_plan", argv)
+    if args.measure and args.device != "cuda":
+        common.error("--measure needs a GPU (it builds each denoiser at full size on it); without --measure the plan "
+                     "is computed on the CPU")
+    return args
+
+
+# --- the models, on the meta device -------------------------------------------------------------------------------
+
+def build_denoiser(family):
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    if family == "sd15":
+        return UNet2DConditionModel(**SD15_UNET)
+    if family == "sdxl":
+        return UNet2DConditionModel(**SDXL_UNET)
+    if family == "sd35":
+        return SD3Transformer2DModel(**SD35_TRANSFORMER)
+    return FluxTransformer2DModel(**FLUX_TRANSFORMER, num_layers=19, num_single_layers=38)
+
+
+def build_vae(family):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(**(SD_VAE if family in ("sd15", "sdxl") else FLOW_VAE))
+
+
+def text_encoder_params(family):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    total = 0
+    with torch.device("meta"):
+        for kind, config in FAMILIES[family]["text"]:
+            model = (CLIPTextModelWithProjection(CLIPTextConfig(**config)) if kind == "clip"
+                     else T5EncoderModel(T5Config(**config)))
+            total += sum(p.numel() for p in model.parameters())
+    return total
+
+
+def count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def lora_params(model, rank):
+    """r (in + out) for each Linear the scripts put LoRA on."""
+    return sum(rank * (m.in_features + m.out_features) for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS))
+
+
+def largest_unit(model):
+    """Parameters of the largest unit FSDP2 shards separately: each block of a ModuleList child, else the child."""
+    units = []
+    for child in model.children():
+        units += [count(m) for m in child] if isinstance(child, torch.nn.ModuleList) else [count(child)]
+    return max(units)
+
+
+class FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel saves for backward: q, k, v, the output and a float32 log-sum-exp per query."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = torch.empty_like(q)
+        ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def counting_saved_tensors():
+    """Sum the bytes of every non-parameter tensor autograd saves for backward inside; attention as fused kernels."""
+    import torch.nn.functional as F
+    saved, original = {}, F.scaled_dot_product_attention
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
+            saved[id(t)] = t.numel() * t.element_size()
+        return t
+
+    def fused(*args, **kwargs):  # positional (diffusers' AttnProcessor2_0) or query=, key=, value= (its dispatcher)
+        q, k, v = (list(args) + [kwargs.get(n) for n in ("query", "key", "value")][len(args):])[:3]
+        return FusedAttention.apply(q, k, v)
+
+    F.scaled_dot_product_attention = fused
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield saved
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def denoiser_inputs(family, resolution, device, dtype=torch.bfloat16):
+    """One call's inputs at batch 1, as the scripts call the denoiser."""
+    latent = resolution // 8
+    t = torch.tensor([500.0], device=device)
+    if family in ("sd15", "sdxl"):
+        kwargs = dict(sample=torch.empty(1, 4, latent, latent, device=device, dtype=dtype), timestep=t,
+                      encoder_hidden_states=torch.empty(1, 77, 768 if family == "sd15" else 2048, device=device,
+                                                        dtype=dtype))
+        if family == "sdxl":
+            kwargs["added_cond_kwargs"] = dict(text_embeds=torch.empty(1, 1280, device=device, dtype=dtype),
+                                               time_ids=torch.empty(1, 6, device=device, dtype=dtype))
+        return kwargs, "sample"
+    tokens = FAMILIES[family]["tokens"]
+    text = torch.empty(1, tokens, 4096, device=device, dtype=dtype)
+    if family == "sd35":
+        return dict(hidden_states=torch.empty(1, 16, latent, latent, device=device, dtype=dtype),
+                    encoder_hidden_states=text, pooled_projections=torch.empty(1, 2048, device=device, dtype=dtype),
+                    timestep=t), "hidden_states"
+    side = latent // 2  # FLUX packs 2x2 latent patches into tokens
+    return dict(hidden_states=torch.empty(1, side * side, 64, device=device, dtype=dtype),
+                encoder_hidden_states=text, pooled_projections=torch.empty(1, 768, device=device, dtype=dtype),
+                timestep=t / 1000, img_ids=torch.zeros(side * side, 3, device=device),
+                txt_ids=torch.zeros(tokens, 3, device=device), guidance=torch.full((1,), 3.5, device=device)
+                ), "hidden_states"
+
+
+def set_trainable(model, mode):
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        p.requires_grad_(mode == "full" or module.endswith(LORA_TARGETS))
+
+
+def saved_bytes(model, fn):
+    with counting_saved_tensors() as saved:
+        fn()
+    return sum(saved.values())
+
+
+def measure_family(family):
+    """Parameter counts and saved activation bytes per call (meta device) of one family."""
+    spec, resolution = FAMILIES[family], FAMILIES[family]["resolution"]
+    with torch.device("meta"):
+        denoiser, vae = build_denoiser(family).to(torch.bfloat16), build_vae(family).to(torch.bfloat16)
+    kwargs, _ = denoiser_inputs(family, resolution, "meta")
+    acts = {}
+    for mode in ("lora", "full"):
+        set_trainable(denoiser, mode)
+        acts[mode] = saved_bytes(denoiser, lambda: denoiser(**kwargs))
+    vae.requires_grad_(False)
+    latents = torch.empty(1, vae.config.latent_channels, resolution // 8, resolution // 8, device="meta",
+                          dtype=torch.bfloat16, requires_grad=True)
+    decode = saved_bytes(vae, lambda: vae.decode(latents).sample)
+    input_bytes = sum(v.numel() * v.element_size() for v in kwargs.values() if isinstance(v, torch.Tensor))
+    return dict(title=spec["title"], resolution=resolution, denoiser=count(denoiser), vae=count(vae),
+                text=text_encoder_params(family), unit=largest_unit(denoiser), act=acts, decode=decode,
+                call_input=input_bytes, lora_per_rank=lora_params(denoiser, 1))
+
+
+# --- the plan -----------------------------------------------------------------------------------------------------
+
+def script_settings(script, family):
+    """(rank, trained calls per update) from the script's preset for the family, else its defaults."""
+    import importlib
+    module = importlib.import_module(script)
+    parser = module.build_parser()
+    module.add_algorithm_arguments(parser)
+    defaults = {a.dest: a.default for a in parser._actions}
+    preset = next((v for k, v in module.PRESETS.items() if k.startswith(family) or (
+        family == "sd15" and k in ("paper",))), {})
+    value = lambda key: preset.get(key, defaults.get(key))  # noqa: E731
+    calls = {"drtune": value("num_trained_steps"), "refl": 1, "draft": value("draft_k") or 1,
+             "alignprop": value("num_inference_steps"), "dpo": 2, "spo": 1, "grpo": 1}[script]
+    return value("rank"), int(calls)
+
+
+def plan(m, script, family, finetune, checkpointing, rank, calls):
+    """Bytes per GPU of one training step, by part: weights, trainable state, activations."""
+    P, bf16 = m["denoiser"], 2
+    reward = 0 if script == "dpo" else HPS_V21_PARAMS * bf16
+    frozen = (m["vae"] + m["text"]) * bf16 + reward
+    cfg = 2 if FAMILIES[family]["cfg"] and script != "dpo" else 1
+    act_call = m["act"]["lora" if finetune == "lora" else "full"] * cfg
+    decode = m["decode"] if script in BACKPROP else 0
+    if checkpointing:
+        activations = max(act_call, decode) + calls * m["call_input"] * cfg
+    else:
+        activations = calls * act_call + decode
+    if finetune == "lora":
+        lora = m["lora_per_rank"] * rank
+        parts = dict(denoiser=P * bf16, trainable=lora * 16, reference=0)
+    else:
+        parts = dict(denoiser=2 * m["unit"] * bf16, trainable=P * 16 / FSDP_WORLD,
+                     reference=P * bf16 / FSDP_WORLD if script in REFERENCE else 0)
+    parts.update(frozen=frozen, activations=activations)
+    return parts
+
+
+def fits(total):
+    return " ".join(("yes" if total <= gb * 1e9 else "no") for gb in GPUS)
+
+
+def main(args):
+    start = time.time()
+    measured = {family: measure_family(family) for family in args.families}
+    rows, param_rows = [], []
+    for family, m in measured.items():
+        param_rows.append([m["title"], f"{m['denoiser'] / 1e9:.3f} B", f"{m['vae'] / 1e6:.1f} M",
+                           f"{m['text'] / 1e9:.3f} B", f"{m['unit'] / 1e6:.0f} M", f"{m['resolution']}",
+                           f"{m['act']['lora'] / GIB:.2f}", f"{m['act']['full'] / GIB:.2f}", f"{m['decode'] / GIB:.2f}"])
+        for script in SCRIPTS:
+            rank, calls = script_settings(script, family)
+            for finetune in ("lora", "full"):
+                totals = []
+                for checkpointing in (False, True):
+                    parts = plan(m, script, family, finetune, checkpointing, rank, calls)
+                    totals.append(sum(parts.values()))
+                label = f"LoRA r{rank}" if finetune == "lora" else f"full, FSDP/{FSDP_WORLD}"
+                rows.append([m["title"], script, label, str(calls), f"{totals[0] / GIB:.1f}", fits(totals[0]),
+                             f"{totals[1] / GIB:.1f}", fits(totals[1])])
+    body = ["## Memory per GPU on real models, planned", "",
+            *common.header_lines(args, time.time() - start, "wall-clock (meta-device counting, nothing allocated)"),
+            "", "Method and assumptions: `benchmarks/memory_plan.py`'s docstring. Batch 1 per GPU, bf16 frozen "
+            "weights, the family's native resolution; activations counted on the published architectures (meta "
+            "device, fused attention), not measured on a GPU.", "",
+            "Published architectures (parameters counted from the configs; activations saved by one call at batch 1, "
+            "GiB; a CFG call is twice that):", "",
+            common.markdown_table(["model", "denoiser", "VAE", "text encoders", "largest FSDP unit", "px",
+                                   "act LoRA", "act full", "VAE decode act"], param_rows), "",
+            f"Per GPU, one training step (GiB; fits 24 / 40 / 80 GB: yes or no each). Trained calls: the denoiser "
+            f"calls whose graph one update holds.", "",
+            common.markdown_table(["model", "script", "fine-tuning", "trained calls", "GiB, no checkpointing",
+                                   "fits", "GiB, checkpointing", "fits"], rows), "",
+            "Check against a measurement: TRAPS.md's SD1.5 UNet at 512 px, bf16, LoRA, saved 0.97 GiB per step "
+            "(0.14 with checkpointing), SDXL at 1024 px 7.25 GiB (0.45); the VAE decoder 2.8 GiB at 512 px and 11.1 "
+            "at 1024 px. The GPU run that measures the denoiser's step is `--measure`: not run here (no GPU).", ""]
+    common.write_report(args.output_dir, "memory_plan", "\n".join(body))
+    if args.measure:
+        measure_on_gpu(args, measured)
+
+
+def measure_on_gpu(args, measured):
+    """Peak CUDA memory above the weights of one denoiser forward and backward at the plan's shapes (LoRA-like)."""
+    from torch.utils.checkpoint import checkpoint
+    rows = []
+    for family, m in measured.items():
+        torch.cuda.empty_cache()
+        with torch.device("cuda"):
+            denoiser = build_denoiser(family).to(torch.bfloat16)
+        set_trainable(denoiser, "lora")
+        kwargs, key = denoiser_inputs(family, m["resolution"], "cuda")
+        for checkpointing in (False, True):
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            call = (lambda: checkpoint(lambda **kw: denoiser(**kw)[0], use_reentrant=False, **kwargs)
+                    if checkpointing else denoiser(**kwargs)[0])
+            call().float().square().mean().backward()
+            peak = torch.cuda.max_memory_allocated() - base
+            denoiser.zero_grad(set_to_none=True)
+            rows.append([m["title"], "yes" if checkpointing else "no", f"{peak / GIB:.2f}",
+                         f"{m['act']['lora'] / GIB:.2f}"])
+        del denoiser
+    body = ["## Memory per GPU: one denoiser step measured", "", *common.header_lines(args, 0, "CUDA"), "",
+            common.markdown_table(["model", "checkpointing", "peak above weights GiB (incl. gradients)",
+                                   "planned activations GiB"], rows), ""]
+    common.write_report(args.output_dir, "memory_plan_gpu", "\n".join(body))
+
+
+if __name__ == "__main__":
+    main(parse_args())
