@@ -250,6 +250,10 @@ def build_parser():
     g.add_argument("--adam_weight_decay", type=float, default=1e-2)
     g.add_argument("--adam_epsilon", type=float, default=1e-8)
     g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--finetune", choices=["lora", "full"], default="lora",
+                   help="lora: a LoRA on the denoiser (the default); full: every weight of the denoiser in fp32 "
+                        "(compute in --mixed_precision), sharded with FSDP2 over several processes; --rank, "
+                        "--lora_target_modules and --validation_lora_scale are then not used")
     g.add_argument("--rank", type=int, default=128, help="LoRA rank (alpha = rank)")
     g.add_argument("--lora_target_modules", default=None,
                    help="comma-separated module names the LoRA adapts (default: the attention projections, "
@@ -884,7 +888,7 @@ def call_denoiser(unet, latents, t, cond):
     """One denoiser call without guidance: latents (N, C, h, w), t a scalar or (N,), cond of batch N -> (N, C, h, w).
     FLUX: 2x2 latent patches packed into tokens with (0, row, column) position ids, text ids zero, timestep / 1000,
     the distilled guidance in cond (the FLUX pipeline's _pack_latents / _unpack_latents); SD3: timestep as is."""
-    kind = type(unet).__name__
+    kind = type(unet).__name__.removeprefix("FSDP")  # fully_shard's subclass of a sharded denoiser
     if kind == "UNet2DConditionModel":
         added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
         return unet(latents, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added or None,
@@ -926,7 +930,8 @@ def load_models(args, info, device, weight_dtype):
     kw.update(variant=args.variant, torch_dtype=weight_dtype)
     text_encoders = [getattr(transformers, cls).from_pretrained(path, subfolder=f"text_encoder{n}", **kw)
                      if n is not None else None for n, cls in present]
-    unet = getattr(diffusers, family["denoiser_class"]).from_pretrained(path, subfolder=family["denoiser"], **kw)
+    unet = getattr(diffusers, family["denoiser_class"]).from_pretrained(  # --finetune full: fp32 master weights
+        path, subfolder=family["denoiser"], **dict(kw, torch_dtype=torch.float32) if args.finetune == "full" else kw)
     # SDXL's own VAE overflows in fp16; keep it in fp32 unless an fp16-safe VAE was given.
     if args.pretrained_vae_model_name_or_path:
         vae = diffusers.AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype)
@@ -1084,7 +1089,14 @@ def reference_unet(unet, adapter=None):
     the base model) or with the adapter named `adapter` active in its place. Switched layer by layer (what diffusers'
     disable_adapters and set_adapter do after a walk over every module); peft's switches set LoRA requires_grad, and
     every flag is put back as it was. No backward through it: one through disabled adapters under gradient
-    checkpointing raises (TRAPS)."""
+    checkpointing raises (TRAPS). --finetune full: the frozen copy keep_base_copy made. Compute with the module it
+    yields."""
+    if getattr(unet, "full_finetune", False):  # --finetune full: the frozen base copy of keep_base_copy
+        if unet not in _BASE_COPY:
+            raise RuntimeError("--finetune full: this script keeps no reference copy of the base model")
+        with torch.no_grad():
+            yield _BASE_COPY[unet]
+        return
     layers, weights = lora_parts(unet)
     flags = [p.requires_grad for p in weights]
     active = layers[0].active_adapters if layers else None
@@ -1342,6 +1354,10 @@ def step_generator(args, process_index, step):
 
 
 def add_lora(unet, args):
+    """The trainable parameters: a peft LoRA on --lora_target_modules (frozen weights stay in the mixed-precision dtype,
+    trainable ones in fp32), or with --finetune full every denoiser weight (train_full)."""
+    if args.finetune == "full":
+        return train_full(unet)
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                 target_modules=args.lora_target_modules.split(",")))
@@ -1354,9 +1370,190 @@ def add_lora(unet, args):
 def make_optimizer(params, args, device):
     """AdamW on the LoRA weights, fused (one kernel over every tensor) on CUDA and CPU: the same update to float
     rounding, 5x faster than torch's per-tensor loop for a tiny LoRA on CPU and 2.7x for an SD1.5 rank-64 one."""
-    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                             fused=device.type in ("cuda", "cpu"))
+    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                                  fused=device.type in ("cuda", "cpu"))
+    owner = getattr(params[0], "fsdp_owner", None) if params else None
+    if owner is not None:  # a sharded denoiser (shard_denoiser): the gathered weights follow each update of the shards
+        optimizer.register_step_post_hook(lambda *_: owner().fsdp_gathered and (fsdp_release(owner()),
+                                                                                fsdp_gather(owner())))
+    return optimizer
+
+
+# --- --finetune full: every denoiser weight, sharded with FSDP2 over several processes -------------------------
+_BASE_COPY = weakref.WeakKeyDictionary()  # --finetune full: the trained denoiser -> its frozen base copy
+FINETUNE_LABEL = {"lora": "LoRA", "full": "denoiser"}
+
+
+def train_full(unet):
+    """--finetune full: every weight of the denoiser trainable, in fp32 (load_models loads it in fp32; forwards run in
+    --mixed_precision under autocast, as diffusers' full fine-tuning examples do). One process: the plain module. With
+    several, shard_denoiser shards it. Returns the parameters the optimizer holds."""
+    unet.requires_grad_(True)
+    unet.full_finetune = True  # reference_unet: no adapter to switch off
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return shard_denoiser(unet)
+    return list(unet.parameters())
+
+
+def shard_denoiser(unet):
+    """FSDP2 (torch.distributed.fsdp.fully_shard) on each block of the denoiser (every UNet down and up block and the
+    mid block; every transformer block), then on the root. What stays sharded, 1/N per process: the fp32 master weights
+    and AdamW's two moments, the parameters returned here (DTensors), which the optimizer holds. What does not: the
+    weights the forwards use and their gradients. The blocks are gathered once after each update (fsdp_gather: one
+    all-gather per block, every process in the same order) and kept gathered until the next one, and gradients
+    accumulate in full on each process (FSDP's reduce-scatter after each backward is off); all_reduce_grads averages them
+    over processes and keeps this process's shard (shard_grads). So no collective runs inside a forward or backward: the algorithms
+    here make a different number of denoiser calls on each process (DRTune's early stop, AlignProp's truncation, SPO's
+    pairs; all drawn per process) and the main process alone draws the evaluation grids, where FSDP's per-call
+    all-gathers would wait forever for the other processes. The cost: per process the full fp32 weights and
+    gradients during an update (8 bytes per parameter) plus 12 / N bytes of master weights and AdamW state, against
+    16 without sharding: ZeRO stage 1's layout during an update, with the master weights sharded as well, rather than
+    FSDP's per-block gathering."""
+    from torch.distributed.fsdp import fully_shard
+    for name, child in unet.named_children():
+        if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks"):
+            for block in child:
+                fully_shard(block, reshard_after_forward=False)
+        elif name == "mid_block" and child is not None:
+            fully_shard(child, reshard_after_forward=False)
+    fully_shard(unet, reshard_after_forward=False)
+    unet.set_requires_gradient_sync(False, recurse=True)  # gradients stay whole: all_reduce_grads reduces them
+    unet.set_reshard_after_backward(False, recurse=True)
+    params = list(unet.parameters())
+    params[0].fsdp_owner = weakref.ref(unet)  # all_reduce_grads and make_optimizer find the module from here
+    fsdp_gather(unet)
+    return params
+
+
+def fsdp_parts(unet):
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in unet.modules() if isinstance(m, FSDPModule)]
+
+
+def fsdp_gather(unet):
+    """The sharded denoiser's weights gathered in full on every process (a collective: every process calls it, the
+    blocks in module order). No-op for a module that is not sharded."""
+    for part in fsdp_parts(unet):
+        part.unshard()
+    unet.fsdp_gathered = True
+
+
+def fsdp_release(unet):
+    """Back to the shards alone (the module's parameters are the DTensors again); local, no collective. An optimizer
+    step meanwhile (set_optimizer_state_dict takes one to create AdamW's state) leaves them so."""
+    for part in fsdp_parts(unet):
+        part.reshard()
+    unet.fsdp_gathered = False
+
+
+def shard_grads(accelerator, unet, shards, bucket=2 ** 26):
+    """The gradients of the gathered weights, averaged over processes, become the gradients of this process's shards
+    (a local slice of the average). Averaged as all_reduce_grads does (a sum over processes, divided by their number),
+    in flat buckets of up to `bucket` elements, each full gradient freed once in its bucket: the peak is the full
+    gradients plus one bucket, not a second copy of them."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Replicate
+    groups, size = [[]], 0
+    for p, shard in zip(unet.parameters(), shards, strict=True):
+        if size + p.numel() > bucket and groups[-1]:
+            groups.append([])
+            size = 0
+        groups[-1].append((p, shard))
+        size += p.numel()
+    for group in groups:
+        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p, _ in group])
+        for p, _ in group:
+            p.grad = None
+        dist.all_reduce(flat)
+        flat /= accelerator.num_processes
+        for (p, shard), grad in zip(group, flat.split([p.numel() for p, _ in group])):
+            grad = DTensor.from_local(grad.view_as(p), shard.device_mesh, [Replicate()], run_check=False)
+            local = grad.redistribute(shard.device_mesh, shard.placements).to_local().clone()
+            shard.grad = DTensor.from_local(local, shard.device_mesh, shard.placements, run_check=False,
+                                            shape=shard.shape, stride=shard.stride())
+
+
+def keep_base_copy(unet, args):
+    """--finetune full in a script with a reference model (dpo.py, spo.py, grpo.py's KL): a frozen copy of the base
+    denoiser in the weight dtype (the frozen weights' dtype under --mixed_precision), no gradient, that reference_unet
+    computes with. With LoRA the reference is the same module with the adapter off and costs nothing; here it is one
+    more model's weights per process (2 bytes per parameter in fp16/bf16), not sharded: its forwards run at each
+    process's own pace (see shard_denoiser). Call before add_lora. drtune.py, refl.py, draft.py and alignprop.py keep
+    none (before_after.png reads the step-0 grid back)."""
+    import copy
+    if args.finetune == "full":
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
+        _BASE_COPY[unet] = copy.deepcopy(unet).to(dtype).requires_grad_(False).eval()
+
+
+def full_state_dicts(unet, optimizer=None):
+    """The denoiser's full state dict and, with `optimizer`, the optimizer's (keyed by parameter name), gathered on the
+    CPU of the main process (torch.distributed.checkpoint.state_dict, full_state_dict and cpu_offload: other processes
+    get empty dicts). A collective when sharded: every process calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    fsdp_release(unet)
+    try:
+        model = get_model_state_dict(unet, options=options)
+        optim = None if optimizer is None else get_optimizer_state_dict(
+            unet, getattr(optimizer, "optimizer", optimizer), options=options)
+    finally:
+        fsdp_gather(unet)
+    return model, optim
+
+
+def load_full_state(unet, optimizer, model, optim):
+    """Put full state dicts (full_state_dicts' layout, read from a checkpoint by every process) into the denoiser and
+    the optimizer; each process keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    options = StateDictOptions(full_state_dict=True)
+    fsdp_release(unet)
+    try:
+        set_model_state_dict(unet, model, options=options)
+        set_optimizer_state_dict(unet, getattr(optimizer, "optimizer", optimizer), optim, options=options)
+    finally:
+        fsdp_gather(unet)
+
+
+def save_denoiser(accelerator, unet, family, output_dir):
+    """--finetune full, end of training: the trained denoiser as a diffusers model folder, output_dir/unet or
+    output_dir/transformer (config.json, diffusion_pytorch_model.safetensors in fp32), written by save_pretrained:
+    `UNet2DConditionModel.from_pretrained(output_dir, subfolder="unet")`, or the pipeline with `unet=` /
+    `transformer=`. Sharded, the full weights are gathered on the main process first (every process calls this)."""
+    folder = os.path.join(output_dir, FAMILIES[family]["denoiser"])
+    if not fsdp_parts(unet):
+        if accelerator.is_main_process:
+            unet.save_pretrained(folder)
+        return
+    from torch.distributed.fsdp import FSDPModule
+    state, _ = full_state_dicts(unet)
+    if accelerator.is_main_process:  # the unwrapped class (fully_shard made the module an FSDP subclass of it)
+        cls = next(c for c in type(unet).__mro__ if not issubclass(c, FSDPModule))
+        with torch.device("meta"):
+            model = cls.from_config(unet.config)
+        model.load_state_dict(state, assign=True)
+        model.save_pretrained(folder)
+
+
+def base_images(models, scheduler, unet, args):
+    """The base model's images of before_after.png, drawn as generate draws the policy's: the LoRA switched off, or the
+    frozen base copy of a --finetune full run that keeps one; otherwise (full, drtune.py, refl.py, draft.py,
+    alignprop.py: no second model) the step-0 grid samples/step-000000.png read back, or None if it is missing or of
+    other prompts."""
+    if args.finetune == "lora" or unet in _BASE_COPY:
+        with reference_unet(unet) as base:
+            return generate(models, scheduler, base, args.eval_prompt_list, args, args.seed)
+    from PIL import Image
+    path = os.path.join(args.output_dir, "samples", "step-000000.png")
+    if not os.path.isfile(path):
+        return None
+    grid = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 255
+    size = grid.shape[1]
+    if grid.shape[2] != size * len(args.eval_prompt_list):
+        return None
+    return torch.stack(grid.split(size, dim=2))
 
 
 def save_lora(unet, family, output_dir):
@@ -1516,9 +1713,16 @@ def save_checkpoint(accelerator, unet, models, optimizer, lr_scheduler, args, st
     flags and the optimizer, LR scheduler and grad scaler settings in checkpoint.json, written last. Nothing is
     pickled. Written to checkpoint-N.tmp, flushed to disk and renamed into place; an existing checkpoint-N is moved to
     checkpoint-N.old first and deleted last, so that a crash at any point leaves a complete checkpoint-N (or its .old).
-    Skipped after a non-finite update or with a non-finite LoRA weight."""
+    Skipped after a non-finite update or with a non-finite LoRA weight.
+    --finetune full: denoiser.safetensors holds every weight of the denoiser (fp32) and the optimizer's tensors are
+    keyed by parameter name, both gathered whole on the main process (full_state_dicts; every process calls this) and
+    written there as one file each, with the same atomic protocol. Gathered rather than one file per shard: the
+    checkpoint is then the same for any number of processes, readable without torch.distributed, and the rename of one
+    folder by one process stays the single commit point; the cost is the main process's CPU memory for one full copy
+    of the weights and AdamW state while it writes (about 16 bytes per parameter: 14 GB for SD1.5, 41 GB for SDXL)."""
     from safetensors.torch import save_file
-    lora = [p for name, p in unet.named_parameters() if "lora_" in name]
+    full = args.finetune == "full"
+    lora = list(unet.parameters()) if full else [p for name, p in unet.named_parameters() if "lora_" in name]
     if not guard.last_finite or not all(bool(torch.isfinite(p).all()) for p in lora):
         accelerator.print(f"step {step}: no checkpoint, the update or a LoRA weight is not finite")
         return
@@ -1533,7 +1737,12 @@ def save_checkpoint(accelerator, unet, models, optimizer, lr_scheduler, args, st
     if torch.cuda.is_available():
         rng.update({f"cuda_{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
     files = dict(state or {}, **{f"rng_state_{accelerator.process_index}": rng})
-    optimizer_state = optimizer.state_dict()
+    if full:  # gathered on the main process: the weights are not in optimizer_state (no LoRA file either)
+        model_state, optimizer_state = full_state_dicts(unet, optimizer)
+        if accelerator.is_main_process:
+            files["denoiser"] = model_state
+    else:
+        optimizer_state = optimizer.state_dict()
     if accelerator.is_main_process:
         files["optimizer"] = {f"{i}.{k}": v for i, values in optimizer_state["state"].items()
                               for k, v in values.items() if torch.is_tensor(v)}
@@ -1542,7 +1751,8 @@ def save_checkpoint(accelerator, unet, models, optimizer, lr_scheduler, args, st
                   os.path.join(tmp, f"{name}.safetensors"))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_lora(unet, models.family, tmp)
+        if not full:
+            save_lora(unet, models.family, tmp)
         scalars = {f"{i}.{k}": v for i, values in optimizer_state["state"].items()
                    for k, v in values.items() if not torch.is_tensor(v)}
         marker = dict(format=1, script=os.path.basename(__file__), step=step, run_id=args.run_id,
@@ -1606,13 +1816,20 @@ def resume_step(accelerator, unet, models, optimizer, lr_scheduler, args):
         if args.resume_from_checkpoint is not None:
             accelerator.print(f"no checkpoint in {args.output_dir}; starting from scratch")
         return 0
-    load_lora(unet, models.family, path)
     saved = dict(marker["optimizer"]["scalars"], **load_file(os.path.join(path, "optimizer.safetensors")))
     optimizer_state = {}
-    for key, value in saved.items():
-        index, name = key.split(".", 1)
-        optimizer_state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(dict(state=optimizer_state, param_groups=marker["optimizer"]["param_groups"]))
+    if args.finetune == "full":  # keyed by parameter name, whole: every process takes its shard
+        for key, value in saved.items():
+            name, field = key.rsplit(".", 1)
+            optimizer_state.setdefault(name, {})[field] = value
+        load_full_state(unet, optimizer, load_file(os.path.join(path, "denoiser.safetensors")),
+                        dict(state=optimizer_state, param_groups=marker["optimizer"]["param_groups"]))
+    else:
+        load_lora(unet, models.family, path)
+        for key, value in saved.items():
+            index, name = key.split(".", 1)
+            optimizer_state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict(dict(state=optimizer_state, param_groups=marker["optimizer"]["param_groups"]))
     lr_scheduler.load_state_dict(marker["lr_scheduler"])
     if "learning_rate" in resume_changes(args):  # LambdaLR: lr = base lr x its factor at the current step
         scheduler = getattr(lr_scheduler, "scheduler", lr_scheduler)  # accelerate's wrapper holds the scheduler
@@ -1812,25 +2029,9 @@ def save_model_card(args, family, rows):
         f", **{evals[-1]['eval_reward']:.4g}** at step {evals[-1]['step']} (final).")
     scale = (f"\npipe.fuse_lora(lora_scale={args.validation_lora_scale})  # the LoRA scale of the grids"
              if args.validation_lora_scale != 1 else "")
-    body = f"""# {method} LoRA for {os.path.basename(base.rstrip("/"))}
-
-A LoRA of {spec['label']} `{base}`, trained with `{script}` toward the reward `{args.reward}`.
-
-{paragraphs[0]}
-
-{paper}
-
-## Results
-
-{results} Sampled with {args.sampler}, {args.num_inference_steps} steps, guidance {args.guidance_scale}, \
-{args.resolution} px (config.json).
-
-![Before (top row: the base model) and after (bottom row: this LoRA), same prompts, noise](samples/before_after.png)
-
-![Reward during training](reward_curve.png)
-
-## How to use
-
+    full, denoiser = args.finetune == "full", spec["denoiser"]
+    kind = "fine-tune" if full else "LoRA"
+    usage = full_usage(args, spec, base, load, call) if full else f"""\
 diffusers (`pytorch_lora_weights.safetensors`, diffusers' format):
 
 ```python
@@ -1846,7 +2047,29 @@ height={args.resolution}, width={args.resolution}{call}).images[0]
 there under a name of your choice. It changes the {spec['denoiser']} only (ComfyUI: a LoraLoaderModelOnly node). To \
 score it as the papers do: `python evaluate.py --pretrained_model_name_or_path {shlex.quote(base)} --lora \
 {shlex.quote(args.output_dir)} --rewards ...`.
+"""
+    body = f"""# {method} {kind} for {os.path.basename(base.rstrip("/"))}
 
+{"A full fine-tune (every weight of the " + denoiser + ")" if full else "A LoRA"} of {spec['label']} `{base}`, \
+trained with `{script}` toward the reward `{args.reward}`.
+
+{paragraphs[0]}
+
+{paper}
+
+## Results
+
+{results} Sampled with {args.sampler}, {args.num_inference_steps} steps, guidance {args.guidance_scale}, \
+{args.resolution} px (config.json).
+
+![Before (top row: the base model) and after (bottom row: this {"model" if full else "LoRA"}), same prompts, \
+noise](samples/before_after.png)
+
+![Reward during training](reward_curve.png)
+
+## How to use
+
+{usage}
 ## Training
 
 ```bash
@@ -1862,9 +2085,30 @@ score it as the papers do: `python evaluate.py --pretrained_model_name_or_path {
 </details>
 """
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
-    card = populate_model_card(card, tags=["text-to-image", "lora", "diffusers-training", "reward-fine-tuning",
-                                           script.removesuffix(".py"), family])
+    card = populate_model_card(card, tags=["text-to-image", "full-fine-tune" if full else "lora", "diffusers-training",
+                                           "reward-fine-tuning", script.removesuffix(".py"), family])
     card.save(os.path.join(args.output_dir, "README.md"))
+
+
+def full_usage(args, spec, base, load, call):
+    """The model card's 'How to use' of a --finetune full run: the trained denoiser folder (save_denoiser) in the base
+    model's pipeline."""
+    denoiser, cls = spec["denoiser"], spec["denoiser_class"]
+    return f"""diffusers (`{denoiser}/`, a diffusers model folder of the trained {denoiser}; the other components are the \
+base model's):
+
+```python
+from diffusers import {spec['pipeline']}, {cls}
+
+{denoiser} = {cls}.from_pretrained({json.dumps(args.output_dir)}, subfolder="{denoiser}")
+pipe = {spec['pipeline']}.from_pretrained({json.dumps(base)}{load}, {denoiser}={denoiser})
+image = pipe({json.dumps(args.eval_prompt_list[0])}, num_inference_steps={args.num_inference_steps}, \
+height={args.resolution}, width={args.resolution}{call}).images[0]
+```
+
+No LoRA file is written for a full fine-tune.
+"""
+
 
 def main(args):
     """Train; returns the last metrics row (with the final eval reward) so that tests can call it."""
@@ -1900,6 +2144,9 @@ def main(args):
     set_seed(args.seed)  # the same LoRA init on every process
     unet = models.unet
     params = add_lora(unet, args)
+    if args.finetune == "full":
+        accelerator.print("--finetune full: every denoiser weight is trained; --rank, --lora_target_modules and "
+                          "--validation_lora_scale are not used")
     if args.gradient_checkpointing:
         enable_checkpointing(unet, models.vae, args.checkpointing_granularity)
     optimizer = make_optimizer(params, args, device)
@@ -1916,7 +2163,7 @@ def main(args):
                                   config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
 
     total_batch = args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    accelerator.print(f"{FAMILIES[models.family]['label']} | {len(params)} LoRA tensors, "
+    accelerator.print(f"{FAMILIES[models.family]['label']} | {len(params)} {FINETUNE_LABEL[args.finetune]} tensors, "
                       f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable | batch {args.train_batch_size} x "
                       f"accumulation {args.gradient_accumulation_steps} x {accelerator.num_processes} processes = "
                       f"{total_batch} | {args.max_train_steps} steps from {start_step}")
@@ -1988,14 +2235,17 @@ def main(args):
     progress.close()
 
     accelerator.wait_for_everyone()
+    if args.finetune == "full":
+        save_denoiser(accelerator, unet, models.family, args.output_dir)
     if main_process:
-        save_lora(unet, models.family, args.output_dir)
-        save_lora_kohya(unet, models.family, args.output_dir)
+        if args.finetune == "lora":
+            save_lora(unet, models.family, args.output_dir)
+            save_lora_kohya(unet, models.family, args.output_dir)
         with accelerator.autocast():
             after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-            with reference_unet(unet):
-                before = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-        save_grid(torch.cat([before, after]), os.path.join(args.output_dir, "samples", "before_after.png"), nrow=2)
+            before = base_images(models, scheduler, unet, args)
+        save_grid(after if before is None else torch.cat([before.to(after.device), after]),
+                  os.path.join(args.output_dir, "samples", "before_after.png"), nrow=1 if before is None else 2)
         plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))
         save_model_card(args, models.family, metrics.rows)
     accelerator.end_training()
@@ -2015,9 +2265,13 @@ def optimizer_step(accelerator, params, optimizer, args):
 
 
 def all_reduce_grads(accelerator, params):
-    """Average the LoRA gradients over processes in one flat collective."""
+    """Average the LoRA gradients over processes in one flat collective. A sharded denoiser's parameters (the shards,
+    shard_denoiser): average the gathered weights' gradients and keep this process's shard of them."""
     if accelerator.num_processes == 1:
         return
+    owner = getattr(params[0], "fsdp_owner", None) if params else None
+    if owner is not None:
+        return shard_grads(accelerator, owner(), params)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
