@@ -1,5 +1,6 @@
 """Memory on a real GPU, planned on a CPU: what each script needs per GPU for SD1.5, SDXL, SD3.5-Medium and FLUX.1-dev,
-with LoRA and with full fine-tuning sharded by FSDP over 8 GPUs, and whether it fits 24, 40 or 80 GB.
+with LoRA and with full fine-tuning (`--finetune full`) over N = 8 processes as the scripts implement it, and whether
+it fits 24, 40 or 80 GB; beside it, what FSDP2's own per-call resharding would need (not built).
 
 Method (fixed before the numbers were seen):
 - Parameters: counted on the published architectures, built on torch's "meta" device (shapes only, nothing allocated
@@ -19,11 +20,25 @@ Method (fixed before the numbers were seen):
   so these figures lean high. The TRAPS measurement of SD1.5 at 512 px (bf16, LoRA: 0.97 GiB per step) is the check.
 - A training step per GPU, batch 1 (activations grow linearly with the batch; weights do not): frozen weights bf16
   (denoiser, VAE, text encoders, reward); LoRA: fp32 adapter weights, gradients and Adam's two moments, 16 bytes per
-  LoRA parameter, at the rank of the script's preset for the family (else its --rank default); full fine-tuning under
-  FSDP2 over 8 GPUs: fp32 master weights, fp32 gradients and Adam's moments of the denoiser sharded 1/8 (16 bytes per
-  parameter / 8), plus two gathered bf16 units (the one computing and the one prefetched; a unit is a block of
-  down/up/transformer blocks) and, for DPO, SPO and GRPO, a frozen bf16 reference denoiser sharded 1/8 (with LoRA the
-  reference is the adapter-off model: nothing more). Text encoders and reward are replicated (not sharded).
+  LoRA parameter, at the rank of the script's preset for the family (else its --rank default) (with LoRA the
+  reference of DPO, SPO and GRPO is the adapter-off model: nothing more). Text encoders and reward are replicated.
+- Full fine-tuning as implemented (drtune.py's train_full, shard_denoiser, shard_grads, keep_base_copy; README's
+  "Full fine-tuning"), N = 8 processes: `fully_shard` on every block and the root, but with reshard_after_forward and
+  reshard_after_backward off and gradient sync off: the blocks are gathered once after each update and kept, so every
+  process holds the whole denoiser in fp32 (4 bytes per parameter) and its whole fp32 gradients (4), which are
+  averaged over processes in 256 MB buckets and sliced to this process's shard after the backward; sharded 1/N: the
+  fp32 master weights and AdamW's two moments (12 / N bytes; on one process the weights are the master weights: 8).
+  The forwards run under autocast from fp32 weights: autocast caches one bf16 cast of every weight for the autocast
+  region (and the graph, or a recomputed call's graph under checkpointing, holds them until the backward): 2 bytes
+  per parameter more, whole (checked on CPU: the cast weight saved by two calls is one tensor). DPO, SPO and GRPO with
+  --beta > 0 (GRPO's preset for the family, else its default 0) keep an unsharded frozen copy of the base denoiser in
+  the weight dtype (bf16 here: 2 bytes per parameter, whole). So per process about 10 + 12 / N bytes per parameter
+  (+ 2 with a reference) before activations. Checkpoints and the final folder are gathered on the main process in CPU
+  memory (16 bytes per parameter of host RAM while it writes; not GPU memory, not in the table).
+- Per-call resharding (FSDP2's own layout; not built, because the scripts' processes make different numbers of
+  denoiser calls): fp32 master weights, gradients and Adam's moments sharded 1/N (16 / N bytes per parameter), two
+  gathered bf16 units (the one computing and the one prefetched; a unit is a block of down/up/transformer blocks) and
+  a frozen bf16 reference sharded 1/N.
 - Trained denoiser calls whose graph an update holds: DRTune K (its preset's num_trained_steps), ReFL 1, DRaFT its
   preset's K, AlignProp every step (the truncation can reach T), DPO 2 (winner and loser), SPO 1 (both candidates'
   log-densities come from one call), GRPO 1 (each transition's loss is backpropagated on its own); CFG doubles the batch
@@ -71,7 +86,7 @@ FAMILIES = {
 }
 SCRIPTS = ["drtune", "refl", "draft", "alignprop", "dpo", "spo", "grpo"]
 BACKPROP = {"drtune", "refl", "draft", "alignprop"}
-REFERENCE = {"dpo", "spo", "grpo"}  # a frozen reference denoiser (full fine-tuning keeps a sharded bf16 copy)
+REFERENCE = {"dpo", "spo", "grpo"}  # a frozen reference (full fine-tuning: a whole bf16 copy; grpo with beta > 0)
 GPUS = (24, 40, 80)
 FSDP_WORLD = 8
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -237,7 +252,8 @@ def measure_family(family):
 # --- the plan -----------------------------------------------------------------------------------------------------
 
 def script_settings(script, family):
-    """(rank, trained calls per update) from the script's preset for the family, else its defaults."""
+    """(rank, trained calls per update, whether --finetune full keeps a reference copy) from the script's preset for
+    the family, else its defaults: dpo.py and spo.py always keep one, grpo.py with --beta > 0 (keep_base_copy)."""
     import importlib
     module = importlib.import_module(script)
     parser = module.build_parser()
@@ -248,11 +264,16 @@ def script_settings(script, family):
     value = lambda key: preset.get(key, defaults.get(key))  # noqa: E731
     calls = {"drtune": value("num_trained_steps"), "refl": 1, "draft": value("draft_k") or 1,
              "alignprop": value("num_inference_steps"), "dpo": 2, "spo": 1, "grpo": 1}[script]
-    return value("rank"), int(calls)
+    reference = script in ("dpo", "spo") or (script == "grpo" and (value("beta") or 0) > 0)
+    return value("rank"), int(calls), reference
 
 
-def plan(m, script, family, finetune, checkpointing, rank, calls):
-    """Bytes per GPU of one training step, by part: weights, trainable state, activations."""
+def plan(m, script, family, finetune, checkpointing, rank, calls, reference=None, world=FSDP_WORLD, layout="built"):
+    """Bytes per GPU of one training step, by part. finetune "lora", or "full" over `world` processes: layout "built"
+    (what the scripts do: whole fp32 weights, their autocast bf16 casts and whole fp32 gradients on every process, the
+    master shard and AdamW state 1/world, an unsharded bf16 reference) or "resharded" (FSDP2's per-call resharding,
+    not built: 16 bytes per parameter / world, two gathered bf16 units, a bf16 reference sharded 1/world).
+    `reference`: whether full fine-tuning keeps the reference copy (default: the script has a reference model)."""
     P, bf16 = m["denoiser"], 2
     reward = 0 if script == "dpo" else HPS_V21_PARAMS * bf16
     frozen = (m["vae"] + m["text"]) * bf16 + reward
@@ -263,12 +284,18 @@ def plan(m, script, family, finetune, checkpointing, rank, calls):
         activations = max(act_call, decode) + calls * m["call_input"] * cfg
     else:
         activations = calls * act_call + decode
+    reference = script in REFERENCE if reference is None else reference
     if finetune == "lora":
         lora = m["lora_per_rank"] * rank
-        parts = dict(denoiser=P * bf16, trainable=lora * 16, reference=0)
+        parts = dict(denoiser=P * bf16, autocast=0, gradients=0, trainable=lora * 16, reference=0)
+    elif layout == "built":
+        # whole on every process: the gathered fp32 weights, autocast's bf16 casts of them, the fp32 gradients;
+        # sharded: the fp32 master weights (on one process they are the weights themselves) and AdamW's m and v
+        parts = dict(denoiser=P * 4, autocast=P * bf16, gradients=P * 4,
+                     trainable=P * (12 / world if world > 1 else 8), reference=P * bf16 if reference else 0)
     else:
-        parts = dict(denoiser=2 * m["unit"] * bf16, trainable=P * 16 / FSDP_WORLD,
-                     reference=P * bf16 / FSDP_WORLD if script in REFERENCE else 0)
+        parts = dict(denoiser=2 * m["unit"] * bf16, autocast=0, gradients=0, trainable=P * 16 / world,
+                     reference=P * bf16 / world if reference else 0)
     parts.update(frozen=frozen, activations=activations)
     return parts
 
@@ -280,21 +307,30 @@ def fits(total):
 def main(args):
     start = time.time()
     measured = {family: measure_family(family) for family in args.families}
-    rows, param_rows = [], []
+    rows, param_rows, state_rows = [], [], []
     for family, m in measured.items():
+        P = m["denoiser"]
+        state_rows.append([m["title"], f"{P * 8 / 1e9:.1f}", f"{P * 2 / 1e9:.1f}", f"{P * 12 / FSDP_WORLD / 1e9:.1f}",
+                           f"{P * 2 / 1e9:.1f}", f"{(P * 10 + P * 12 / FSDP_WORLD) / 1e9:.1f}",
+                           f"{P * 16 / FSDP_WORLD / 1e9:.1f}", f"{P * 16 / 1e9:.0f}"])
         param_rows.append([m["title"], f"{m['denoiser'] / 1e9:.3f} B", f"{m['vae'] / 1e6:.1f} M",
                            f"{m['text'] / 1e9:.3f} B", f"{m['unit'] / 1e6:.0f} M", f"{m['resolution']}",
                            f"{m['act']['lora'] / GIB:.2f}", f"{m['act']['full'] / GIB:.2f}", f"{m['decode'] / GIB:.2f}"])
         for script in SCRIPTS:
-            rank, calls = script_settings(script, family)
+            rank, calls, reference = script_settings(script, family)
             for finetune in ("lora", "full"):
-                totals = []
-                for checkpointing in (False, True):
-                    parts = plan(m, script, family, finetune, checkpointing, rank, calls)
-                    totals.append(sum(parts.values()))
-                label = f"LoRA r{rank}" if finetune == "lora" else f"full, FSDP/{FSDP_WORLD}"
-                rows.append([m["title"], script, label, str(calls), f"{totals[0] / GIB:.1f}", fits(totals[0]),
-                             f"{totals[1] / GIB:.1f}", fits(totals[1])])
+                totals = [sum(plan(m, script, family, finetune, checkpointing, rank, calls, reference).values())
+                          for checkpointing in (False, True)]
+                row = [m["title"], script, f"LoRA r{rank}" if finetune == "lora" else
+                       f"full, N = {FSDP_WORLD} processes, as implemented" + (", + reference" if reference else ""),
+                       str(calls), f"{totals[0] / GIB:.1f}", fits(totals[0]), f"{totals[1] / GIB:.1f}", fits(totals[1])]
+                if finetune == "full":
+                    resharded = sum(plan(m, script, family, "full", True, rank, calls, reference,
+                                         layout="resharded").values())
+                    row += [f"{resharded / GIB:.1f}", fits(resharded)]
+                else:
+                    row += ["-", "-"]
+                rows.append(row)
     body = ["## Memory per GPU on real models, planned", "",
             *common.header_lines(args, time.time() - start, "wall-clock (meta-device counting, nothing allocated)"),
             "", "Method and assumptions: `benchmarks/memory_plan.py`'s docstring. Batch 1 per GPU, bf16 frozen "
@@ -304,10 +340,27 @@ def main(args):
             "GiB; a CFG call is twice that):", "",
             common.markdown_table(["model", "denoiser", "VAE", "text encoders", "largest FSDP unit", "px",
                                    "act LoRA", "act full", "VAE decode act"], param_rows), "",
+            f"Full fine-tuning's model states per process, N = {FSDP_WORLD} processes (GB, 1e9 bytes; before "
+            f"activations, frozen encoders and reward). As implemented (`--finetune full`, drtune.py's "
+            f"shard_denoiser): the gathered fp32 weights and their fp32 gradients stay whole on every process "
+            f"(8 bytes per parameter), autocast keeps a bf16 cast of every weight during a step (2), the fp32 master "
+            f"shard and AdamW's moments are 1/{FSDP_WORLD} (12 / {FSDP_WORLD}), and DPO, SPO and GRPO with --beta > 0 "
+            f"add an unsharded bf16 reference copy (2). Per-call resharding (FSDP2's own layout, 16 / {FSDP_WORLD} "
+            f"plus two gathered bf16 units) is not what the scripts do: it needs every process to make the same "
+            f"denoiser calls. Checkpoints gather the weights and AdamW state on the main process's CPU (16 bytes per "
+            f"parameter of host RAM, last column), not on a GPU.", "",
+            common.markdown_table(["model", "weights + gradients, fp32, whole", "autocast bf16 casts, whole",
+                                   f"master + AdamW, 1/{FSDP_WORLD}", "reference bf16, whole (DPO, SPO, GRPO beta > 0)",
+                                   "total as implemented, no reference", f"resharded per call (not built): 16 / "
+                                   f"{FSDP_WORLD}", "checkpoint host RAM, main process"], state_rows), "",
             f"Per GPU, one training step (GiB; fits 24 / 40 / 80 GB: yes or no each). Trained calls: the denoiser "
-            f"calls whose graph one update holds.", "",
+            f"calls whose graph one update holds. The full rows are the scripts' `--finetune full` as implemented over "
+            f"N = {FSDP_WORLD} processes ('+ reference': the unsharded reference copy is counted; GRPO keeps one only "
+            f"with --beta > 0, which only its SD3.5 preset sets); the last two columns are what FSDP2's per-call "
+            f"resharding would need with checkpointing, for comparison only: the scripts do not do it.", "",
             common.markdown_table(["model", "script", "fine-tuning", "trained calls", "GiB, no checkpointing",
-                                   "fits", "GiB, checkpointing", "fits"], rows), "",
+                                   "fits", "GiB, checkpointing", "fits",
+                                   "GiB, checkpointing, if resharded per call (not built)", "fits"], rows), "",
             "Check against a measurement: TRAPS.md's SD1.5 UNet at 512 px, bf16, LoRA, saved 0.97 GiB per step "
             "(0.14 with checkpointing), SDXL at 1024 px 7.25 GiB (0.45); the VAE decoder 2.8 GiB at 512 px and 11.1 "
             "at 1024 px. The GPU run that measures the denoiser's step is `--measure`: not run here (no GPU).", ""]

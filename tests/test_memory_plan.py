@@ -11,15 +11,46 @@ M = dict(denoiser=1_000_000_000, vae=80_000_000, text=120_000_000, unit=50_000_0
          decode=5 * GIB, call_input=1_000_000, lora_per_rank=1_000_000)
 
 
-def test_full_fine_tuning_shards_the_trained_state_eightfold():
+def test_full_fine_tuning_as_implemented_shards_only_master_and_adam():
+    P = M["denoiser"]
     full = memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5)
-    assert full["trainable"] == M["denoiser"] * 16 / 8  # fp32 weights, gradients, Adam m and v: 16 bytes, 1/8 each
-    assert full["denoiser"] == 2 * M["unit"] * 2  # two gathered bf16 units, not the whole denoiser
+    # whole on every process: gathered fp32 weights, autocast's bf16 casts of them, fp32 gradients
+    assert full["denoiser"] == P * 4 and full["autocast"] == P * 2 and full["gradients"] == P * 4
+    assert full["trainable"] == P * 12 / 8  # the fp32 master shard and AdamW's m and v, 1/8 each
     assert full["reference"] == 0
-    assert memory_plan.plan(M, "grpo", "sd15", "full", False, 32, 1)["reference"] == M["denoiser"] * 2 / 8
+    # the sharded part shrinks 1/N, the whole part does not
+    for world in (2, 4, 16):
+        other = memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5, world=world)
+        assert other["trainable"] == P * 12 / world
+        assert [other[k] for k in ("denoiser", "autocast", "gradients")] == [P * 4, P * 2, P * 4]
+    one = memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5, world=1)
+    assert one["denoiser"] + one["gradients"] + one["trainable"] == P * 16  # one process: the weights are the master
+    # the reference copy of DPO, SPO and GRPO with --beta > 0: whole, bf16, not sharded
+    assert memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2)["reference"] == P * 2
+    assert memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2, world=16)["reference"] == P * 2
+    assert memory_plan.plan(M, "grpo", "sd15", "full", False, 4, 1, reference=False)["reference"] == 0
+    assert memory_plan.plan(M, "grpo", "sd35", "full", False, 32, 1, reference=True)["reference"] == P * 2
     lora = memory_plan.plan(M, "drtune", "sd15", "lora", False, 128, 5)
     assert lora["trainable"] == M["lora_per_rank"] * 128 * 16 and lora["denoiser"] == M["denoiser"] * 2
+    assert lora["autocast"] == lora["gradients"] == 0
     assert memory_plan.plan(M, "dpo", "sd15", "lora", False, 64, 2)["reference"] == 0  # the adapter-off model
+
+
+def test_per_call_resharding_for_comparison_shards_everything():
+    P = M["denoiser"]
+    full = memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5, layout="resharded")
+    assert full["trainable"] == P * 16 / 8  # fp32 weights, gradients, Adam m and v: 16 bytes, 1/8 each
+    assert full["denoiser"] == 2 * M["unit"] * 2 and full["autocast"] == full["gradients"] == 0  # two bf16 units
+    assert memory_plan.plan(M, "grpo", "sd15", "full", False, 32, 1, True, layout="resharded")["reference"] == P * 2 / 8
+    built = sum(memory_plan.plan(M, "dpo", "sd15", "full", True, 64, 2).values())
+    assert sum(memory_plan.plan(M, "dpo", "sd15", "full", True, 64, 2, layout="resharded").values()) < built
+
+
+def test_reference_copy_follows_the_scripts():
+    assert memory_plan.script_settings("dpo", "sdxl")[2] and memory_plan.script_settings("spo", "sd15")[2]
+    assert not memory_plan.script_settings("drtune", "sdxl")[2]
+    assert memory_plan.script_settings("grpo", "sd35")[2]  # sd35-flow-grpo: beta 0.01
+    assert not memory_plan.script_settings("grpo", "flux")[2]  # --beta 0: no KL, no copy
 
 
 def test_activations_add_up_without_checkpointing_and_not_with_it():
