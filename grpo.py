@@ -181,8 +181,8 @@ def check_algorithm_arguments(args):
                          f"samples per round (--train_batch_size x --gradient_accumulation_steps x --group_size)")
 
 
-# The demo's prompts: two shapes, each with a position word, the words any two different sides (tiny_models/world.py
-# position_prompts; the 40 evaluation captions are never trained on).
+# The demo's prompts: two shapes, each with a position word (tiny_models/world.py position_prompts): it trains on
+# captions whose words are opposite sides, the layouts the world can draw, and is read on 40 others with any two sides.
 POSITION_PROMPTS = dict(train_prompts=os.path.join(WORLD, "world-position-train-prompts.txt"),
                         eval_prompts=os.path.join(WORLD, "world-position-eval-prompts.txt"))
 PRESETS = {

@@ -338,6 +338,12 @@ def position_prompts(num, seed):
     return out
 
 
+def opposite_sides(text):
+    """Whether a caption's two position words are opposite sides (left and right, top and bottom)."""
+    words = {s["position"] for s in parse(text)["shapes"]}
+    return words in ({"left", "right"}, {"top", "bottom"})
+
+
 def demo_prompts():
     """(train, eval) prompt lists of the demos: 256 captions of training scenes, and 8 held-out captions for the
     evaluation grid (four single shapes, two with a position word, two pairs of shapes)."""
@@ -429,8 +435,11 @@ if __name__ == "__main__":
             print(f"{name}: mean symmetry error {np.mean(r['symmetry']):.3f}, drawn {sum(r['drawn'])}/{len(prompts)}")
     if args.write_json:
         print(write_json())
-        train = position_prompts(256, 0)  # grpo.py's demo: two shapes with position words, 40 others to evaluate
-        held = [p for p in position_prompts(80, 1) if p not in train][:40]
+        # grpo.py's demo: 40 held-out captions of two shapes with any two different position words, and 256 training
+        # captions whose words are opposite sides, the only two-shape layouts of the world's scenes: group-relative RL
+        # can only reinforce layouts the model samples, and it never draws the others (benchmarks/grpo_world.py)
+        held = [p for p in position_prompts(80, 1) if p not in position_prompts(256, 0)][:40]
+        train = [p for p in position_prompts(3000, 5) if opposite_sides(p) and p not in held][:256]
         files = dict(zip(("world-train-prompts.txt", "world-eval-prompts.txt"), demo_prompts()))
         files.update({"world-position-train-prompts.txt": train, "world-position-eval-prompts.txt": held})
         for name, prompts in files.items():
