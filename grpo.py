@@ -191,7 +191,7 @@ PRESETS = {
     # of the caption's fields drawn right, plus `placement`, the fraction of position words obeyed). MixGRPO's window
     # on the first 8 of 20 DDIM steps (eta 1 inside, 0 outside): the layout is decided there, and the later steps'
     # transitions would only add noise to the gradient; groups of 16 from 2 prompts; the KL (0.04, Flow-GRPO's)
-    # keeps the drawing: without it, at lr 3e-3, the reward fell by half within 40 rounds as colors were lost.
+    # keeps the drawing: without it, at lr 3e-3, the reward fell by a third to a half within 40-55 rounds.
     # Measured (BENCHMARKS.md, "GRPO on the world's two-shape placement"): it does not reach the issue's goal.
     "demo": dict(
         WORLD_DEMO, **POSITION_PROMPTS, output_dir="outputs/grpo-demo",

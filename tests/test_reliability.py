@@ -252,7 +252,7 @@ def test_no_checkpoint_with_a_non_finite_lora_weight(tmp_path):
     unet.lora_A = torch.nn.Parameter(torch.tensor([1.0, float("nan")]))
     printed = []
     accelerator = types.SimpleNamespace(print=printed.append)
-    args = types.SimpleNamespace(output_dir=str(tmp_path))
+    args = types.SimpleNamespace(output_dir=str(tmp_path), finetune="lora")
     guard = drtune.NonfiniteGuard(types.SimpleNamespace(max_nonfinite_steps=3))
     drtune.save_checkpoint(accelerator, unet, None, None, None, args, 4, guard)
     assert os.listdir(tmp_path) == [] and "no checkpoint" in printed[0]
