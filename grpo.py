@@ -2476,8 +2476,8 @@ def main(args):
                 for index in chunks(rows_of(rows, images, K), args.train_micro_batch):
                     old[index] = transition_terms(models, scheduler, unet, select(rows, index), args)[0]
         # ---- updates
-        stats = torch.zeros(6, device=device)  # loss, kl, clipped, ratio, approx kl, |logp_sampled - logp_old| max
-        trained, finite, grad_norm = 0, True, float("nan")
+        stats = torch.zeros(6, device=device)  # sums over rows: loss, kl, clipped, ratio, approx kl; rows trained
+        finite, grad_norm = True, float("nan")
         for epoch, plan in enumerate(plans):
             for u, (images, total) in enumerate(plan):
                 total_rows = total * K
@@ -2496,8 +2496,7 @@ def main(args):
                     stats += torch.stack([loss.detach().sum(), kl.detach().sum(),
                                           ((ratio - 1).abs() > args.clip_range).float().sum(), ratio.sum(),
                                           0.5 * ((log_prob.detach() - old[index]) ** 2).sum(),
-                                          torch.zeros((), device=device)])
-                    trained += len(index)
+                                          torch.tensor(float(len(index)), device=device)])
                 all_reduce_grads(accelerator, params)
                 norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 grad_norm = float(norm) if norm is not None else float("nan")
@@ -2509,12 +2508,10 @@ def main(args):
                 optimizer.zero_grad(set_to_none=True)
         for p in fresh:
             models.prompt_cache.pop(p)
-        known = ~old.isnan()
+        known = ~old.isnan()  # |sampling forward's log-prob - the training forward's at the sampled policy|
         mismatch = (rows["log_probs"][known] - old[known]).abs().max() if known.any() else torch.zeros((), device=device)
-        stats[5] = mismatch
-        totals = accelerator.reduce(torch.cat([stats[:5], torch.tensor([float(trained)], device=device)]),
-                                    reduction="sum")
-        mismatch = accelerator.gather(stats[5:6]).max()
+        totals = accelerator.reduce(stats, reduction="sum")
+        mismatch = accelerator.gather(mismatch.view(1)).max()
         rows_done = max(totals[5].item(), 1.0)
         finite = finite and bool(torch.isfinite(all_rewards).all())
         row = dict(step=step, loss=totals[0].item() / rows_done, reward_mean=all_rewards.mean().item(),

@@ -812,7 +812,7 @@ _REWARD_PATHS = {
 # Plug-in rewards: your own function, named on the command line
 # ---------------------------------------------------------------------------------------------------------
 
-_PLUGINS = {}  # reference -> RewardInfo, each module imported once per process
+_PLUGINS = {}  # reference -> (RewardInfo, function), each module imported once per process
 
 
 def _load_plugin(ref):
@@ -868,7 +868,8 @@ def _plugin_scores(ref, out, images):
     return out.to(images.device, torch.float32)
 
 
-def _plugin_info(ref):
+def _plugin(ref):
+    """(RewardInfo, function) of a plug-in reference, imported on first use."""
     if ref not in _PLUGINS:
         fn = _load_plugin(ref)
 
@@ -878,15 +879,14 @@ def _plugin_info(ref):
                 return scores, scores
             return score
         differentiable = bool(getattr(fn, "differentiable", False))
-        _PLUGINS[ref] = RewardInfo(factory, differentiable, False, (fn.__doc__ or ref).strip().split("\n")[0])
+        _PLUGINS[ref] = RewardInfo(factory, differentiable, False, (fn.__doc__ or ref).strip().split("\n")[0]), fn
     return _PLUGINS[ref]
 
 
 def _probe_plugin(ref, prompts, image_size):
     """Call a plug-in once on random images with the run's first prompts: a failure, a wrong shape, or a function
     that says it is differentiable but returns no gradient is one line before any model loads."""
-    info = _plugin_info(ref)
-    fn = _load_plugin(ref)
+    info, fn = _plugin(ref)
     images = torch.rand(len(prompts), 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     images.requires_grad_(info.differentiable)
     try:
@@ -902,7 +902,7 @@ def _probe_plugin(ref, prompts, image_size):
 
 def reward_info(name):
     """The RewardInfo of a rewards.py reward or of a plug-in reference (importing its module)."""
-    return REWARDS[name] if name in REWARDS else _plugin_info(name)
+    return REWARDS[name] if name in REWARDS else _plugin(name)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------
