@@ -1,5 +1,6 @@
-"""Score a LoRA the way the papers do: the plain diffusers pipeline, the same seeds with and without the LoRA, any
-rewards.py reward, a table in the layout of the DRTune paper's Table 1 and a grid of base vs tuned.
+"""Score a LoRA (or a --finetune full run's denoiser) the way the papers do: the plain diffusers pipeline, the same
+seeds with and without the LoRA, any rewards.py reward, a table in the layout of the DRTune paper's Table 1 and a grid
+of base vs tuned.
 
     python evaluate.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --lora outputs/drtune-sd15-hps --prompts hpsv2-benchmark \\
@@ -13,6 +14,8 @@ rewards.py reward, a table in the layout of the DRTune paper's Table 1 and a gri
     # SD3.5 Medium or FLUX.1-dev at their pipelines' own settings, in bf16
     python evaluate.py --pretrained_model_name_or_path stabilityai/stable-diffusion-3.5-medium \\
         --lora outputs/drtune-sd35 --mixed_precision bf16 --prompts hpsv2-benchmark
+    # a --finetune full run (its unet/ or transformer/ folder; --run is the same flag as --lora)
+    python evaluate.py --run outputs/drtune-full --prompts hpsv2-benchmark
 
 What it does, and the choices made:
 - Prompts: any source the training scripts' --eval_prompts take (read_prompt_set, duplicated from their scaffold
@@ -41,11 +44,18 @@ What it does, and the choices made:
   (FLUX: the run's --guidance_embedding and --true_cfg scale), resolution, T5 length, --validation_lora_scale and
   --prompt_template. One line says which settings were used and where each came from (the run, the command line,
   the pipeline's defaults); a run's value that does not fit the model given is refused naming where it came from.
+- A --finetune full run: --lora (or --run) its --output_dir, which holds the trained denoiser as a diffusers model
+  folder (unet/ for SD1.5 and SDXL, transformer/ for SD3 and FLUX) instead of pytorch_lora_weights.safetensors. The
+  base images are the base model's as above; for the tuned ones the pipeline's denoiser is replaced by the run's,
+  loaded with the class of the pipeline's own (UNet2DConditionModel, SD3Transformer2DModel, FluxTransformer2DModel)
+  in the pipeline's dtype. The settings come from the run as for a LoRA, except the grids' LoRA scale: there is no
+  adapter to scale, and --lora_scale other than 1 is refused. The folder is checked against the model's denoiser
+  (the same folder name, class and configuration; the weights file there) before any model loads.
 - Resumable: images/base/NNNNN.png and images/tuned/NNNNN.png (NNNNN the prompt's index), each written to a
   temporary name and renamed; a rerun generates only the missing ones, each in the batch an uninterrupted run makes
   it in (so with the same pixels). images/settings.json records what the images depend on (model and its family,
-  LoRA, scale, prompts, seed, sampling, precision); a rerun with other settings in the same --output_dir is refused
-  (scoring settings may change: scores are recomputed from the images every run).
+  LoRA or full fine-tune, scale, prompts, seed, sampling, precision); a rerun with other settings in the same
+  --output_dir is refused (scoring settings may change: scores are recomputed from the images every run).
 - Several processes (accelerate launch or torchrun): prompt i is generated and scored by process i % N; the scores
   are gathered on the main process, which writes the outputs.
 - Scores: every reward of --rewards separately, on the saved 8-bit images (what a user gets), the paper's raw values
@@ -101,14 +111,14 @@ VARIANTS = ("base", "tuned")
 # max_sequence_length T5 tokens; SD1.5 and SDXL take 77 CLIP tokens and no such argument (None). The flow-matching
 # families sample with their own FlowMatchEulerDiscreteScheduler: the DDPM-family --sampler choices do not apply.
 FAMILY_PIPELINES = {
-    "sd15": dict(pipeline="StableDiffusionPipeline", flow_matching=False, num_inference_steps=50, guidance_scale=7.5,
-                 max_sequence_length=None),
-    "sdxl": dict(pipeline="StableDiffusionXLPipeline", flow_matching=False, num_inference_steps=25,
+    "sd15": dict(pipeline="StableDiffusionPipeline", denoiser="unet", flow_matching=False, num_inference_steps=50,
+                 guidance_scale=7.5, max_sequence_length=None),
+    "sdxl": dict(pipeline="StableDiffusionXLPipeline", denoiser="unet", flow_matching=False, num_inference_steps=25,
                  guidance_scale=5.0, max_sequence_length=None),
-    "sd3": dict(pipeline="StableDiffusion3Pipeline", flow_matching=True, num_inference_steps=28, guidance_scale=7.0,
-                max_sequence_length=256),
-    "flux": dict(pipeline="FluxPipeline", flow_matching=True, num_inference_steps=28, guidance_scale=3.5,
-                 max_sequence_length=512),
+    "sd3": dict(pipeline="StableDiffusion3Pipeline", denoiser="transformer", flow_matching=True,
+                num_inference_steps=28, guidance_scale=7.0, max_sequence_length=256),
+    "flux": dict(pipeline="FluxPipeline", denoiser="transformer", flow_matching=True, num_inference_steps=28,
+                 guidance_scale=3.5, max_sequence_length=512),
 }
 TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
 SAMPLING_DEFAULTS = ("num_inference_steps", "guidance_scale", "max_sequence_length")  # flags the family defaults
@@ -123,6 +133,10 @@ RUN_SETTINGS = dict(sampler="sampler", eta="eta", num_inference_steps="num_infer
                     guidance_scale="guidance_scale", resolution="resolution", max_sequence_length="max_sequence_length",
                     lora_scale="validation_lora_scale", prompt_template="prompt_template")
 FLAG_DEFAULTS = dict(sampler="pipeline", eta=0.0, lora_scale=1.0)  # without a run's value or a flag
+# What --lora holds: a LoRA run's file, or a --finetune full run's denoiser as a diffusers model folder (one of these,
+# the family's FAMILY_PIPELINES denoiser, written by the training scripts' save_pretrained).
+LORA_FILE = "pytorch_lora_weights.safetensors"
+DENOISER_FOLDERS = ("unet", "transformer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,13 +428,15 @@ def build_parser():
     g.add_argument("--pretrained_vae_model_name_or_path", default=None, help="another VAE, e.g. an fp16-safe SDXL VAE")
     g.add_argument("--revision", default=None)
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    g.add_argument("--lora", default=None,
-                   help="a training script's --output_dir (pytorch_lora_weights.safetensors) or a hub id; without it "
-                        "only the base model is scored. A run's config.json there gives the sampling settings that "
-                        "are not given here (RUN_SETTINGS: the run's sampler, eta, steps, guidance, resolution, T5 "
-                        "length, grid LoRA scale, prompt template)")
+    g.add_argument("--lora", "--run", default=None,
+                   help="a training script's --output_dir (pytorch_lora_weights.safetensors, or with --finetune full "
+                        "the trained unet/ or transformer/ model folder) or a LoRA's hub id; --run is the same flag; "
+                        "without it only the base model is scored. A run's config.json there gives the sampling "
+                        "settings that are not given here (RUN_SETTINGS: the run's sampler, eta, steps, guidance, "
+                        "resolution, T5 length, grid LoRA scale, prompt template)")
     g.add_argument("--lora_scale", type=float, default=None,
-                   help="LoRA weight at inference (FDXL: 0.7; default: the run's --validation_lora_scale, else 1)")
+                   help="LoRA weight at inference (FDXL: 0.7; default: the run's --validation_lora_scale, else 1); "
+                        "a --finetune full run has no adapter to scale: 1 only")
     g.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default="no", help="the pipeline's dtype")
     g = parser.add_argument_group("prompts and sampling")
     g.add_argument("--prompts", default="hpsv2-benchmark",
@@ -478,7 +494,8 @@ def read_run_config(args):
 def take_run_settings(args, config, family=None):
     """Fill the flags the command line left out (None) from the run's config.json, recording where each setting came
     from in args.setting_sources. Without family: the model (RUN_MODEL) and the family-independent settings; with
-    it: guidance (FLUX's mapping), then FLAG_DEFAULTS for what is still unset."""
+    it: guidance (FLUX's mapping), then FLAG_DEFAULTS for what is still unset. A --finetune full run's grid LoRA scale
+    is not taken: it has no adapter."""
     sources = args.__dict__.setdefault("setting_sources", {})
     if family is None:
         if args.pretrained_model_name_or_path is None and config is not None:
@@ -489,6 +506,8 @@ def take_run_settings(args, config, family=None):
                                             if flag != "guidance_scale"}
         if values.get("sampler") != "ddim" or (args.sampler or "ddim") != "ddim":  # DDIM's eta, for DDIM only
             values.pop("eta", None)
+        if args.full_finetune:
+            values.pop("lora_scale", None)
         for flag, value in values.items():
             if getattr(args, flag) is None and value is not None:
                 setattr(args, flag, value)
@@ -527,7 +546,7 @@ def describe_settings(args):
              ("resolution", f"{args.resolution} px" if args.resolution else "the pipeline's resolution"),
              ("max_sequence_length", None if args.max_sequence_length is None else
               f"{args.max_sequence_length} T5 tokens"),
-             ("lora_scale", None if args.lora is None else f"LoRA scale {args.lora_scale:g}"),
+             ("lora_scale", None if args.lora is None or args.full_finetune else f"LoRA scale {args.lora_scale:g}"),
              ("prompt_template", None if args.prompt_template is None else f"prompt template {args.prompt_template!r}")]
     parts = [(flag, text) for flag, text in parts if text is not None]
     origin = {"run": f"from {os.path.join(args.lora, 'config.json')}" if args.lora else "", "command line":
@@ -540,6 +559,9 @@ def describe_settings(args):
     if "eta_not_applied" in sources:
         note = (f"; the run's eta {sources['eta_not_applied']:g} is not applied (the pipeline's "
                 f"{'Euler step is the ODE' if FAMILY_PIPELINES[args.family]['flow_matching'] else 'sampler is not DDIM'})")
+    if args.full_finetune:
+        note += (f"; tuned: the full fine-tuned denoiser "
+                 f"{os.path.join(args.lora, FAMILY_PIPELINES[args.family]['denoiser'])} in place of the model's")
     return f"evaluate.py: sampling with {', '.join(text for _, text in parts)} ({where}){note}"
 
 
@@ -550,6 +572,7 @@ def check_arguments(args):
     from diffusers import DiffusionPipeline
     if args.lora is not None and not os.path.isdir(args.lora) and not is_hub_id(args.lora):
         raise UsageError(f"--lora: no such folder '{args.lora}' (a training script's --output_dir)")
+    args.full_finetune = is_full_finetune(args)
     run_config = read_run_config(args)
     take_run_settings(args, run_config)
     if args.pretrained_model_name_or_path is None:
@@ -565,6 +588,9 @@ def check_arguments(args):
         raise UsageError("--batch_size must be >= 1 and --grid_prompts >= 0")
     if not math.isfinite(args.lora_scale) or args.lora_scale < 0:
         raise UsageError(f"--lora_scale must be a number >= 0, got {args.lora_scale}")
+    if args.full_finetune and args.lora_scale != 1:
+        raise UsageError(f"--lora_scale {args.lora_scale:g}: --lora {args.lora} is a --finetune full run (a trained "
+                         f"denoiser, no LoRA adapter to scale); leave out --lora_scale")
     if not 0 <= args.eta <= 1:
         raise UsageError(f"--eta must be in [0, 1] (DDIM's eta), got {args.eta}")
     if not 0 <= args.seed < 2 ** 32:
@@ -583,14 +609,12 @@ def check_arguments(args):
             rewards.check_options(name, options)
     except (ValueError, rewards.RewardLoadError) as e:
         raise UsageError(f"--rewards {args.rewards}: {e}") from e
-    if args.lora is not None and os.path.isdir(args.lora) and not os.path.isfile(
-            os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
-        raise UsageError(f"--lora {args.lora}: no pytorch_lora_weights.safetensors in it (a training script's "
-                         f"--output_dir holds one)")
     model_index = load_config_or_fail(DiffusionPipeline, args.pretrained_model_name_or_path, "model",
                                       "--pretrained_model_name_or_path", revision=args.revision)
     family = model_family(args, model_index)
     check_pipeline_files(args, model_index, family)
+    if args.full_finetune:
+        check_run_denoiser(args, model_index, family)
     take_run_settings(args, run_config, family)
     args.family = family
     pipeline = FAMILY_PIPELINES[family]["pipeline"]
@@ -612,6 +636,56 @@ def check_arguments(args):
     prompts = apply_template(prompts, args.prompt_template)[: args.num_prompts]
     styles = None if styles is None else styles[: args.num_prompts]
     return prompts, styles, names, options, family
+
+
+def is_full_finetune(args):
+    """Whether --lora is a --finetune full run's --output_dir (a unet/ or transformer/ model folder with its
+    config.json, no LoRA file) rather than a LoRA (pytorch_lora_weights.safetensors there, or a hub id); a folder with
+    neither is refused."""
+    if args.lora is None or not os.path.isdir(args.lora) or os.path.isfile(os.path.join(args.lora, LORA_FILE)):
+        return False
+    if any(os.path.isfile(os.path.join(args.lora, name, "config.json")) for name in DENOISER_FOLDERS):
+        return True
+    raise UsageError(f"--lora {args.lora}: no {LORA_FILE} in it (a LoRA run's --output_dir holds one) nor a "
+                     f"{' or '.join(f'{name}/' for name in DENOISER_FOLDERS)} model folder with its config.json (a "
+                     f"--finetune full run's --output_dir holds one)")
+
+
+def check_run_denoiser(args, model_index, family):
+    """A --finetune full run in --lora: its denoiser folder is the one the model's pipeline has (unet/ for SD1.5 and
+    SDXL, transformer/ for SD3 and FLUX), of the same class and configuration (full fine-tuning changes the weights
+    only), with the weights file save_pretrained writes (no --variant: saved in fp32), before any model loads."""
+    import importlib
+    name, pipeline = FAMILY_PIPELINES[family]["denoiser"], FAMILY_PIPELINES[family]["pipeline"]
+    model = f"the {pipeline} --pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
+    if not os.path.isfile(os.path.join(args.lora, name, "config.json")):
+        held = next(n for n in DENOISER_FOLDERS if os.path.isfile(os.path.join(args.lora, n, "config.json")))
+        raise UsageError(f"--lora {args.lora} holds a full fine-tuned {held}/, but the denoiser of {model} is its "
+                         f"{name}/; give the run's base model")
+    library, class_name = model_index[name]
+    cls = getattr(importlib.import_module(library), class_name)
+    base = load_config_or_fail(cls, args.pretrained_model_name_or_path, "model", "--pretrained_model_name_or_path",
+                               subfolder=name, revision=args.revision)
+    tuned = load_config_or_fail(cls, args.lora, "the run's denoiser", "--lora", subfolder=name)
+    differ = [k for k in sorted(set(base) & set(tuned)) if not k.startswith("_") and base[k] != tuned[k]]
+    if tuned.get("_class_name") != class_name:
+        raise UsageError(f"--lora {args.lora}: its {name}/ is a {tuned.get('_class_name')}, the denoiser of {model} a "
+                         f"{class_name}; give the run's base model")
+    if differ:
+        described = ", ".join(f"{k} {tuned[k]} (model: {base[k]})" for k in differ[:3])
+        raise UsageError(f"--lora {args.lora}: its {name}/ is configured otherwise than the denoiser of {model}: "
+                         f"{described}{', ...' if len(differ) > 3 else ''}; give the run's base model")
+    check_weights(args.lora, name, "diffusers", None, "--lora")
+
+
+def load_run_denoiser(pipe, args, device, dtype):
+    """A --finetune full run in --lora: the pipeline's denoiser replaced by the run's trained one, loaded with the class
+    of the pipeline's own (family-agnostic) in the pipeline's dtype; the base one is dropped before the trained one
+    moves to the device, so that one copy is there at a time."""
+    name = FAMILY_PIPELINES[args.family]["denoiser"]
+    denoiser = type(getattr(pipe, name)).from_pretrained(args.lora, subfolder=name, dtype=dtype)
+    setattr(pipe, name, denoiser)
+    denoiser.to(device)
 
 
 def check_pipeline_files(args, model_index, family):
@@ -715,7 +789,8 @@ def generation_settings(args, prompts, family):
                 resolution=args.resolution, num_inference_steps=args.num_inference_steps,
                 guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
                 sampler=args.sampler, eta=args.eta, true_cfg_scale=args.true_cfg_scale,
-                mixed_precision=args.mixed_precision, family=family)
+                mixed_precision=args.mixed_precision, family=family,
+                **({"finetune": "full"} if args.full_finetune else {}))
 
 
 def step_kwargs(args):
@@ -809,7 +884,8 @@ def summarize(scores, prompts, styles, names, variants, settings):
 def markdown_table(result, args):
     """Table 1's layout: a row per model (base, tuned), a column per reward at the paper's scale; then per style."""
     names, variants = result["rewards"], list(result["mean"])
-    label = dict(base="base", tuned=f"tuned (LoRA scale {args.lora_scale:g})")
+    label = dict(base="base", tuned="tuned (full fine-tune)" if args.full_finetune else
+                 f"tuned (LoRA scale {args.lora_scale:g})")
 
     def value(name, raw):
         return f"{raw * column(name)[1]:.4g}"
@@ -876,9 +952,12 @@ def main(args):
         pipe = load_pipeline(args, family, device, dtype)
         progress = tqdm(total=missing, desc="images", disable=not state.is_main_process)
         generate_missing(pipe, args, prompts, mine, "base", progress)
-        if args.lora is not None:
+        if args.full_finetune:
+            load_run_denoiser(pipe, args, device, dtype)
+        elif args.lora is not None:
             pipe.load_lora_weights(args.lora, adapter_name="tuned")
             pipe.set_adapters(["tuned"], adapter_weights=[args.lora_scale])
+        if args.lora is not None:
             generate_missing(pipe, args, prompts, mine, "tuned", progress)
         progress.close()
         del pipe

@@ -367,3 +367,105 @@ def test_a_flux_runs_guidance_maps_to_the_pipelines(tmp_path):
     args.family = "flux"
     line = evaluate.describe_settings(args)
     assert "embedded guidance 2.5, true CFG 4" in line and "the run's eta 0.7 is not applied" in line
+
+
+# --- a --finetune full run: its trained denoiser folder in place of the base model's ------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_runs(tmp_path_factory):
+    """drtune.py --finetune full, 1 step on the tiny SD1.5 (DDIM at eta 0.5, 3 steps, CFG 2.5, a grid LoRA scale of 0.5
+    that a full run does not use) and SD3.5 pipelines: output folders with unet/ or transformer/ and no LoRA file."""
+    from conftest import tiny_argv
+    runs = {}
+    for name, model, flags in (
+            ("sd15", TINY_SD, dict(sampler="ddim", eta=0.5, guidance_scale=2.5, validation_lora_scale=0.5)),
+            ("sd35", TINY_SD35, dict(max_sequence_length=16, guidance_scale=None))):
+        run = tmp_path_factory.mktemp(f"full-{name}") / "run"
+        drtune.main(drtune.parse_args(tiny_argv(model, str(run), finetune="full", num_inference_steps=3,
+                                                num_trained_steps=1, early_stop_max=1, max_train_steps=1, **flags)))
+        assert not (run / "pytorch_lora_weights.safetensors").exists()
+        runs[name] = run
+    return runs
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd35"])
+def test_a_full_finetune_run_is_scored_with_its_trained_denoiser(name, full_runs, tmp_path, capsys):
+    """evaluate.py --run RUN (the same flag as --lora) on a --finetune full run: the run's settings, as for a LoRA run
+    (its grid LoRA scale left out: no adapter), the line says the full fine-tuned denoiser was loaded; the base images
+    are the base model's and the tuned ones, pixel for pixel, those of the pipeline built by hand with the run's
+    denoiser folder (the model card's way) at the same scheduler, steps, guidance and seeds."""
+    from diffusers import (DDIMScheduler, DiffusionPipeline, SD3Transformer2DModel, StableDiffusionPipeline,
+                           UNet2DConditionModel)
+    run, out, model = full_runs[name], tmp_path / "eval", dict(sd15=TINY_SD, sd35=TINY_SD35)[name]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    capsys.readouterr()
+    assert evaluate.cli(["--run", str(run), "--prompts", str(prompts), "--rewards", "symmetry", "--batch_size", "1",
+                         "--output_dir", str(out)]) == 0
+    printed = capsys.readouterr().out
+    line = next(l for l in printed.splitlines() if l.startswith("evaluate.py: sampling with "))
+    denoiser = dict(sd15="unet", sd35="transformer")[name]
+    if name == "sd15":
+        assert line == (f"evaluate.py: sampling with model {TINY_SD}, sampler ddim, eta 0.5, 3 steps, CFG 2.5, 32 px "
+                        f"(from {run / 'config.json'}: --pretrained_model_name, --sampler, --eta, "
+                        f"--num_inference_steps, --guidance_scale, --resolution); tuned: the full fine-tuned denoiser "
+                        f"{run / 'unet'} in place of the model's")
+    assert line.endswith(f"; tuned: the full fine-tuned denoiser {run / denoiser} in place of the model's"), line
+    assert "LoRA" not in line and "| tuned (full fine-tune) |" in printed
+    with open(out / "images" / "settings.json") as f:
+        settings = json.load(f)
+    assert settings["finetune"] == "full" and settings["lora_scale"] == 1.0 and settings["num_inference_steps"] == 3
+    kwargs = dict(num_inference_steps=3, guidance_scale=settings["guidance_scale"], height=32, width=32)
+    if name == "sd15":
+        assert settings["sampler"] == "ddim" and settings["guidance_scale"] == 2.5
+        trained = UNet2DConditionModel.from_pretrained(str(run), subfolder="unet")
+        pipe = StableDiffusionPipeline.from_pretrained(TINY_SD, unet=trained)
+        pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, timestep_spacing="leading")
+        kwargs.update(eta=0.5)
+    else:
+        assert settings["max_sequence_length"] == 16
+        trained = SD3Transformer2DModel.from_pretrained(str(run), subfolder="transformer")
+        pipe = DiffusionPipeline.from_pretrained(model, transformer=trained)
+        kwargs.update(max_sequence_length=16)
+    pipe.set_progress_bar_config(disable=True)
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        image = pipe([prompt], generator=[torch.Generator().manual_seed(evaluate.image_seed(0, i))],
+                     **kwargs).images[0]
+        tuned, base = (pixels(evaluate.image_path(str(out), v, i)) for v in ("tuned", "base"))
+        assert np.array_equal(np.array(image), tuned), np.abs(np.array(image).astype(int) - tuned).max()
+        assert not np.array_equal(tuned, base)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("lora_scale", "--lora_scale 0.5: --lora RUN is a --finetune full run (a trained denoiser, no LoRA adapter to "
+                   "scale); leave out --lora_scale"),
+    ("neither", "--lora RUN: no pytorch_lora_weights.safetensors in it (a LoRA run's --output_dir holds one) nor a "
+                "unet/ or transformer/ model folder with its config.json"),
+    ("no_weights", "--lora RUN: unet has no weights file"),
+    ("other_family", "--lora RUN holds a full fine-tuned unet/, but the denoiser of the StableDiffusion3Pipeline "
+                     f"--pretrained_model_name_or_path {TINY_SD35} is its transformer/"),
+    ("other_config", "--lora RUN: its unet/ is configured otherwise than the denoiser of the "
+                     "StableDiffusionXLPipeline"),
+])
+def test_a_full_runs_bad_input_is_one_line_before_any_model(case, message, full_runs, tmp_path, capsys, monkeypatch):
+    """--lora_scale on a full run (no adapter), a folder with neither a LoRA file nor a model folder (a unet/ without
+    its config.json), a unet/ without weights, a base model of another family or configuration: one line."""
+    import shutil
+    monkeypatch.setattr(evaluate, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    run, argv = tmp_path / "run", ["--prompts", str(tmp_path / "p.txt"), "--output_dir", str(tmp_path / "out")]
+    shutil.copytree(full_runs["sd15"], run)
+    if case == "lora_scale":
+        argv += ["--lora_scale", "0.5"]
+    elif case == "neither":
+        os.remove(run / "unet" / "config.json")
+    elif case == "no_weights":
+        os.remove(run / "unet" / "diffusion_pytorch_model.safetensors")
+    else:
+        argv += ["--pretrained_model_name_or_path", TINY_SD35 if case == "other_family" else TINY_SDXL, "--sampler",
+                 "pipeline"]
+    code = evaluate.cli(["--lora", str(run), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("evaluate.py: error: ")
+    assert message.replace("RUN", str(run)) in err, err
