@@ -1,8 +1,9 @@
 """Memory on a real GPU, planned on a CPU: what each script needs per GPU for SD1.5, SDXL, SD3.5-Medium and FLUX.1-dev,
-with LoRA and with full fine-tuning (`--finetune full`) over N = 8 processes as the scripts implement it, and whether
-it fits 24, 40 or 80 GB; beside it, what FSDP2's own per-call resharding would need (not built).
+with LoRA and with full fine-tuning (`--finetune full`, FSDP2 with per-call resharding) over N = 8 processes, and
+whether it fits 24, 40 or 80 GB; full fine-tuning's model states on one process beside it.
 
-Method (fixed before the numbers were seen):
+Method (fixed before the numbers were seen; full fine-tuning's FSDP2 root unit and gradients in flight were added
+when the scripts moved to per-call resharding):
 - Parameters: counted on the published architectures, built on torch's "meta" device (shapes only, nothing allocated
   or downloaded): the configs of benchmarks/full_size.py (SD1.5 UNet, SDXL UNet, the SD VAE, CLIP-L, OpenCLIP-bigG) and
   benchmarks/flow_full_size.py (SD3.5-Medium's MMDiT-X transformer, the 16-channel VAE), FLUX.1-dev's transformer at
@@ -22,23 +23,32 @@ Method (fixed before the numbers were seen):
   (denoiser, VAE, text encoders, reward); LoRA: fp32 adapter weights, gradients and Adam's two moments, 16 bytes per
   LoRA parameter, at the rank of the script's preset for the family (else its --rank default) (with LoRA the
   reference of DPO, SPO and GRPO is the adapter-off model: nothing more). Text encoders and reward are replicated.
-- Full fine-tuning as implemented (drtune.py's train_full, shard_denoiser, shard_grads, keep_base_copy; README's
-  "Full fine-tuning"), N = 8 processes: `fully_shard` on every block and the root, but with reshard_after_forward and
-  reshard_after_backward off and gradient sync off: the blocks are gathered once after each update and kept, so every
-  process holds the whole denoiser in fp32 (4 bytes per parameter) and its whole fp32 gradients (4), which are
-  averaged over processes in 256 MB buckets and sliced to this process's shard after the backward; sharded 1/N: the
-  fp32 master weights and AdamW's two moments (12 / N bytes; on one process the weights are the master weights: 8).
-  The forwards run under autocast from fp32 weights: autocast caches one bf16 cast of every weight for the autocast
-  region (and the graph, or a recomputed call's graph under checkpointing, holds them until the backward): 2 bytes
-  per parameter more, whole (checked on CPU: the cast weight saved by two calls is one tensor). DPO, SPO and GRPO with
-  --beta > 0 (GRPO's preset for the family, else its default 0) keep an unsharded frozen copy of the base denoiser in
-  the weight dtype (bf16 here: 2 bytes per parameter, whole). So per process about 10 + 12 / N bytes per parameter
-  (+ 2 with a reference) before activations. Checkpoints and the final folder are gathered on the main process in CPU
-  memory (16 bytes per parameter of host RAM while it writes; not GPU memory, not in the table).
-- Per-call resharding (FSDP2's own layout; not built, because the scripts' processes make different numbers of
-  denoiser calls): fp32 master weights, gradients and Adam's moments sharded 1/N (16 / N bytes per parameter), two
-  gathered bf16 units (the one computing and the one prefetched; a unit is a block of down/up/transformer blocks) and
-  a frozen bf16 reference sharded 1/N.
+- Full fine-tuning (`--finetune full`; drtune.py's train_full, shard_denoiser, shard_blocks, keep_base_copy; README's
+  "Full fine-tuning") over N = 8 processes: FSDP2's per-call resharding. shard_blocks calls `fully_shard` on every
+  block (each block of a ModuleList child whose name ends in "blocks", and the mid block) and then on the root, which
+  holds every other weight (embedders, norms, the output projection), with the default reshard_after_forward and
+  `MixedPrecisionPolicy(param_dtype=` the --mixed_precision dtype (bf16 here)`, reduce_dtype=float32)`. Sharded 1/N:
+  the fp32 master weights, their fp32 gradient shards and AdamW's two moments (16 / N bytes per parameter). Gathered:
+  a block's weights are all-gathered in bf16 just before each of its calls (forward, and again in the backward or a
+  checkpointed call's recomputation) and freed after it, with the next block's all-gather in flight, so two blocks,
+  the largest (the one computing and the one prefetched), 2 bytes per parameter each; the root's unit stays gathered
+  from its forward to the end of its backward (FSDP2 does not reshard a root after its forward): 2 bytes per root
+  parameter. Gradients in flight during a backward: the computing block's unsharded bf16 gradients (2 bytes per
+  parameter of the largest block), the previous block's fp32 reduce-scatter input (4), held until its reduce-scatter
+  is done, and the root's unsharded bf16 gradients (2 per root parameter), which accumulate to the end of the
+  backward. No autocast cache (the gathered weights are already bf16) and no whole fp32 weights or gradients. DPO,
+  SPO and GRPO with --beta > 0 (GRPO's preset for the family, else its default 0) keep a frozen copy of the base
+  denoiser in the weight dtype (keep_base_copy), sharded the same way: 2 / N bytes per parameter, plus its root's
+  unit, which stays gathered after its no-grad calls (no backward reshards it); its blocks are gathered only during
+  its own calls, not counted beside the trained model's. Every process makes the same denoiser calls and draws the
+  evaluation grids (no-grad: not counted). One process (N = 1) shards nothing: fp32 weights (the master weights, 4
+  bytes per parameter), fp32 gradients (4) and AdamW's moments (8), 16 in all; its forwards run under autocast from
+  fp32 weights, and autocast caches one bf16 cast of every weight for the autocast region (the graph, or a recomputed
+  call's graph under checkpointing, holds them until the backward): 2 bytes per parameter more (checked on CPU: the
+  cast weight saved by two calls is one tensor); the reference copy is whole (2). Checkpoints and the final folder are
+  gathered on the main process in CPU memory (16 bytes per parameter of host RAM while it writes; not GPU memory, not
+  in the step table). The earlier implementation (whole fp32 weights and gradients on every process, only the master
+  weights and AdamW's moments sharded) was replaced by this one and is no longer planned.
 - Trained denoiser calls whose graph an update holds: DRTune K (its preset's num_trained_steps), ReFL 1, DRaFT its
   preset's K, AlignProp every step (the truncation can reach T), DPO 2 (winner and loser), SPO 1 (both candidates'
   log-densities come from one call), GRPO 1 (each transition's loss is backpropagated on its own); CFG doubles the batch
@@ -86,7 +96,7 @@ FAMILIES = {
 }
 SCRIPTS = ["drtune", "refl", "draft", "alignprop", "dpo", "spo", "grpo"]
 BACKPROP = {"drtune", "refl", "draft", "alignprop"}
-REFERENCE = {"dpo", "spo", "grpo"}  # a frozen reference (full fine-tuning: a whole bf16 copy; grpo with beta > 0)
+REFERENCE = {"dpo", "spo", "grpo"}  # a frozen reference (full fine-tuning: a bf16 copy, sharded; grpo with beta > 0)
 GPUS = (24, 40, 80)
 FSDP_WORLD = 8
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -145,12 +155,16 @@ def lora_params(model, rank):
                if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS))
 
 
-def largest_unit(model):
-    """Parameters of the largest unit FSDP2 shards separately: each block of a ModuleList child, else the child."""
-    units = []
-    for child in model.children():
-        units += [count(m) for m in child] if isinstance(child, torch.nn.ModuleList) else [count(child)]
-    return max(units)
+def fsdp_units(model):
+    """(parameters of the largest block, of the root) among the units drtune.py's shard_blocks gives fully_shard: each
+    block of a ModuleList child whose name ends in "blocks", the mid block, and the root, which holds the rest."""
+    blocks = []
+    for name, child in model.named_children():
+        if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks"):
+            blocks += [count(block) for block in child]
+        elif name == "mid_block":
+            blocks.append(count(child))
+    return max(blocks), count(model) - sum(blocks)
 
 
 class FusedAttention(torch.autograd.Function):
@@ -244,8 +258,9 @@ def measure_family(family):
                           dtype=torch.bfloat16, requires_grad=True)
     decode = saved_bytes(vae, lambda: vae.decode(latents).sample)
     input_bytes = sum(v.numel() * v.element_size() for v in kwargs.values() if isinstance(v, torch.Tensor))
+    unit, root = fsdp_units(denoiser)
     return dict(title=spec["title"], resolution=resolution, denoiser=count(denoiser), vae=count(vae),
-                text=text_encoder_params(family), unit=largest_unit(denoiser), act=acts, decode=decode,
+                text=text_encoder_params(family), unit=unit, root=root, act=acts, decode=decode,
                 call_input=input_bytes, lora_per_rank=lora_params(denoiser, 1))
 
 
@@ -268,12 +283,14 @@ def script_settings(script, family):
     return value("rank"), int(calls), reference
 
 
-def plan(m, script, family, finetune, checkpointing, rank, calls, reference=None, world=FSDP_WORLD, layout="built"):
-    """Bytes per GPU of one training step, by part. finetune "lora", or "full" over `world` processes: layout "built"
-    (what the scripts do: whole fp32 weights, their autocast bf16 casts and whole fp32 gradients on every process, the
-    master shard and AdamW state 1/world, an unsharded bf16 reference) or "resharded" (FSDP2's per-call resharding,
-    not built: 16 bytes per parameter / world, two gathered bf16 units, a bf16 reference sharded 1/world).
-    `reference`: whether full fine-tuning keeps the reference copy (default: the script has a reference model)."""
+def plan(m, script, family, finetune, checkpointing, rank, calls, reference=None, world=FSDP_WORLD):
+    """Bytes per GPU of one training step, by part. finetune "lora", or "full" over `world` processes: FSDP2's per-call
+    resharding (shard_denoiser: 16 bytes per parameter / world; gathered in bf16: the root's unit and two of the largest
+    block; gradients in flight: a block's unsharded bf16 gradients and fp32 reduce-scatter input, the root's unsharded
+    bf16 gradients; a bf16 reference sharded 1/world, its root's unit gathered), or on one process (world 1) nothing
+    sharded: fp32 weights, gradients and AdamW's moments (16 bytes per parameter), autocast's bf16 casts of the weights
+    (2), a whole bf16 reference (2). `reference`: whether full fine-tuning keeps the reference copy (default: the
+    script has a reference model)."""
     P, bf16 = m["denoiser"], 2
     reward = 0 if script == "dpo" else HPS_V21_PARAMS * bf16
     frozen = (m["vae"] + m["text"]) * bf16 + reward
@@ -288,14 +305,18 @@ def plan(m, script, family, finetune, checkpointing, rank, calls, reference=None
     if finetune == "lora":
         lora = m["lora_per_rank"] * rank
         parts = dict(denoiser=P * bf16, autocast=0, gradients=0, trainable=lora * 16, reference=0)
-    elif layout == "built":
-        # whole on every process: the gathered fp32 weights, autocast's bf16 casts of them, the fp32 gradients;
-        # sharded: the fp32 master weights (on one process they are the weights themselves) and AdamW's m and v
-        parts = dict(denoiser=P * 4, autocast=P * bf16, gradients=P * 4,
-                     trainable=P * (12 / world if world > 1 else 8), reference=P * bf16 if reference else 0)
+    elif world == 1:
+        # nothing sharded: the fp32 weights are the master weights; whole fp32 gradients; AdamW's m and v; autocast's
+        # bf16 cast of every weight, held by the graph until the backward; a whole bf16 reference copy
+        parts = dict(denoiser=P * 4, autocast=P * bf16, gradients=P * 4, trainable=P * 8,
+                     reference=P * bf16 if reference else 0)
     else:
-        parts = dict(denoiser=2 * m["unit"] * bf16, autocast=0, gradients=0, trainable=P * 16 / world,
-                     reference=P * bf16 / world if reference else 0)
+        # sharded 1/world: fp32 master weights, their gradient shards, AdamW's m and v; gathered in bf16: the root's
+        # unit and two blocks (computing, prefetched); in flight: a block's bf16 gradients, the previous block's fp32
+        # reduce-scatter input, the root's bf16 gradients; the reference's shard and its gathered root
+        block, root = m["unit"], m["root"]
+        parts = dict(denoiser=(root + 2 * block) * bf16, autocast=0, gradients=(block + root) * bf16 + block * 4,
+                     trainable=P * 16 / world, reference=(P / world + root) * bf16 if reference else 0)
     parts.update(frozen=frozen, activations=activations)
     return parts
 
@@ -304,63 +325,100 @@ def fits(total):
     return " ".join(("yes" if total <= gb * 1e9 else "no") for gb in GPUS)
 
 
+def smallest_fit(totals):
+    """The smallest of GPUS (GB) every total fits, else None."""
+    return next((gb for gb in GPUS if max(totals) <= gb * 1e9), None)
+
+
+def conclusions(full_parts):
+    """One line per family from {title: {checkpointing: {script: plan's parts}}} of full fine-tuning."""
+    lines = []
+    for title, by_checkpointing in full_parts.items():
+        said = []
+        for checkpointing in (True, False):
+            totals = {script: sum(parts.values()) for script, parts in by_checkpointing[checkpointing].items()}
+            gb, count_fit = smallest_fit(totals.values()), sum(t <= GPUS[-1] * 1e9 for t in totals.values())
+            fit = (f"every script fits {gb} GB" if gb else f"{count_fit} of {len(totals)} scripts fit {GPUS[-1]} GB"
+                   if count_fit else f"none fits {GPUS[-1]} GB")
+            said.append(f"{'with' if checkpointing else 'without'} checkpointing {min(totals.values()) / GIB:.1f}-"
+                        f"{max(totals.values()) / GIB:.1f} GiB ({fit})")
+        script = max(by_checkpointing[True], key=lambda k: sum(by_checkpointing[True][k].values()))
+        parts = by_checkpointing[True][script]
+        states = sum(parts[k] for k in ("denoiser", "autocast", "gradients", "trainable", "reference"))
+        said.append(f"the largest with checkpointing ({script}) is {parts['activations'] / GIB:.1f} GiB of "
+                    f"activations, {states / GIB:.1f} of the denoiser's states and {parts['frozen'] / GIB:.1f} of "
+                    f"frozen encoders and reward")
+        lines.append(f"- {title}: " + "; ".join(said) + ".")
+    return lines
+
+
 def main(args):
     start = time.time()
     measured = {family: measure_family(family) for family in args.families}
-    rows, param_rows, state_rows = [], [], []
+    rows, param_rows, state_rows, full_parts = [], [], [], {}
+    gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
     for family, m in measured.items():
         P = m["denoiser"]
-        state_rows.append([m["title"], f"{P * 8 / 1e9:.1f}", f"{P * 2 / 1e9:.1f}", f"{P * 12 / FSDP_WORLD / 1e9:.1f}",
-                           f"{P * 2 / 1e9:.1f}", f"{(P * 10 + P * 12 / FSDP_WORLD) / 1e9:.1f}",
-                           f"{P * 16 / FSDP_WORLD / 1e9:.1f}", f"{P * 16 / 1e9:.0f}"])
+        one = plan(m, "dpo", family, "full", True, 0, 1, reference=True, world=1)
+        sharded = plan(m, "dpo", family, "full", True, 0, 1, reference=True)
+        state_rows.append([m["title"], gb(one["denoiser"] + one["gradients"] + one["trainable"]), gb(one["autocast"]),
+                           gb(one["reference"]), gb(sharded["trainable"]), gb(sharded["denoiser"]),
+                           gb(sharded["gradients"]), gb(sharded["reference"]),
+                           gb(sharded["trainable"] + sharded["denoiser"] + sharded["gradients"]),
+                           f"{P * 16 / 1e9:.0f}"])
         param_rows.append([m["title"], f"{m['denoiser'] / 1e9:.3f} B", f"{m['vae'] / 1e6:.1f} M",
-                           f"{m['text'] / 1e9:.3f} B", f"{m['unit'] / 1e6:.0f} M", f"{m['resolution']}",
-                           f"{m['act']['lora'] / GIB:.2f}", f"{m['act']['full'] / GIB:.2f}", f"{m['decode'] / GIB:.2f}"])
+                           f"{m['text'] / 1e9:.3f} B", f"{m['unit'] / 1e6:.0f} M", f"{m['root'] / 1e6:.0f} M",
+                           f"{m['resolution']}", f"{m['act']['lora'] / GIB:.2f}", f"{m['act']['full'] / GIB:.2f}",
+                           f"{m['decode'] / GIB:.2f}"])
+        full_parts[m["title"]] = {True: {}, False: {}}
         for script in SCRIPTS:
             rank, calls, reference = script_settings(script, family)
             for finetune in ("lora", "full"):
-                totals = [sum(plan(m, script, family, finetune, checkpointing, rank, calls, reference).values())
-                          for checkpointing in (False, True)]
-                row = [m["title"], script, f"LoRA r{rank}" if finetune == "lora" else
-                       f"full, N = {FSDP_WORLD} processes, as implemented" + (", + reference" if reference else ""),
-                       str(calls), f"{totals[0] / GIB:.1f}", fits(totals[0]), f"{totals[1] / GIB:.1f}", fits(totals[1])]
+                parts = [plan(m, script, family, finetune, checkpointing, rank, calls, reference)
+                         for checkpointing in (False, True)]
+                totals = [sum(p.values()) for p in parts]
                 if finetune == "full":
-                    resharded = sum(plan(m, script, family, "full", True, rank, calls, reference,
-                                         layout="resharded").values())
-                    row += [f"{resharded / GIB:.1f}", fits(resharded)]
-                else:
-                    row += ["-", "-"]
-                rows.append(row)
+                    full_parts[m["title"]][False][script], full_parts[m["title"]][True][script] = parts
+                rows.append([m["title"], script, f"LoRA r{rank}" if finetune == "lora" else
+                             f"full, FSDP2, N = {FSDP_WORLD} processes" + (", + reference" if reference else ""),
+                             str(calls), f"{totals[0] / GIB:.1f}", fits(totals[0]), f"{totals[1] / GIB:.1f}",
+                             fits(totals[1])])
     body = ["## Memory per GPU on real models, planned", "",
             *common.header_lines(args, time.time() - start, "wall-clock (meta-device counting, nothing allocated)"),
             "", "Method and assumptions: `benchmarks/memory_plan.py`'s docstring. Batch 1 per GPU, bf16 frozen "
             "weights, the family's native resolution; activations counted on the published architectures (meta "
             "device, fused attention), not measured on a GPU.", "",
-            "Published architectures (parameters counted from the configs; activations saved by one call at batch 1, "
-            "GiB; a CFG call is twice that):", "",
-            common.markdown_table(["model", "denoiser", "VAE", "text encoders", "largest FSDP unit", "px",
-                                   "act LoRA", "act full", "VAE decode act"], param_rows), "",
-            f"Full fine-tuning's model states per process, N = {FSDP_WORLD} processes (GB, 1e9 bytes; before "
-            f"activations, frozen encoders and reward). As implemented (`--finetune full`, drtune.py's "
-            f"shard_denoiser): the gathered fp32 weights and their fp32 gradients stay whole on every process "
-            f"(8 bytes per parameter), autocast keeps a bf16 cast of every weight during a step (2), the fp32 master "
-            f"shard and AdamW's moments are 1/{FSDP_WORLD} (12 / {FSDP_WORLD}), and DPO, SPO and GRPO with --beta > 0 "
-            f"add an unsharded bf16 reference copy (2). Per-call resharding (FSDP2's own layout, 16 / {FSDP_WORLD} "
-            f"plus two gathered bf16 units) is not what the scripts do: it needs every process to make the same "
-            f"denoiser calls. Checkpoints gather the weights and AdamW state on the main process's CPU (16 bytes per "
-            f"parameter of host RAM, last column), not on a GPU.", "",
-            common.markdown_table(["model", "weights + gradients, fp32, whole", "autocast bf16 casts, whole",
-                                   f"master + AdamW, 1/{FSDP_WORLD}", "reference bf16, whole (DPO, SPO, GRPO beta > 0)",
-                                   "total as implemented, no reference", f"resharded per call (not built): 16 / "
-                                   f"{FSDP_WORLD}", "checkpoint host RAM, main process"], state_rows), "",
+            "Published architectures (parameters counted from the configs; FSDP2's units as drtune.py's shard_blocks "
+            "makes them: the largest block and the root, which holds every weight outside the blocks; activations "
+            "saved by one call at batch 1, GiB; a CFG call is twice that):", "",
+            common.markdown_table(["model", "denoiser", "VAE", "text encoders", "largest FSDP block",
+                                   "FSDP root unit", "px", "act LoRA", "act full", "VAE decode act"], param_rows), "",
+            f"Full fine-tuning's model states per process (GB, 1e9 bytes; before activations, frozen encoders and "
+            f"reward). One process shards nothing: fp32 weights, gradients and AdamW's two moments (16 bytes per "
+            f"parameter), autocast's bf16 cast of every weight during a step (2), and DPO, SPO and GRPO with --beta > "
+            f"0 a whole bf16 reference copy (2). Over N = {FSDP_WORLD} processes (`--finetune full`, drtune.py's "
+            f"shard_denoiser: FSDP2 with per-call resharding): fp32 master weights, their gradient shards and AdamW's "
+            f"moments 1/{FSDP_WORLD} (16 / {FSDP_WORLD}); gathered in bf16 the root's unit and two of the largest "
+            f"block (computing and prefetched); in flight during a backward a block's unsharded bf16 gradients, the "
+            f"previous block's fp32 reduce-scatter input and the root's bf16 gradients; the reference's bf16 shard "
+            f"(2 / {FSDP_WORLD}) and its gathered root. Checkpoints gather the weights and AdamW state on the main "
+            f"process's CPU (16 bytes per parameter of host RAM, last column), not on a GPU.", "",
+            common.markdown_table(["model", "1 process: weights + gradients + AdamW, fp32", "1 process: autocast "
+                                   "bf16 casts", "1 process: reference bf16 (DPO, SPO, GRPO beta > 0)",
+                                   f"N = {FSDP_WORLD}: weights + gradients + AdamW, 16 / {FSDP_WORLD}",
+                                   f"N = {FSDP_WORLD}: gathered bf16, root + 2 blocks",
+                                   f"N = {FSDP_WORLD}: gradients in flight",
+                                   f"N = {FSDP_WORLD}: reference, 2 / {FSDP_WORLD} + its root",
+                                   f"N = {FSDP_WORLD}: total, no reference", "checkpoint host RAM, main process"],
+                                  state_rows), "",
             f"Per GPU, one training step (GiB; fits 24 / 40 / 80 GB: yes or no each). Trained calls: the denoiser "
-            f"calls whose graph one update holds. The full rows are the scripts' `--finetune full` as implemented over "
-            f"N = {FSDP_WORLD} processes ('+ reference': the unsharded reference copy is counted; GRPO keeps one only "
-            f"with --beta > 0, which only its SD3.5 preset sets); the last two columns are what FSDP2's per-call "
-            f"resharding would need with checkpointing, for comparison only: the scripts do not do it.", "",
+            f"calls whose graph one update holds. The full rows are the scripts' `--finetune full` over N = "
+            f"{FSDP_WORLD} processes, FSDP2 with per-call resharding ('+ reference': the sharded reference copy is "
+            f"counted; GRPO keeps one only with --beta > 0, which only its SD3.5 preset sets).", "",
             common.markdown_table(["model", "script", "fine-tuning", "trained calls", "GiB, no checkpointing",
-                                   "fits", "GiB, checkpointing", "fits",
-                                   "GiB, checkpointing, if resharded per call (not built)", "fits"], rows), "",
+                                   "fits", "GiB, checkpointing", "fits"], rows), "",
+            f"Full fine-tuning over N = {FSDP_WORLD} processes, per GPU, over the seven scripts (batch 1):", "",
+            *conclusions(full_parts), "",
             "Check against a measurement: TRAPS.md's SD1.5 UNet at 512 px, bf16, LoRA, saved 0.97 GiB per step "
             "(0.14 with checkpointing), SDXL at 1024 px 7.25 GiB (0.45); the VAE decoder 2.8 GiB at 512 px and 11.1 "
             "at 1024 px. The GPU run that measures the denoiser's step is `--measure`: not run here (no GPU).", ""]

@@ -1,49 +1,92 @@
-"""benchmarks/memory_plan.py: the plan's numbers follow from its formulas, the saved-tensor count is what autograd
-saves, the published SD1.5 architecture has its published size and the activation TRAPS.md measured, and --measure
-refuses a CPU in one line."""
+"""benchmarks/memory_plan.py: the plan's numbers follow from its formulas (full fine-tuning: FSDP2's per-call
+resharding over several processes, nothing sharded on one), its FSDP units are the ones drtune.py's shard_blocks
+makes, the saved-tensor count is what autograd saves, the published SD1.5 architecture has its published size and
+the activation TRAPS.md measured, and --measure refuses a CPU in one line."""
 import pytest
 import torch
 
 from benchmarks import memory_plan
 
 GIB = 2 ** 30
-M = dict(denoiser=1_000_000_000, vae=80_000_000, text=120_000_000, unit=50_000_000, act=dict(lora=2 * GIB, full=3 * GIB),
-         decode=5 * GIB, call_input=1_000_000, lora_per_rank=1_000_000)
+M = dict(denoiser=1_000_000_000, vae=80_000_000, text=120_000_000, unit=50_000_000, root=10_000_000,
+         act=dict(lora=2 * GIB, full=3 * GIB), decode=5 * GIB, call_input=1_000_000, lora_per_rank=1_000_000)
+STATES = ("denoiser", "autocast", "gradients", "trainable", "reference")
 
 
-def test_full_fine_tuning_as_implemented_shards_only_master_and_adam():
+def states(parts):
+    return sum(parts[k] for k in STATES)
+
+
+def test_full_fine_tuning_shards_everything_per_call():
     P = M["denoiser"]
     full = memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5)
-    # whole on every process: gathered fp32 weights, autocast's bf16 casts of them, fp32 gradients
-    assert full["denoiser"] == P * 4 and full["autocast"] == P * 2 and full["gradients"] == P * 4
-    assert full["trainable"] == P * 12 / 8  # the fp32 master shard and AdamW's m and v, 1/8 each
-    assert full["reference"] == 0
-    # the sharded part shrinks 1/N, the whole part does not
-    for world in (2, 4, 16):
-        other = memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5, world=world)
-        assert other["trainable"] == P * 12 / world
-        assert [other[k] for k in ("denoiser", "autocast", "gradients")] == [P * 4, P * 2, P * 4]
-    one = memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5, world=1)
-    assert one["denoiser"] + one["gradients"] + one["trainable"] == P * 16  # one process: the weights are the master
-    # the reference copy of DPO, SPO and GRPO with --beta > 0: whole, bf16, not sharded
-    assert memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2)["reference"] == P * 2
-    assert memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2, world=16)["reference"] == P * 2
+    assert memory_plan.FSDP_WORLD == 8
+    assert full["trainable"] == P * 16 / 8  # fp32 master weights, their gradient shards, Adam m and v: 1/8 each
+    assert full["autocast"] == 0 and full["reference"] == 0  # the gathered weights are bf16: no autocast cache
+    # gathered in bf16: the root's unit and two of the largest block; far below one whole copy of the weights
+    assert full["denoiser"] == (M["root"] + 2 * M["unit"]) * 2 < P * 2
+    # in flight: a block's bf16 gradients and fp32 reduce-scatter input, the root's bf16 gradients; no whole gradient
+    assert full["gradients"] == M["unit"] * (2 + 4) + M["root"] * 2 < P * 4
+    # the sharded part shrinks 1/N; what is gathered or in flight is per unit and does not
+    ref = [memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2, world=w) for w in (2, 4, 16)]
+    assert ref[0]["trainable"] == 2 * ref[1]["trainable"] == 8 * ref[2]["trainable"]
+    assert ref[0]["denoiser"] == ref[2]["denoiser"] and ref[0]["gradients"] == ref[2]["gradients"]
+    # the reference copy (DPO, SPO, GRPO with --beta > 0): bf16, sharded as well, its root's unit gathered
+    assert ref[0]["reference"] - ref[2]["reference"] == pytest.approx(P * 2 * (1 / 2 - 1 / 16))
+    assert memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2)["reference"] == P * 2 / 8 + M["root"] * 2
     assert memory_plan.plan(M, "grpo", "sd15", "full", False, 4, 1, reference=False)["reference"] == 0
-    assert memory_plan.plan(M, "grpo", "sd35", "full", False, 32, 1, reference=True)["reference"] == P * 2
+    assert memory_plan.plan(M, "grpo", "sd35", "full", False, 32, 1, reference=True)["reference"] > 0
+    # more processes, less memory per process
+    totals = [sum(memory_plan.plan(M, "spo", "sd15", "full", True, 4, 1, world=w).values()) for w in (1, 2, 8, 64)]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4
+
+
+def test_one_process_shards_nothing_and_autocast_caches_bf16_casts():
+    P = M["denoiser"]
+    one = memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2, world=1)
+    # fp32 weights (the master weights), fp32 gradients, AdamW's m and v: 16 bytes per parameter, whole
+    assert one["denoiser"] + one["gradients"] + one["trainable"] == P * 16
+    assert one["autocast"] == P * 2  # the forwards run under autocast from fp32 weights: a bf16 cast of each
+    assert one["reference"] == P * 2  # a whole bf16 reference copy
+    assert memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5, world=1)["reference"] == 0
+    # neither the units nor the shard size matter on one process
+    other = dict(M, unit=1, root=1)
+    assert states(memory_plan.plan(other, "dpo", "sd15", "full", False, 64, 2, world=1)) == states(one) == P * 20
+    # the activations do not depend on how the weights are laid out
+    assert one["activations"] == memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2)["activations"]
+
+
+def test_lora_keeps_frozen_bf16_weights_and_trains_the_adapter():
     lora = memory_plan.plan(M, "drtune", "sd15", "lora", False, 128, 5)
     assert lora["trainable"] == M["lora_per_rank"] * 128 * 16 and lora["denoiser"] == M["denoiser"] * 2
     assert lora["autocast"] == lora["gradients"] == 0
     assert memory_plan.plan(M, "dpo", "sd15", "lora", False, 64, 2)["reference"] == 0  # the adapter-off model
+    # LoRA is not sharded: the number of processes does not change it
+    assert memory_plan.plan(M, "drtune", "sd15", "lora", False, 128, 5, world=2) == lora
 
 
-def test_per_call_resharding_for_comparison_shards_everything():
-    P = M["denoiser"]
-    full = memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5, layout="resharded")
-    assert full["trainable"] == P * 16 / 8  # fp32 weights, gradients, Adam m and v: 16 bytes, 1/8 each
-    assert full["denoiser"] == 2 * M["unit"] * 2 and full["autocast"] == full["gradients"] == 0  # two bf16 units
-    assert memory_plan.plan(M, "grpo", "sd15", "full", False, 32, 1, True, layout="resharded")["reference"] == P * 2 / 8
-    built = sum(memory_plan.plan(M, "dpo", "sd15", "full", True, 64, 2).values())
-    assert sum(memory_plan.plan(M, "dpo", "sd15", "full", True, 64, 2, layout="resharded").values()) < built
+def test_fsdp_units_are_the_ones_shard_blocks_makes(monkeypatch):
+    """fsdp_units against drtune.shard_blocks itself (fully_shard recorded, not run: no process group needed): the
+    largest block it wraps, and the root's own parameters (the root's unit holds what no block holds)."""
+    import torch.distributed.fsdp
+
+    import drtune
+    wrapped = []
+    monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", lambda module, **kwargs: wrapped.append(module))
+
+    model = torch.nn.Module()
+    model.conv_in = torch.nn.Linear(3, 5)
+    model.down_blocks = torch.nn.ModuleList([torch.nn.Linear(5, 5), torch.nn.Linear(5, 9)])
+    model.mid_block = torch.nn.Linear(9, 9)
+    model.up_blocks = torch.nn.ModuleList([torch.nn.Linear(9, 20)])
+    model.layers = torch.nn.ModuleList([torch.nn.Linear(20, 30)])  # not a "blocks" list: the root's
+    model.proj_out = torch.nn.Linear(30, 3)
+    drtune.shard_blocks(model)
+    assert wrapped[-1] is model and len(wrapped) == 5  # four blocks, then the root
+    blocks = [memory_plan.count(m) for m in wrapped[:-1]]
+    unit, root = memory_plan.fsdp_units(model)
+    assert unit == max(blocks) == 9 * 20 + 20
+    assert root == memory_plan.count(model) - sum(blocks) == 3 * 5 + 5 + 20 * 30 + 30 + 30 * 3 + 3
 
 
 def test_reference_copy_follows_the_scripts():
@@ -89,6 +132,8 @@ def test_lora_parameters_are_rank_times_in_plus_out_of_the_targets():
 def test_sd15_has_its_published_size_and_measured_activations():
     m = memory_plan.measure_family("sd15")
     assert 859.4e6 < m["denoiser"] < 859.6e6 and 83.6e6 < m["vae"] < 83.8e6
+    # the largest block is one of the UNet's down, mid or up blocks; the root (conv_in, time embedding, conv_out) small
+    assert 100e6 < m["unit"] < m["denoiser"] / 2 and 0 < m["root"] < 10e6
     assert 0.7 < m["act"]["lora"] / GIB < 1.1 and m["act"]["lora"] < m["act"]["full"]  # TRAPS.md: 0.97 GiB (LoRA)
     assert 2.6 < m["decode"] / GIB < 3.0  # TRAPS.md: 2.8 GiB at 512 px
 
