@@ -189,12 +189,38 @@ def with_variant(name, variant):
 def check_weights(path, subfolder, library, variant, flag, revision=None):
     """One line unless the model at path/subfolder has the config and the weights its from_pretrained reads (with
     --variant: that variant's files; sharded: every shard its index names), before any model loads. A local folder is
-    read; a hub id only when offline (HF_HUB_OFFLINE), from what the hub cache holds; online, from_pretrained fetches
-    what is missing."""
-    from huggingface_hub import constants, try_to_load_from_cache
+    read; a hub id from what the hub cache holds, and online, where the cache lacks a file, from_pretrained will fetch
+    it: then the hub must answer (check_hub)."""
+    from huggingface_hub import constants
+    if os.path.isdir(path) or constants.HF_HUB_OFFLINE:
+        return check_files(path, subfolder, library, variant, flag, revision)
+    try:
+        check_files(path, subfolder, library, variant, flag, revision)
+    except UsageError:
+        check_hub(path, revision, flag)
+
+
+def check_hub(path, revision, flag):
+    """Online, a hub id whose files the cache lacks: one request for its model info (metadata only, seconds), so that
+    a network that is down, or a repository that does not exist, is one line before any model loads."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    try:
+        HfApi().model_info(path, revision=revision, timeout=20)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise UsageError(f"{flag} {path}: the hub has no such model{f' at --revision {revision}' if revision else ''} "
+                         f"(or it is private: log in with hf auth login); check the id") from e
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a timeout: the download would fail the same way
+        raise UsageError(f"{flag} {path}: the hub cache lacks some of its files and the hub did not answer "
+                         f"({type(e).__name__}); connect to the network, or download it where there is one (hf "
+                         f"download {path}) and set HF_HUB_OFFLINE=1, or give a local diffusers folder with {flag}"
+                         ) from e
+
+
+def check_files(path, subfolder, library, variant, flag, revision=None):
+    """check_weights' reading of a local folder, or of the hub cache for a hub id."""
+    from huggingface_hub import try_to_load_from_cache
     hub = not os.path.isdir(path)
-    if hub and not constants.HF_HUB_OFFLINE:
-        return
     where = f"{subfolder}/" if subfolder else ""
 
     def find(name):  # the file's local path, or None

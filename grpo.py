@@ -1299,7 +1299,7 @@ def add_lora(unet, args):
     """The trainable parameters: a peft LoRA on --lora_target_modules (frozen weights stay in the mixed-precision dtype,
     trainable ones in fp32), or with --finetune full every denoiser weight (train_full)."""
     if args.finetune == "full":
-        return train_full(unet)
+        return train_full(unet, args)
     from peft import LoraConfig
     unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, init_lora_weights="gaussian",
                                 target_modules=args.lora_target_modules.split(",")))
@@ -1315,10 +1315,6 @@ def make_optimizer(params, args, device):
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
                                   fused=device.type in ("cuda", "cpu"))
-    owner = getattr(params[0], "fsdp_owner", None) if params else None
-    if owner is not None:  # a sharded denoiser (shard_denoiser): the gathered weights follow each update of the shards
-        optimizer.register_step_post_hook(lambda *_: owner().fsdp_gathered and (fsdp_release(owner()),
-                                                                                fsdp_gather(owner())))
     return optimizer
 
 
@@ -1706,9 +1702,12 @@ def save_grid(images, path, nrow):
 
 @torch.no_grad()
 def evaluate(models, scheduler, unet, reward_fn, args, step):
-    """Fixed prompts and noise: a grid in samples/ and the mean reward (main process; None without a reward)."""
+    """Fixed prompts and noise: a grid in samples/ (written by the main process) and the mean reward (None without a
+    reward). The main process calls it, or every process when the denoiser is sharded (shard_denoiser)."""
+    from accelerate import PartialState
     images = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-    save_grid(images, os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), nrow=1)
+    if PartialState().is_main_process:
+        save_grid(images, os.path.join(args.output_dir, "samples", f"step-{step:06d}.png"), nrow=1)
     if reward_fn is None:
         return None, images
     return compute_reward(reward_fn, images, args.eval_prompt_list, args).mean().item(), images
@@ -1732,13 +1731,11 @@ def plot_reward_curve(rows, path):
 
 
 def all_reduce_grads(accelerator, params):
-    """Average the LoRA gradients over processes in one flat collective. A sharded denoiser's parameters (the shards,
-    shard_denoiser): average the gathered weights' gradients and keep this process's shard of them."""
-    if accelerator.num_processes == 1:
+    """Average the LoRA gradients over processes in one flat collective. A sharded denoiser (shard_denoiser): nothing
+    to do, FSDP averaged each backward's gradients into the shards."""
+    from torch.distributed.tensor import DTensor
+    if accelerator.num_processes == 1 or (params and isinstance(params[0], DTensor)):
         return
-    owner = getattr(params[0], "fsdp_owner", None) if params else None
-    if owner is not None:
-        return shard_grads(accelerator, owner(), params)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = accelerator.reduce(torch.cat([g.flatten() for g in grads]), reduction="mean")
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
@@ -1949,53 +1946,15 @@ def with_variant(name, variant):
 def check_weights(path, subfolder, library, variant, flag, revision=None):
     """One line unless the model at path/subfolder has the config and the weights its from_pretrained reads (with
     --variant: that variant's files; sharded: every shard its index names), before any model loads. A local folder is
-    read; a hub id only when offline (HF_HUB_OFFLINE), from what the hub cache holds; online, from_pretrained fetches
-    what is missing."""
-    from huggingface_hub import constants, try_to_load_from_cache
-    hub = not os.path.isdir(path)
-    if hub and not constants.HF_HUB_OFFLINE:
-        return
-    where = f"{subfolder}/" if subfolder else ""
-
-    def find(name):  # the file's local path, or None
-        if not hub:
-            local = os.path.join(path, subfolder or "", name)
-            return local if os.path.isfile(local) else None
-        found = try_to_load_from_cache(path, where + name, revision=revision)
-        return found if isinstance(found, str) else None
-
-    fix = (f"download it with network first (hf download {path}), or give a local diffusers folder with {flag}"
-           if hub else f"the folder is incomplete: download the model again, or give a complete diffusers folder "
-                       f"with {flag}")
-    held = "the hub cache (HF_HUB_OFFLINE is set) holds" if hub else "it has"
-    if find("config.json") is None:
-        raise UsageError(f"{flag} {path}: {where}config.json is "
-                         f"{'not in the hub cache (HF_HUB_OFFLINE is set)' if hub else 'missing'}; {fix}")
-    names = [with_variant(name, variant) for name in WEIGHT_FILES[library]]
-    present = [name for name in names if find(name)]
-    if not present:
-        plain = [name for name in WEIGHT_FILES[library] if find(name)]
-        if variant is not None and plain:
-            raise UsageError(f"--variant {variant}: {flag} {path}: {where}{names[0]} is missing (nor "
-                             f"{', '.join(names[1:])}), only {plain[0]}; leave out --variant, or give a folder that "
-                             f"has the {variant} files")
-        raise UsageError(f"{flag} {path}: {subfolder or 'the folder'} has no weights file ({held} none of "
-                         f"{', '.join(names)}); {fix}")
-    # the file it loads: diffusers takes an index before a whole file, transformers the first in WEIGHT_FILES' order
-    chosen = next((n for n in present if n.endswith(".json")), present[0]) if library == "diffusers" else present[0]
-    if chosen.endswith(".json"):  # sharded: every shard the index names
-        try:
-            with open(find(chosen), encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-            if not all(isinstance(shard, str) for shard in shards):
-                raise TypeError("a shard name that is not a string")
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UsageError(f"{flag} {path}: {where}{chosen} is not a shard index (JSON with a weight_map; "
-                             f"{type(e).__name__}); {fix}") from e
-        missing = [shard for shard in shards if not find(shard)]
-        if missing:
-            raise UsageError(f"{flag} {path}: {where}{chosen} names {len(shards)} shards, {len(missing)} missing "
-                             f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {fix}")
+    read; a hub id from what the hub cache holds, and online, where the cache lacks a file, from_pretrained will fetch
+    it: then the hub must answer (check_hub)."""
+    from huggingface_hub import constants
+    if os.path.isdir(path) or constants.HF_HUB_OFFLINE:
+        return check_files(path, subfolder, library, variant, flag, revision)
+    try:
+        check_files(path, subfolder, library, variant, flag, revision)
+    except UsageError:
+        check_hub(path, revision, flag)
 
 
 def check_model_files(args, model_index, family):
@@ -2020,46 +1979,53 @@ _BASE_COPY = weakref.WeakKeyDictionary()  # --finetune full: the trained denoise
 FINETUNE_LABEL = {"lora": "LoRA", "full": "denoiser"}
 
 
-def train_full(unet):
+def train_full(unet, args):
     """--finetune full: every weight of the denoiser trainable, in fp32 (load_models loads it in fp32; forwards run in
     --mixed_precision under autocast, as diffusers' full fine-tuning examples do). One process: the plain module. With
     several, shard_denoiser shards it. Returns the parameters the optimizer holds."""
     unet.requires_grad_(True)
     unet.full_finetune = True  # reference_unet: no adapter to switch off
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return shard_denoiser(unet)
+    if sharding(args):
+        shard_denoiser(unet, args)
     return list(unet.parameters())
 
 
-def shard_denoiser(unet):
+def sharding(args):
+    """True when --finetune full runs over several processes: the denoiser is sharded (FSDP2) and every process must
+    make the same denoiser calls in the same order (shard_denoiser)."""
+    import torch.distributed as dist
+    return args.finetune == "full" and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def shard_denoiser(unet, args):
     """FSDP2 (torch.distributed.fsdp.fully_shard) on each block of the denoiser (every UNet down and up block and the
-    mid block; every transformer block), then on the root. What stays sharded, 1/N per process: the fp32 master weights
-    and AdamW's two moments, the parameters returned here (DTensors), which the optimizer holds. What does not: the
-    weights the forwards use and their gradients. The blocks are gathered once after each update (fsdp_gather: one
-    all-gather per block, every process in the same order) and kept gathered until the next one, and gradients
-    accumulate in full on each process (FSDP's reduce-scatter after each backward is off); all_reduce_grads averages them
-    over processes and keeps this process's shard (shard_grads). So no collective runs inside a forward or backward: the algorithms
-    here make a different number of denoiser calls on each process (DRTune's early stop, AlignProp's truncation, SPO's
-    pairs; all drawn per process) and the main process alone draws the evaluation grids, where FSDP's per-call
-    all-gathers would wait forever for the other processes. The cost: per process the full fp32 weights and
-    gradients during an update (8 bytes per parameter) plus 12 / N bytes of master weights and AdamW state, against
-    16 without sharding: ZeRO stage 1's layout during an update, with the master weights sharded as well, rather than
-    FSDP's per-block gathering."""
-    from torch.distributed.fsdp import fully_shard
-    for name, child in unet.named_children():
-        if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks"):
-            for block in child:
-                fully_shard(block, reshard_after_forward=False)
-        elif name == "mid_block" and child is not None:
-            fully_shard(child, reshard_after_forward=False)
-    fully_shard(unet, reshard_after_forward=False)
-    unet.set_requires_gradient_sync(False, recurse=True)  # gradients stay whole: all_reduce_grads reduces them
-    unet.set_reshard_after_backward(False, recurse=True)
-    params = list(unet.parameters())
-    params[0].fsdp_owner = weakref.ref(unet)  # all_reduce_grads and make_optimizer find the module from here
-    fsdp_gather(unet)
-    return params
+    mid block; every transformer block), then on the root. Each process holds 1/N of every weight (the fp32 master
+    weights, which the optimizer holds as DTensors), of its gradient and of AdamW's two moments: 16 / N bytes per
+    parameter. A block's weights are all-gathered, cast to the --mixed_precision dtype, just before each of its calls
+    (forward, and again for the backward) and freed after it; gradients are reduce-scattered in fp32 and averaged
+    over processes after each backward. So a block's all-gather is a collective inside every denoiser call, and every
+    process makes the same calls in the same order: the algorithms draw what decides the calls (DRTune's early stop,
+    ReFL's stop step, AlignProp's truncation) from shared_generator, the same on every process, pad a process's
+    share of trained rows to the largest with rows whose loss counts 0 (spo.py's pairs, grpo.py's transitions),
+    sample an online DPO round again on every process when one drew no pair, and every process takes part in
+    drawing the evaluation grids (each draws them whole; the main process writes them). Prompts, noise and batch
+    sizes may differ between processes."""
+    shard_blocks(unet, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision))
+
+
+def shard_blocks(module, dtype=None):
+    """fully_shard on each block of a denoiser, innermost first, then on its root (module): every element of a
+    ModuleList named *blocks at any depth (a UNet's down and up blocks and, inside their attentions, each transformer
+    block; an MMDiT's or FLUX's transformer blocks) and the mid block. A unit gathers the weights its inner units do
+    not hold, so SDXL's ten-layer attentions are ten units, not one block of 1.2 B parameters. dtype: the weights'
+    dtype in the calls (MixedPrecisionPolicy's param_dtype; gradients are reduced in fp32), None to keep theirs."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    units = [m for name, m in module.named_modules() if re.search(r"(^|\.)(\w*blocks\.\d+|mid_block)$", name)]
+    for unit in reversed(units):  # named_modules lists a module before the modules inside it
+        fully_shard(unit, mp_policy=policy)
+    fully_shard(module, mp_policy=policy)
+    return module
 
 
 def fsdp_parts(unet):
@@ -2067,60 +2033,19 @@ def fsdp_parts(unet):
     return [m for m in unet.modules() if isinstance(m, FSDPModule)]
 
 
-def fsdp_gather(unet):
-    """The sharded denoiser's weights gathered in full on every process (a collective: every process calls it, the
-    blocks in module order). No-op for a module that is not sharded."""
-    for part in fsdp_parts(unet):
-        part.unshard()
-    unet.fsdp_gathered = True
-
-
-def fsdp_release(unet):
-    """Back to the shards alone (the module's parameters are the DTensors again); local, no collective. An optimizer
-    step meanwhile (set_optimizer_state_dict takes one to create AdamW's state) leaves them so."""
-    for part in fsdp_parts(unet):
-        part.reshard()
-    unet.fsdp_gathered = False
-
-
-def shard_grads(accelerator, unet, shards, bucket=2 ** 26):
-    """The gradients of the gathered weights, averaged over processes, become the gradients of this process's shards
-    (a local slice of the average). Averaged as all_reduce_grads does (a sum over processes, divided by their number),
-    in flat buckets of up to `bucket` elements, each full gradient freed once in its bucket: the peak is the full
-    gradients plus one bucket, not a second copy of them."""
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate
-    groups, size = [[]], 0
-    for p, shard in zip(unet.parameters(), shards, strict=True):
-        if size + p.numel() > bucket and groups[-1]:
-            groups.append([])
-            size = 0
-        groups[-1].append((p, shard))
-        size += p.numel()
-    for group in groups:
-        flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p, _ in group])
-        for p, _ in group:
-            p.grad = None
-        dist.all_reduce(flat)
-        flat /= accelerator.num_processes
-        for (p, shard), grad in zip(group, flat.split([p.numel() for p, _ in group])):
-            grad = DTensor.from_local(grad.view_as(p), shard.device_mesh, [Replicate()], run_check=False)
-            local = grad.redistribute(shard.device_mesh, shard.placements).to_local().clone()
-            shard.grad = DTensor.from_local(local, shard.device_mesh, shard.placements, run_check=False,
-                                            shape=shard.shape, stride=shard.stride())
-
-
 def keep_base_copy(unet, args):
     """--finetune full in a script with a reference model (dpo.py, spo.py, grpo.py's KL): a frozen copy of the base
     denoiser in the weight dtype (the frozen weights' dtype under --mixed_precision), no gradient, that reference_unet
     computes with. With LoRA the reference is the same module with the adapter off and costs nothing; here it is one
-    more model's weights per process (2 bytes per parameter in fp16/bf16), not sharded: its forwards run at each
-    process's own pace (see shard_denoiser). Call before add_lora. drtune.py, refl.py, draft.py and alignprop.py keep
+    more model's weights, sharded as the trained one is over several processes (2 / N bytes per parameter in
+    fp16/bf16; its calls gather a block at a time, see shard_denoiser). Call before add_lora. drtune.py, refl.py, draft.py and alignprop.py keep
     none (before_after.png reads the step-0 grid back)."""
     import copy
     if args.finetune == "full":
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
         _BASE_COPY[unet] = copy.deepcopy(unet).to(dtype).requires_grad_(False).eval()
+        if sharding(args):
+            shard_blocks(_BASE_COPY[unet])
 
 
 def full_state_dicts(unet, optimizer=None):
@@ -2129,13 +2054,9 @@ def full_state_dicts(unet, optimizer=None):
     get empty dicts). A collective when sharded: every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    fsdp_release(unet)
-    try:
-        model = get_model_state_dict(unet, options=options)
-        optim = None if optimizer is None else get_optimizer_state_dict(
-            unet, getattr(optimizer, "optimizer", optimizer), options=options)
-    finally:
-        fsdp_gather(unet)
+    model = get_model_state_dict(unet, options=options)
+    optim = None if optimizer is None else get_optimizer_state_dict(
+        unet, getattr(optimizer, "optimizer", optimizer), options=options)
     return model, optim
 
 
@@ -2144,12 +2065,9 @@ def load_full_state(unet, optimizer, model, optim):
     the optimizer; each process keeps its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
     options = StateDictOptions(full_state_dict=True)
-    fsdp_release(unet)
-    try:
-        set_model_state_dict(unet, model, options=options)
+    set_model_state_dict(unet, model, options=options)
+    if optimizer is not None:
         set_optimizer_state_dict(unet, getattr(optimizer, "optimizer", optimizer), optim, options=options)
-    finally:
-        fsdp_gather(unet)
 
 
 def save_denoiser(accelerator, unet, family, output_dir):
@@ -2209,6 +2127,70 @@ height={args.resolution}, width={args.resolution}{call}).images[0]
 
 No LoRA file is written for a full fine-tune.
 """
+
+
+def check_hub(path, revision, flag):
+    """Online, a hub id whose files the cache lacks: one request for its model info (metadata only, seconds), so that
+    a network that is down, or a repository that does not exist, is one line before any model loads."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    try:
+        HfApi().model_info(path, revision=revision, timeout=20)
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise UsageError(f"{flag} {path}: the hub has no such model{f' at --revision {revision}' if revision else ''} "
+                         f"(or it is private: log in with hf auth login); check the id") from e
+    except Exception as e:  # noqa: BLE001 - no network, a proxy, a timeout: the download would fail the same way
+        raise UsageError(f"{flag} {path}: the hub cache lacks some of its files and the hub did not answer "
+                         f"({type(e).__name__}); connect to the network, or download it where there is one (hf "
+                         f"download {path}) and set HF_HUB_OFFLINE=1, or give a local diffusers folder with {flag}"
+                         ) from e
+
+
+def check_files(path, subfolder, library, variant, flag, revision=None):
+    """check_weights' reading of a local folder, or of the hub cache for a hub id."""
+    from huggingface_hub import try_to_load_from_cache
+    hub = not os.path.isdir(path)
+    where = f"{subfolder}/" if subfolder else ""
+
+    def find(name):  # the file's local path, or None
+        if not hub:
+            local = os.path.join(path, subfolder or "", name)
+            return local if os.path.isfile(local) else None
+        found = try_to_load_from_cache(path, where + name, revision=revision)
+        return found if isinstance(found, str) else None
+
+    fix = (f"download it with network first (hf download {path}), or give a local diffusers folder with {flag}"
+           if hub else f"the folder is incomplete: download the model again, or give a complete diffusers folder "
+                       f"with {flag}")
+    held = "the hub cache (HF_HUB_OFFLINE is set) holds" if hub else "it has"
+    if find("config.json") is None:
+        raise UsageError(f"{flag} {path}: {where}config.json is "
+                         f"{'not in the hub cache (HF_HUB_OFFLINE is set)' if hub else 'missing'}; {fix}")
+    names = [with_variant(name, variant) for name in WEIGHT_FILES[library]]
+    present = [name for name in names if find(name)]
+    if not present:
+        plain = [name for name in WEIGHT_FILES[library] if find(name)]
+        if variant is not None and plain:
+            raise UsageError(f"--variant {variant}: {flag} {path}: {where}{names[0]} is missing (nor "
+                             f"{', '.join(names[1:])}), only {plain[0]}; leave out --variant, or give a folder that "
+                             f"has the {variant} files")
+        raise UsageError(f"{flag} {path}: {subfolder or 'the folder'} has no weights file ({held} none of "
+                         f"{', '.join(names)}); {fix}")
+    # the file it loads: diffusers takes an index before a whole file, transformers the first in WEIGHT_FILES' order
+    chosen = next((n for n in present if n.endswith(".json")), present[0]) if library == "diffusers" else present[0]
+    if chosen.endswith(".json"):  # sharded: every shard the index names
+        try:
+            with open(find(chosen), encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            if not all(isinstance(shard, str) for shard in shards):
+                raise TypeError("a shard name that is not a string")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UsageError(f"{flag} {path}: {where}{chosen} is not a shard index (JSON with a weight_map; "
+                             f"{type(e).__name__}); {fix}") from e
+        missing = [shard for shard in shards if not find(shard)]
+        if missing:
+            raise UsageError(f"{flag} {path}: {where}{chosen} names {len(shards)} shards, {len(missing)} missing "
+                             f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {fix}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2372,6 +2354,17 @@ def chunks(index, size):
     return [index[i:i + size] for i in range(0, len(index), size)]
 
 
+def lockstep(accelerator, args, parts, pad):
+    """(part, weight 1) for each of this process's micro-batches; when the denoiser is sharded (shard_denoiser) the
+    list is filled up to the longest of any process with (pad, weight 0), a micro-batch whose loss counts 0, so that
+    every process makes the same denoiser calls."""
+    weighted = [(part, 1.0) for part in parts]
+    if not sharding(args):
+        return weighted
+    longest = int(accelerator.gather(torch.tensor([len(parts)], device=accelerator.device)).max())
+    return weighted + [(pad, 0.0)] * (longest - len(parts))
+
+
 def main(args):
     """Train; returns the last metrics row (with the final eval reward) so that tests can call it."""
     from accelerate import Accelerator
@@ -2433,7 +2426,8 @@ def main(args):
                       f"{sum(p.numel() for p in params) / 1e6:.2f} M trainable | {per_process} prompts x "
                       f"{N} processes x G = {args.group_size} = {per_process * N * args.group_size} images per round, "
                       f"{updates} updates | {args.max_train_steps} rounds from {start_step}")
-    if main_process and start_step == 0:
+    samples = main_process or sharding(args)  # who draws the evaluation grids (every process when sharded)
+    if samples and start_step == 0:
         with accelerator.autocast():
             eval_reward, _ = evaluate(models, scheduler, unet, reward_fn, args, 0)
         metrics.log(dict(step=0, eval_reward=eval_reward))
@@ -2471,32 +2465,39 @@ def main(args):
         # ---- the old log-densities: each update's rows get theirs from the training forward at the sampled policy
         plans = [update_plan(args, step, e, keep, offset, n) for e in range(args.num_inner_epochs)]
         old = torch.full((n * K,), math.nan, device=device)
+        pad = torch.zeros(1, dtype=torch.long, device=device)  # a micro-batch of weight 0 (lockstep): row 0
         with torch.no_grad(), accelerator.autocast():
             for images, _ in plans[0][1:]:
-                for index in chunks(rows_of(rows, images, K), args.train_micro_batch):
-                    old[index] = transition_terms(models, scheduler, unet, select(rows, index), args)[0]
+                parts = chunks(rows_of(rows, images, K), args.train_micro_batch)
+                for index, weight in lockstep(accelerator, args, parts, pad):
+                    log_prob = transition_terms(models, scheduler, unet, select(rows, index), args)[0]
+                    if weight:
+                        old[index] = log_prob
         # ---- updates
         stats = torch.zeros(6, device=device)  # sums over rows: loss, kl, clipped, ratio, approx kl; rows trained
-        finite, grad_norm = True, float("nan")
+        finite, grad_norm, padded = True, float("nan"), 0
         for epoch, plan in enumerate(plans):
             for u, (images, total) in enumerate(plan):
                 total_rows = total * K
-                for index in chunks(rows_of(rows, images, K), args.train_micro_batch):
+                parts = chunks(rows_of(rows, images, K), args.train_micro_batch)
+                for index, weight in lockstep(accelerator, args, parts, pad):
                     part = select(rows, index)
                     with accelerator.autocast():
                         log_prob, mean, std = transition_terms(models, scheduler, unet, part, args)
-                        if epoch == 0 and u == 0:  # the policy that sampled: its own value, r = 1 exactly
+                        if epoch == 0 and u == 0 and weight:  # the policy that sampled: its own value, r = 1 exactly
                             old[index] = log_prob.detach()
-                        loss, ratio = clipped_loss(log_prob, old[index], part["advantages"], args.clip_range)
+                        reference = old[index] if weight else log_prob.detach()
+                        loss, ratio = clipped_loss(log_prob, reference, part["advantages"], args.clip_range)
                         kl = (kl_to_reference(models, scheduler, unet, part, mean, std, args) if args.beta > 0
                               else torch.zeros_like(loss))
                         loss = loss + args.beta * kl
                     # all_reduce_grads averages over processes: this scale makes the update the mean over all rows
-                    accelerator.backward(loss.sum() * N / total_rows)
-                    stats += torch.stack([loss.detach().sum(), kl.detach().sum(),
-                                          ((ratio - 1).abs() > args.clip_range).float().sum(), ratio.sum(),
-                                          0.5 * ((log_prob.detach() - old[index]) ** 2).sum(),
-                                          torch.tensor(float(len(index)), device=device)])
+                    accelerator.backward(loss.sum() * (weight * N / total_rows))
+                    padded += not weight
+                    stats += weight * torch.stack([loss.detach().sum(), kl.detach().sum(),
+                                                   ((ratio - 1).abs() > args.clip_range).float().sum(), ratio.sum(),
+                                                   0.5 * ((log_prob.detach() - reference) ** 2).sum(),
+                                                   torch.tensor(float(len(index)), device=device)])
                 all_reduce_grads(accelerator, params)
                 norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)
                 grad_norm = float(norm) if norm is not None else float("nan")
@@ -2523,8 +2524,10 @@ def main(args):
                    logp_mismatch=mismatch.item(), advantage_abs_mean=advantages.abs().mean().item(),
                    flat_groups=flat_groups, trained_images=int(keep.sum()), transitions=int(totals[5].item()),
                    sde_window_start=sde_window(args, step)[0])
+        if sharding(args):  # micro-batches of weight 0 that kept the processes' denoiser calls in step (lockstep)
+            row["padded_micro_batches"] = int(accelerator.reduce(torch.tensor(padded, device=device), "sum"))
         if step % args.validation_steps == 0 or step == args.max_train_steps:
-            if main_process:
+            if samples:
                 with accelerator.autocast():
                     row["eval_reward"], _ = evaluate(models, scheduler, unet, reward_fn, args, step)
             accelerator.wait_for_everyone()
@@ -2541,13 +2544,14 @@ def main(args):
     accelerator.wait_for_everyone()
     if args.finetune == "full":
         save_denoiser(accelerator, unet, models.family, args.output_dir)
+    if samples:
+        with accelerator.autocast():
+            after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
+            before = base_images(models, scheduler, unet, args)
     if main_process:
         if args.finetune == "lora":
             save_lora(unet, models.family, args.output_dir)
             save_lora_kohya(unet, models.family, args.output_dir)
-        with accelerator.autocast():
-            after = generate(models, scheduler, unet, args.eval_prompt_list, args, args.seed)
-            before = base_images(models, scheduler, unet, args)
         save_grid(after if before is None else torch.cat([before.to(after.device), after]),
                   os.path.join(args.output_dir, "samples", "before_after.png"), nrow=1 if before is None else 2)
         plot_reward_curve(metrics.rows, os.path.join(args.output_dir, "reward_curve.png"))

@@ -193,7 +193,7 @@ def test_sigkill_while_replacing_a_full_checkpoint_then_resume_is_bit_identical(
 # --- two processes: FSDP2 --------------------------------------------------------------------------------------
 
 
-def torchrun(script, argv, kill=None):
+def torchrun(script, argv, kill=None, timeout=600):
     """`script` on 2 CPU processes (gloo) through tests/dist_worker.py; returns the finished run's return code and
     output. kill: a checkpoint folder name whose rename into place SIGKILLs rank 0."""
     output_dir = argv[argv.index("--output_dir") + 1]
@@ -202,7 +202,7 @@ def torchrun(script, argv, kill=None):
         env["DIST_WORKER_KILL"] = kill
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(ROOT, "tests", "dist_worker.py"), script, *argv]
-    run = subprocess.run(cmd, env=env, cwd=ROOT, timeout=600, capture_output=True, text=True)
+    run = subprocess.run(cmd, env=env, cwd=ROOT, timeout=timeout, capture_output=True, text=True)
     return run.returncode, run.stdout[-2000:] + run.stderr[-4000:]
 
 
@@ -212,8 +212,49 @@ def rank_weights(out):
     for r in (0, 1):
         with open(os.path.join(out, f"sharding_rank{r}.json")) as f:
             sharding = json.load(f)
+        # FSDP's layout: each rank holds half of every weight, and a block's weights are gathered at each call
         assert sharding["parameter_type"] == "DTensor" and sharding["fsdp_modules"] > 1, sharding
+        assert abs(sharding["local_fraction"] - 0.5) < 0.01, sharding
+        assert sharding["all_gathers"] >= sharding["calls"] * (sharding["fsdp_modules"] - 1) > 0, sharding
     return w0
+
+
+# Flags under which the two processes' own work differs, or the calls are many: DRTune's early stop, ReFL's stop
+# step and AlignProp's truncation drawn at random (shared_generator), SPO's pairs kept by a threshold near the tiny
+# reward's gaps (each process keeps its own number), GRPO without KL (a flat group is not trained on) in
+# micro-batches of one row over two updates; online DPO's moving reference, sharded beside the policy
+UNEVEN = {"drtune": dict(num_trained_steps=1, early_stop_max=3),
+          "refl": dict(stop_range=2, num_inference_steps=3),
+          "draft": dict(draft_variant="lv", lv_n=1, num_inference_steps=3),
+          "alignprop": dict(truncation_min=1, truncation_max=3, num_inference_steps=3),
+          "dpo-online": dict(FLAGS["dpo-online"][1], pair_margin=0.0, steps_per_round=2),
+          "spo": dict(FLAGS["spo"][1], pair_batch_size=1, train_batch_size=1, pair_threshold=0.002),
+          "grpo": dict(group_size=2, beta=0.0, train_micro_batch=1, updates_per_round=2, train_batch_size=1)}
+
+
+@pytest.mark.parametrize("script", UNEVEN)
+def test_every_script_runs_sharded_on_two_processes(script, tmp_path):
+    """FSDP2 per-call gathering on 2 processes (gloo) where each process's own work differs (UNEVEN): the run
+    ends (no process waits for a collective the other never makes), each rank holds half of every weight and
+    gathers each block at every call, both ranks end with the same trained weights, different from the base, and
+    the model folder holds them; DPO's moving reference goes into its checkpoint."""
+    flags = dict(UNEVEN[script], max_train_steps=2, checkpointing_steps=2)
+    out = tmp_path / "run"
+    code, output = torchrun(script.split("-")[0], full_argv(TINY_SD, out, flags), timeout=300)
+    assert code == 0, output
+    trained = rank_weights(str(out))
+    base = load_file(os.path.join(TINY_SD, "unet", "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(base[k], trained[k]) for k in base), "training changed nothing"
+    saved = weights(out)
+    assert all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert [r["step"] for r in read_metrics(str(out))] == [0, 1, 2]
+    assert (out / "samples" / "before_after.png").exists()
+    if script in ("spo", "grpo"):  # the uneven work was there: micro-batches of weight 0 kept the calls in step
+        assert sum(r["padded_micro_batches"] for r in read_metrics(str(out))[1:]) > 0
+    if script == "dpo-online":
+        reference = load_file(str(out / "checkpoint-2" / "reference_model.safetensors"))
+        assert reference.keys() == base.keys()
+        assert any(not torch.equal(base[k], reference[k]) for k in base)  # moved toward the policy
 
 
 def test_two_processes_make_the_update_of_one(tmp_path, monkeypatch):

@@ -76,6 +76,30 @@ def test_a_hub_id_with_weights_missing_from_an_offline_cache_is_one_line(offline
     assert drtune.check_arguments(args)["family"] == "sd15"  # a complete snapshot in the cache passes
 
 
+@pytest.mark.parametrize("module", [drtune, evaluate], ids=["drtune", "evaluate"])
+def test_a_hub_id_the_cache_lacks_with_the_hub_unreachable_is_one_line(module, tmp_path, monkeypatch, capsys,
+                                                                       no_models):
+    """Online (HF_HUB_OFFLINE unset) with the network down: the cache holds someone/tiny-sd15's model_index.json but
+    not its UNet weights, which from_pretrained would fetch. One line before any model loads, naming the fix; a
+    complete snapshot in the cache needs no network and passes."""
+    from huggingface_hub import constants
+    cache = model_folders.hub_cache(tmp_path / "hub", "someone/tiny-sd15")
+    model_folders.hub_cache(cache, "someone/whole-sd15", remove=None)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: connection refused
+    if module is drtune:
+        code, line = cli_error(drtune, script_argv(drtune, "someone/tiny-sd15", tmp_path / "out", {}), capsys)
+        args = drtune.parse_args(script_argv(drtune, "someone/whole-sd15", tmp_path / "out", {}))
+        assert drtune.check_arguments(args)["family"] == "sd15"
+    else:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a red circle\n")
+        code, line = eval_error(eval_argv("someone/tiny-sd15", tmp_path / "eval", prompts), capsys, monkeypatch)
+    assert code == 2 and "--pretrained_model_name_or_path someone/tiny-sd15: the hub cache lacks" in line, line
+    assert "the hub did not answer" in line and "HF_HUB_OFFLINE=1" in line
+
+
 def eval_error(argv, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "load_pipeline", lambda *a: pytest.fail("a model was loaded"))
     code = evaluate.cli(argv)
