@@ -3,7 +3,8 @@ with LoRA and with full fine-tuning (`--finetune full`, FSDP2 with per-call resh
 whether it fits 24, 40 or 80 GB; full fine-tuning's model states on one process beside it.
 
 Method (fixed before the numbers were seen; full fine-tuning's FSDP2 root unit and gradients in flight were added
-when the scripts moved to per-call resharding):
+when the scripts moved to per-call resharding, the nested units when shard_blocks began to wrap each transformer block
+inside a UNet block):
 - Parameters: counted on the published architectures, built on torch's "meta" device (shapes only, nothing allocated
   or downloaded): the configs of benchmarks/full_size.py (SD1.5 UNet, SDXL UNet, the SD VAE, CLIP-L, OpenCLIP-bigG) and
   benchmarks/flow_full_size.py (SD3.5-Medium's MMDiT-X transformer, the 16-channel VAE), FLUX.1-dev's transformer at
@@ -24,22 +25,29 @@ when the scripts moved to per-call resharding):
   LoRA parameter, at the rank of the script's preset for the family (else its --rank default) (with LoRA the
   reference of DPO, SPO and GRPO is the adapter-off model: nothing more). Text encoders and reward are replicated.
 - Full fine-tuning (`--finetune full`; drtune.py's train_full, shard_denoiser, shard_blocks, keep_base_copy; README's
-  "Full fine-tuning") over N = 8 processes: FSDP2's per-call resharding. shard_blocks calls `fully_shard` on every
-  block (each block of a ModuleList child whose name ends in "blocks", and the mid block) and then on the root, which
-  holds every other weight (embedders, norms, the output projection), with the default reshard_after_forward and
-  `MixedPrecisionPolicy(param_dtype=` the --mixed_precision dtype (bf16 here)`, reduce_dtype=float32)`. Sharded 1/N:
-  the fp32 master weights, their fp32 gradient shards and AdamW's two moments (16 / N bytes per parameter). Gathered:
-  a block's weights are all-gathered in bf16 just before each of its calls (forward, and again in the backward or a
-  checkpointed call's recomputation) and freed after it, with the next block's all-gather in flight, so two blocks,
-  the largest (the one computing and the one prefetched), 2 bytes per parameter each; the root's unit stays gathered
-  from its forward to the end of its backward (FSDP2 does not reshard a root after its forward): 2 bytes per root
-  parameter. Gradients in flight during a backward: the computing block's unsharded bf16 gradients (2 bytes per
-  parameter of the largest block), the previous block's fp32 reduce-scatter input (4), held until its reduce-scatter
-  is done, and the root's unsharded bf16 gradients (2 per root parameter), which accumulate to the end of the
-  backward. No autocast cache (the gathered weights are already bf16) and no whole fp32 weights or gradients. DPO,
-  SPO and GRPO with --beta > 0 (GRPO's preset for the family, else its default 0) keep a frozen copy of the base
+  "Full fine-tuning") over N = 8 processes: FSDP2's per-call resharding. shard_blocks calls `fully_shard`, innermost
+  first, on every module whose qualified name matches its pattern (SHARD_UNIT here: every element of a ModuleList
+  named *blocks at any depth, so a UNet's down and up blocks and, inside their attentions, each transformer block; an
+  MMDiT's or FLUX's transformer blocks; and the mid block), then on the root. A unit gathers only its own
+  parameters, the ones no unit nested inside it holds (an SDXL down block: its resnets, samplers and the attentions'
+  norms and projections around its transformer blocks; the root: embedders, norms, the output projection); the sizes
+  below are own parameters (fsdp_units). Default reshard_after_forward and `MixedPrecisionPolicy(param_dtype=` the
+  --mixed_precision dtype (bf16 here)`, reduce_dtype=float32)`. Sharded 1/N: the fp32 master weights, their fp32
+  gradient shards and AdamW's two moments (16 / N bytes per parameter). Gathered: a unit's weights are all-gathered
+  in bf16 just before each of its calls (forward, and again in the backward or a checkpointed call's recomputation)
+  and freed after it, with the next unit's all-gather in flight, so two units, the largest (the one computing and the
+  one prefetched), 2 bytes per parameter each; the units enclosing the computing one stay gathered through its call
+  (an outer unit reshards after its own forward or backward, which contains the inner one's): 2 bytes per parameter
+  of the most any unit's enclosing units hold; the root's unit stays gathered from its forward to the end of its
+  backward (FSDP2 does not reshard a root after its forward): 2 bytes per root parameter. Gradients in flight during a
+  backward: the computing unit's unsharded bf16 gradients (2 bytes per parameter of the largest unit), the previous
+  unit's fp32 reduce-scatter input (4), held until its reduce-scatter is done, and the enclosing units' and the
+  root's unsharded bf16 gradients (2 per parameter), which accumulate to the end of their backward. Taking the
+  largest unit and the largest enclosing set together is an upper bound (they need not be the same unit's). No
+  autocast cache (the gathered weights are already bf16) and no whole fp32 weights or gradients. DPO, SPO and GRPO
+  with --beta > 0 (GRPO's preset for the family, else its default 0) keep a frozen copy of the base
   denoiser in the weight dtype (keep_base_copy), sharded the same way: 2 / N bytes per parameter, plus its root's
-  unit, which stays gathered after its no-grad calls (no backward reshards it); its blocks are gathered only during
+  unit, which stays gathered after its no-grad calls (no backward reshards it); its other units are gathered only during
   its own calls, not counted beside the trained model's. Every process makes the same denoiser calls and draws the
   evaluation grids (no-grad: not counted). One process (N = 1) shards nothing: fp32 weights (the master weights, 4
   bytes per parameter), fp32 gradients (4) and AdamW's moments (8), 16 in all; its forwards run under autocast from
@@ -72,6 +80,7 @@ import argparse
 import contextlib
 import math
 import os
+import re
 import sys
 import time
 
@@ -155,16 +164,28 @@ def lora_params(model, rank):
                if isinstance(m, torch.nn.Linear) and name.endswith(LORA_TARGETS))
 
 
+SHARD_UNIT = re.compile(r"(^|\.)(\w*blocks\.\d+|mid_block)$")  # drtune.py's shard_blocks: the modules it wraps
+
+
 def fsdp_units(model):
-    """(parameters of the largest block, of the root) among the units drtune.py's shard_blocks gives fully_shard: each
-    block of a ModuleList child whose name ends in "blocks", the mid block, and the root, which holds the rest."""
-    blocks = []
-    for name, child in model.named_children():
-        if isinstance(child, torch.nn.ModuleList) and name.endswith("blocks"):
-            blocks += [count(block) for block in child]
-        elif name == "mid_block":
-            blocks.append(count(child))
-    return max(blocks), count(model) - sum(blocks)
+    """The units drtune.py's shard_blocks gives fully_shard, by their own parameters (a unit's parameters minus those of
+    the units inside it, which it does not gather): every module whose qualified name matches SHARD_UNIT (each element
+    of a ModuleList named *blocks at any depth, so a UNet's down and up blocks and each transformer block inside their
+    attentions; the mid block), innermost first, then the root, which holds what no other unit holds. A dict: unit, the
+    largest non-root unit; root, the root's; outer, the most that the non-root units enclosing one unit hold (gathered,
+    and their gradients accumulating, while it computes: a UNet block's resnets around its transformer blocks)."""
+    names = {name for name, _ in model.named_modules() if SHARD_UNIT.search(name)}
+    own = dict.fromkeys(names, 0)
+    root = 0
+    for name, p in model.named_parameters():
+        prefixes = [name.rsplit(".", k)[0] for k in range(1, name.count(".") + 1)]  # innermost first
+        owner = next((n for n in prefixes if n in names), None)
+        if owner is None:
+            root += p.numel()
+        else:
+            own[owner] += p.numel()
+    enclosing = lambda n: sum(own[o] for o in names if n.startswith(o + "."))  # noqa: E731
+    return dict(unit=max(own.values(), default=0), root=root, outer=max(map(enclosing, names), default=0))
 
 
 class FusedAttention(torch.autograd.Function):
@@ -258,9 +279,8 @@ def measure_family(family):
                           dtype=torch.bfloat16, requires_grad=True)
     decode = saved_bytes(vae, lambda: vae.decode(latents).sample)
     input_bytes = sum(v.numel() * v.element_size() for v in kwargs.values() if isinstance(v, torch.Tensor))
-    unit, root = fsdp_units(denoiser)
     return dict(title=spec["title"], resolution=resolution, denoiser=count(denoiser), vae=count(vae),
-                text=text_encoder_params(family), unit=unit, root=root, act=acts, decode=decode,
+                text=text_encoder_params(family), **fsdp_units(denoiser), act=acts, decode=decode,
                 call_input=input_bytes, lora_per_rank=lora_params(denoiser, 1))
 
 
@@ -285,9 +305,10 @@ def script_settings(script, family):
 
 def plan(m, script, family, finetune, checkpointing, rank, calls, reference=None, world=FSDP_WORLD):
     """Bytes per GPU of one training step, by part. finetune "lora", or "full" over `world` processes: FSDP2's per-call
-    resharding (shard_denoiser: 16 bytes per parameter / world; gathered in bf16: the root's unit and two of the largest
-    block; gradients in flight: a block's unsharded bf16 gradients and fp32 reduce-scatter input, the root's unsharded
-    bf16 gradients; a bf16 reference sharded 1/world, its root's unit gathered), or on one process (world 1) nothing
+    resharding (shard_denoiser: 16 bytes per parameter / world; gathered in bf16: the root's unit, the units enclosing
+    the computing one (m["outer"]) and two of the largest unit (fsdp_units: own parameters); gradients in flight: a
+    unit's unsharded bf16 gradients and fp32 reduce-scatter input, the enclosing units' and the root's unsharded bf16
+    gradients; a bf16 reference sharded 1/world, its root's unit gathered), or on one process (world 1) nothing
     sharded: fp32 weights, gradients and AdamW's moments (16 bytes per parameter), autocast's bf16 casts of the weights
     (2), a whole bf16 reference (2). `reference`: whether full fine-tuning keeps the reference copy (default: the
     script has a reference model)."""
@@ -312,11 +333,13 @@ def plan(m, script, family, finetune, checkpointing, rank, calls, reference=None
                      reference=P * bf16 if reference else 0)
     else:
         # sharded 1/world: fp32 master weights, their gradient shards, AdamW's m and v; gathered in bf16: the root's
-        # unit and two blocks (computing, prefetched); in flight: a block's bf16 gradients, the previous block's fp32
-        # reduce-scatter input, the root's bf16 gradients; the reference's shard and its gathered root
-        block, root = m["unit"], m["root"]
-        parts = dict(denoiser=(root + 2 * block) * bf16, autocast=0, gradients=(block + root) * bf16 + block * 4,
-                     trainable=P * 16 / world, reference=(P / world + root) * bf16 if reference else 0)
+        # unit, the units enclosing the computing one and two units (computing, prefetched); in flight: the computing
+        # unit's bf16 gradients, the previous unit's fp32 reduce-scatter input, the enclosing units' and the root's
+        # bf16 gradients (reduced after their whole backward); the reference's shard and its gathered root
+        unit, root, outer = m["unit"], m["root"], m["outer"]
+        parts = dict(denoiser=(root + outer + 2 * unit) * bf16, autocast=0,
+                     gradients=(unit + outer + root) * bf16 + unit * 4, trainable=P * 16 / world,
+                     reference=(P / world + root) * bf16 if reference else 0)
     parts.update(frozen=frozen, activations=activations)
     return parts
 
@@ -367,7 +390,8 @@ def main(args):
                            gb(sharded["trainable"] + sharded["denoiser"] + sharded["gradients"]),
                            f"{P * 16 / 1e9:.0f}"])
         param_rows.append([m["title"], f"{m['denoiser'] / 1e9:.3f} B", f"{m['vae'] / 1e6:.1f} M",
-                           f"{m['text'] / 1e9:.3f} B", f"{m['unit'] / 1e6:.0f} M", f"{m['root'] / 1e6:.0f} M",
+                           f"{m['text'] / 1e9:.3f} B", f"{m['unit'] / 1e6:.0f} M", f"{m['outer'] / 1e6:.0f} M",
+                           f"{m['root'] / 1e6:.0f} M",
                            f"{m['resolution']}", f"{m['act']['lora'] / GIB:.2f}", f"{m['act']['full'] / GIB:.2f}",
                            f"{m['decode'] / GIB:.2f}"])
         full_parts[m["title"]] = {True: {}, False: {}}
@@ -389,24 +413,28 @@ def main(args):
             "weights, the family's native resolution; activations counted on the published architectures (meta "
             "device, fused attention), not measured on a GPU.", "",
             "Published architectures (parameters counted from the configs; FSDP2's units as drtune.py's shard_blocks "
-            "makes them: the largest block and the root, which holds every weight outside the blocks; activations "
-            "saved by one call at batch 1, GiB; a CFG call is twice that):", "",
-            common.markdown_table(["model", "denoiser", "VAE", "text encoders", "largest FSDP block",
-                                   "FSDP root unit", "px", "act LoRA", "act full", "VAE decode act"], param_rows), "",
+            "makes them, each by its own parameters (those of the units nested inside it left out): the largest unit "
+            "below the root, the most the units enclosing one unit hold (gathered while it computes: a UNet block's "
+            "resnets and samplers around its transformer blocks) and the root, which holds every weight outside the "
+            "other units; activations saved by one call at batch 1, GiB; a CFG call is twice that):", "",
+            common.markdown_table(["model", "denoiser", "VAE", "text encoders", "largest FSDP unit",
+                                   "FSDP enclosing units", "FSDP root unit", "px", "act LoRA", "act full",
+                                   "VAE decode act"], param_rows), "",
             f"Full fine-tuning's model states per process (GB, 1e9 bytes; before activations, frozen encoders and "
             f"reward). One process shards nothing: fp32 weights, gradients and AdamW's two moments (16 bytes per "
             f"parameter), autocast's bf16 cast of every weight during a step (2), and DPO, SPO and GRPO with --beta > "
             f"0 a whole bf16 reference copy (2). Over N = {FSDP_WORLD} processes (`--finetune full`, drtune.py's "
             f"shard_denoiser: FSDP2 with per-call resharding): fp32 master weights, their gradient shards and AdamW's "
-            f"moments 1/{FSDP_WORLD} (16 / {FSDP_WORLD}); gathered in bf16 the root's unit and two of the largest "
-            f"block (computing and prefetched); in flight during a backward a block's unsharded bf16 gradients, the "
-            f"previous block's fp32 reduce-scatter input and the root's bf16 gradients; the reference's bf16 shard "
-            f"(2 / {FSDP_WORLD}) and its gathered root. Checkpoints gather the weights and AdamW state on the main "
-            f"process's CPU (16 bytes per parameter of host RAM, last column), not on a GPU.", "",
+            f"moments 1/{FSDP_WORLD} (16 / {FSDP_WORLD}); gathered in bf16 the root's unit, the units enclosing the "
+            f"computing one and two of the largest unit (computing and prefetched); in flight during a backward a "
+            f"unit's unsharded bf16 gradients, the previous unit's fp32 reduce-scatter input and the enclosing units' "
+            f"and the root's bf16 gradients; the reference's bf16 shard (2 / {FSDP_WORLD}) and its gathered root. "
+            f"Checkpoints gather the weights and AdamW state on the main process's CPU (16 bytes per parameter of host "
+            f"RAM, last column), not on a GPU.", "",
             common.markdown_table(["model", "1 process: weights + gradients + AdamW, fp32", "1 process: autocast "
                                    "bf16 casts", "1 process: reference bf16 (DPO, SPO, GRPO beta > 0)",
                                    f"N = {FSDP_WORLD}: weights + gradients + AdamW, 16 / {FSDP_WORLD}",
-                                   f"N = {FSDP_WORLD}: gathered bf16, root + 2 blocks",
+                                   f"N = {FSDP_WORLD}: gathered bf16, root + enclosing + 2 units",
                                    f"N = {FSDP_WORLD}: gradients in flight",
                                    f"N = {FSDP_WORLD}: reference, 2 / {FSDP_WORLD} + its root",
                                    f"N = {FSDP_WORLD}: total, no reference", "checkpoint host RAM, main process"],

@@ -9,7 +9,8 @@ from benchmarks import memory_plan
 
 GIB = 2 ** 30
 M = dict(denoiser=1_000_000_000, vae=80_000_000, text=120_000_000, unit=50_000_000, root=10_000_000,
-         act=dict(lora=2 * GIB, full=3 * GIB), decode=5 * GIB, call_input=1_000_000, lora_per_rank=1_000_000)
+         outer=20_000_000, act=dict(lora=2 * GIB, full=3 * GIB), decode=5 * GIB, call_input=1_000_000,
+         lora_per_rank=1_000_000)
 STATES = ("denoiser", "autocast", "gradients", "trainable", "reference")
 
 
@@ -23,10 +24,12 @@ def test_full_fine_tuning_shards_everything_per_call():
     assert memory_plan.FSDP_WORLD == 8
     assert full["trainable"] == P * 16 / 8  # fp32 master weights, their gradient shards, Adam m and v: 1/8 each
     assert full["autocast"] == 0 and full["reference"] == 0  # the gathered weights are bf16: no autocast cache
-    # gathered in bf16: the root's unit and two of the largest block; far below one whole copy of the weights
-    assert full["denoiser"] == (M["root"] + 2 * M["unit"]) * 2 < P * 2
-    # in flight: a block's bf16 gradients and fp32 reduce-scatter input, the root's bf16 gradients; no whole gradient
-    assert full["gradients"] == M["unit"] * (2 + 4) + M["root"] * 2 < P * 4
+    # gathered in bf16: the root's unit, the units enclosing the computing one and two of the largest unit; far below
+    # one whole copy of the weights
+    assert full["denoiser"] == (M["root"] + M["outer"] + 2 * M["unit"]) * 2 < P * 2
+    # in flight: a unit's bf16 gradients and fp32 reduce-scatter input, the enclosing units' and the root's bf16
+    # gradients; no whole gradient
+    assert full["gradients"] == M["unit"] * (2 + 4) + (M["outer"] + M["root"]) * 2 < P * 4
     # the sharded part shrinks 1/N; what is gathered or in flight is per unit and does not
     ref = [memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2, world=w) for w in (2, 4, 16)]
     assert ref[0]["trainable"] == 2 * ref[1]["trainable"] == 8 * ref[2]["trainable"]
@@ -50,7 +53,7 @@ def test_one_process_shards_nothing_and_autocast_caches_bf16_casts():
     assert one["reference"] == P * 2  # a whole bf16 reference copy
     assert memory_plan.plan(M, "drtune", "sd15", "full", False, 128, 5, world=1)["reference"] == 0
     # neither the units nor the shard size matter on one process
-    other = dict(M, unit=1, root=1)
+    other = dict(M, unit=1, root=1, outer=1)
     assert states(memory_plan.plan(other, "dpo", "sd15", "full", False, 64, 2, world=1)) == states(one) == P * 20
     # the activations do not depend on how the weights are laid out
     assert one["activations"] == memory_plan.plan(M, "dpo", "sd15", "full", False, 64, 2)["activations"]
@@ -67,26 +70,42 @@ def test_lora_keeps_frozen_bf16_weights_and_trains_the_adapter():
 
 def test_fsdp_units_are_the_ones_shard_blocks_makes(monkeypatch):
     """fsdp_units against drtune.shard_blocks itself (fully_shard recorded, not run: no process group needed): the
-    largest block it wraps, and the root's own parameters (the root's unit holds what no block holds)."""
+    modules it wraps (innermost first, nested ones included, then the root), each unit counted by its own parameters
+    (those of the units wrapped inside it left out), the most the units enclosing one unit hold, and the root's."""
     import torch.distributed.fsdp
 
     import drtune
     wrapped = []
     monkeypatch.setattr(torch.distributed.fsdp, "fully_shard", lambda module, **kwargs: wrapped.append(module))
 
+    def block(width, layers):  # a UNet block: a resnet-like Linear around an attention with its transformer_blocks
+        b = torch.nn.Module()
+        b.resnet = torch.nn.Linear(width, width)
+        b.attentions = torch.nn.ModuleList([torch.nn.Module()])
+        b.attentions[0].proj_in = torch.nn.Linear(width, 2)
+        b.attentions[0].transformer_blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(layers)])
+        return b
+
     model = torch.nn.Module()
     model.conv_in = torch.nn.Linear(3, 5)
-    model.down_blocks = torch.nn.ModuleList([torch.nn.Linear(5, 5), torch.nn.Linear(5, 9)])
-    model.mid_block = torch.nn.Linear(9, 9)
-    model.up_blocks = torch.nn.ModuleList([torch.nn.Linear(9, 20)])
+    model.down_blocks = torch.nn.ModuleList([torch.nn.Linear(5, 5), block(9, 3)])
+    model.mid_block = block(4, 1)
+    model.up_blocks = torch.nn.ModuleList([block(20, 2)])
     model.layers = torch.nn.ModuleList([torch.nn.Linear(20, 30)])  # not a "blocks" list: the root's
     model.proj_out = torch.nn.Linear(30, 3)
     drtune.shard_blocks(model)
-    assert wrapped[-1] is model and len(wrapped) == 5  # four blocks, then the root
-    blocks = [memory_plan.count(m) for m in wrapped[:-1]]
-    unit, root = memory_plan.fsdp_units(model)
-    assert unit == max(blocks) == 9 * 20 + 20
-    assert root == memory_plan.count(model) - sum(blocks) == 3 * 5 + 5 + 20 * 30 + 30 + 30 * 3 + 3
+    assert wrapped[-1] is model and len(wrapped) == 4 + 3 + 1 + 2 + 1  # four blocks, six transformer blocks, the root
+    for i, module in enumerate(wrapped):  # innermost first: no module is wrapped after one that contains it
+        assert not any(module in set(earlier.modules()) for earlier in wrapped[:i])
+    inner = lambda m: [u for u in wrapped[:-1] if u is not m and u in set(m.modules())]  # noqa: E731
+    covered = lambda m: {id(p) for u in inner(m) for p in u.parameters()}  # noqa: E731
+    own = {id(m): sum(p.numel() for p in m.parameters() if id(p) not in covered(m)) for m in wrapped}
+    enclosing = [sum(own[id(o)] for o in wrapped[:-1] if o is not m and m in set(o.modules())) for m in wrapped[:-1]]
+    units = memory_plan.fsdp_units(model)
+    assert units["unit"] == max(own[id(m)] for m in wrapped[:-1]) == 20 * 20 + 20 + 20 * 2 + 2  # up block's own
+    assert units["outer"] == max(enclosing) == 20 * 20 + 20 + 20 * 2 + 2
+    assert units["root"] == own[id(model)] == 3 * 5 + 5 + 20 * 30 + 30 + 30 * 3 + 3
+    assert sum(own.values()) == memory_plan.count(model)  # every parameter in exactly one unit
 
 
 def test_reference_copy_follows_the_scripts():
@@ -132,8 +151,9 @@ def test_lora_parameters_are_rank_times_in_plus_out_of_the_targets():
 def test_sd15_has_its_published_size_and_measured_activations():
     m = memory_plan.measure_family("sd15")
     assert 859.4e6 < m["denoiser"] < 859.6e6 and 83.6e6 < m["vae"] < 83.8e6
-    # the largest block is one of the UNet's down, mid or up blocks; the root (conv_in, time embedding, conv_out) small
-    assert 100e6 < m["unit"] < m["denoiser"] / 2 and 0 < m["root"] < 10e6
+    # the largest unit is a UNet block's own weights (its transformer blocks are units of their own); the root
+    # (conv_in, time embedding, conv_out) small
+    assert 100e6 < m["unit"] < m["denoiser"] / 4 and 0 < m["root"] < 10e6 and m["outer"] >= m["unit"]
     assert 0.7 < m["act"]["lora"] / GIB < 1.1 and m["act"]["lora"] < m["act"]["full"]  # TRAPS.md: 0.97 GiB (LoRA)
     assert 2.6 < m["decode"] / GIB < 3.0  # TRAPS.md: 2.8 GiB at 512 px
 
