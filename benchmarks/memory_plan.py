@@ -4,7 +4,7 @@ whether it fits 24, 40 or 80 GB; full fine-tuning's model states on one process 
 
 Method (fixed before the numbers were seen; full fine-tuning's FSDP2 root unit and gradients in flight were added
 when the scripts moved to per-call resharding, the nested units when shard_blocks began to wrap each transformer block
-inside a UNet block):
+inside a UNet block, the block and both checkpointing granularities after the call granularity's numbers were seen):
 - Parameters: counted on the published architectures, built on torch's "meta" device (shapes only, nothing allocated
   or downloaded): the configs of benchmarks/full_size.py (SD1.5 UNet, SDXL UNet, the SD VAE, CLIP-L, OpenCLIP-bigG) and
   benchmarks/flow_full_size.py (SD3.5-Medium's MMDiT-X transformer, the 16-channel VAE), FLUX.1-dev's transformer at
@@ -62,18 +62,38 @@ inside a UNet block):
   log-densities come from one call), GRPO 1 (each transition's loss is backpropagated on its own); CFG doubles the batch
   of a trained call where the script trains through CFG (every script but DPO, and not FLUX, which is guidance
   distilled). Backpropagating methods (DRTune, ReFL, DRaFT, AlignProp) also decode with gradient. Without gradient
-  checkpointing the saved activations of every trained call and of the decode add up; with it (the scripts' `call`
-  granularity) each call keeps only its input and the backward recomputes one call or the decode at a time: the peak is
-  the largest of them plus the inputs.
+  checkpointing the saved activations of every trained call and of the decode add up. With it, the scripts'
+  --checkpointing_granularity (drtune.py's enable_checkpointing, checkpointed), each planned:
+  call (the default): each call and the decode is one reentrant checkpoint that keeps only its input, and the backward
+    recomputes one call or the decode at a time, whole: the peak is the largest of them plus the inputs.
+  block: diffusers' gradient checkpointing inside the denoiser and the VAE decoder (enable_gradient_checkpointing;
+    torch.utils.checkpoint, non-reentrant, per block: a UNet's resnets and the transformer blocks inside its
+    attentions, an MMDiT's or FLUX's transformer blocks, the decoder's mid and up blocks), counted by
+    block_checkpointing_bytes: the denoiser and the decode run on the meta device with diffusers' checkpointing on and
+    a counting function in place of its checkpoint, which records the tensors among each outermost block's arguments
+    (what the checkpoint keeps) and collects what the block saves with a saved-tensor hook of its own (what its
+    recomputation holds); the operations between the blocks save as usual. Each call keeps through the backward its
+    "held" part (the distinct block inputs, a tensor handed to every block once, and what the operations between the
+    blocks save, a tensor in both once), and the backward recomputes one block at a time: the peak is every trained
+    call's held part plus the larger of the decode's held part with its largest block's saved activations and one
+    call's largest block's (the decode's backward comes first, and its part is freed before the calls'). TRAPS.md's
+    SD1.5 and SDXL LoRA steps "with checkpointing" (0.14 and 0.45 GiB) agree with this held part (counted: 0.14,
+    0.45).
+  both: the call checkpoint whose recomputation runs with block checkpointing: every call's input plus the largest of
+    one call's held part with its largest block, and the decode's held part with its largest block.
+  The plan shows `call` and, per script, the lowest of the three (a tie goes to the least recomputation, call, then
+  block, then both): block where one trained call and no decode with gradient (SPO, GRPO: both would add that call's
+  input), both otherwise (block keeps every trained call's held part and adds the decode's recomputation to it).
 - Not counted: the CUDA context and allocator slack (about 0.5-1 GiB), the reward model's own activations, the
   no-grad sampling's transient activations (smaller than one trained call's), the text encoders' activations.
 
-    python -m benchmarks.memory_plan             # CPU, about a minute: writes the memory_plan section of BENCHMARKS.md
+    python -m benchmarks.memory_plan             # CPU, under a minute: writes the memory_plan section of BENCHMARKS.md
     python -m benchmarks.memory_plan --measure   # GPU only: measured peak of one denoiser training step beside the plan
 
 --measure (needs a GPU; refused on a CPU) builds each denoiser at full size with random weights in bf16 on the GPU,
-runs one forward and backward at the plan's shapes (LoRA-like: attention projections trainable; with and without
-checkpointing the call) and reports torch.cuda.max_memory_allocated above the weights next to the planned activations.
+runs one forward and backward at the plan's shapes (LoRA-like: attention projections trainable; no checkpointing,
+`call` and `block` granularity) and reports torch.cuda.max_memory_allocated above the weights next to the planned
+activations.
 """
 
 import argparse
@@ -264,23 +284,88 @@ def saved_bytes(model, fn):
     return sum(saved.values())
 
 
+def nbytes(t):
+    return t.numel() * t.element_size()
+
+
+def tensors_in(value):
+    """The tensors in a checkpointed block's arguments (tuples, lists and dicts walked: FLUX's rotary (cos, sin))."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
+    return []
+
+
+def block_checkpointing_bytes(model, fn):
+    """Activations of one call of `model` under diffusers' gradient checkpointing (the scripts'
+    --checkpointing_granularity block: model.enable_gradient_checkpointing()), counted on the meta device. diffusers
+    hands every checkpointed block to its checkpoint function (torch.utils.checkpoint, non-reentrant), which keeps the
+    block's arguments (its recomputation's inputs) and nothing the block saves; everything outside the blocks saves
+    as usual. Here the function is a counting one: at the outermost level it records the tensors among the block's
+    arguments and runs the block with its own saved-tensor hook, which collects what the block saves (what its
+    recomputation holds in the backward); a checkpointed block inside a checkpointed block runs as part of the outer
+    one (counted in its recomputation: an upper bound). A dict, bytes: inputs, the distinct tensors the blocks'
+    checkpoints keep (one tensor handed to every block, the text states or FLUX's temb and rotary embedding, once);
+    outside, what the operations outside the blocks save (counting_saved_tensors); held, the two together with a
+    tensor in both counted once (kept through the call's backward); peak, the most one block's recomputation saves;
+    blocks, the number of outermost checkpointed blocks."""
+    inputs, peaks, depth = {}, [], [0]
+
+    def checkpoint_function(block, *args):
+        if depth[0]:
+            return block(*args)
+        inputs.update((id(t), t) for t in tensors_in(args))
+        inner = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter) and not isinstance(t._base, torch.nn.Parameter):
+                inner[id(t)] = t
+            return t
+
+        depth[0] += 1
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = block(*args)
+        finally:
+            depth[0] -= 1
+        peaks.append(sum(map(nbytes, inner.values())))
+        return out
+
+    model.enable_gradient_checkpointing(checkpoint_function)
+    try:
+        with counting_saved_tensors() as saved:
+            fn()
+            outside = sum(saved.values())
+            held = outside + sum(nbytes(t) for key, t in inputs.items() if key not in saved)
+    finally:
+        model.disable_gradient_checkpointing()
+    return dict(inputs=sum(map(nbytes, inputs.values())), outside=outside, held=held, peak=max(peaks, default=0),
+                blocks=len(peaks))
+
+
 def measure_family(family):
     """Parameter counts and saved activation bytes per call (meta device) of one family."""
     spec, resolution = FAMILIES[family], FAMILIES[family]["resolution"]
     with torch.device("meta"):
         denoiser, vae = build_denoiser(family).to(torch.bfloat16), build_vae(family).to(torch.bfloat16)
     kwargs, _ = denoiser_inputs(family, resolution, "meta")
-    acts = {}
+    acts, blocks = {}, {}
     for mode in ("lora", "full"):
         set_trainable(denoiser, mode)
         acts[mode] = saved_bytes(denoiser, lambda: denoiser(**kwargs))
+        blocks[mode] = block_checkpointing_bytes(denoiser, lambda: denoiser(**kwargs))
     vae.requires_grad_(False)
     latents = torch.empty(1, vae.config.latent_channels, resolution // 8, resolution // 8, device="meta",
                           dtype=torch.bfloat16, requires_grad=True)
     decode = saved_bytes(vae, lambda: vae.decode(latents).sample)
+    decode_block = block_checkpointing_bytes(vae, lambda: vae.decode(latents).sample)
     input_bytes = sum(v.numel() * v.element_size() for v in kwargs.values() if isinstance(v, torch.Tensor))
     return dict(title=spec["title"], resolution=resolution, denoiser=count(denoiser), vae=count(vae),
                 text=text_encoder_params(family), **fsdp_units(denoiser), act=acts, decode=decode,
+                block=blocks, decode_block=decode_block,
                 call_input=input_bytes, lora_per_rank=lora_params(denoiser, 1))
 
 
@@ -303,25 +388,54 @@ def script_settings(script, family):
     return value("rank"), int(calls), reference
 
 
+GRANULARITIES = ("call", "block", "both")  # the scripts' --checkpointing_granularity choices
+
+
+def activations(m, script, family, finetune, checkpointing, calls):
+    """Activation bytes at the peak of one training step's backward. checkpointing: False (none), or the scripts'
+    --checkpointing_granularity: "call" (True means it, the default), "block" or "both" (enable_checkpointing).
+    m's figures per trained call (times 2 where the script trains through CFG: one call at twice the batch): act, all
+    it saves; call_input, its input; block (block_checkpointing_bytes), under diffusers' block checkpointing: held,
+    what the call keeps (its blocks' inputs and what the operations between them save), and peak, the most one
+    block's recomputation saves; the decode with gradient (backpropagating scripts) alike: decode, decode_block.
+    - none: every trained call's and the decode's saved activations at once.
+    - call: every call's input, plus the largest recomputation: one call's or the decode's whole activations.
+    - block: every call keeps its held part through the backward; the backward runs the decode first, recomputing one
+      of its blocks at a time (the decode's held part and its largest block's), then the calls, one block at a time.
+    - both: every call's input (the call checkpoint), plus the largest recomputation, which itself runs with block
+      checkpointing: a call's held part and its largest block's, or the decode's."""
+    cfg = 2 if FAMILIES[family]["cfg"] and script != "dpo" else 1
+    mode = "lora" if finetune == "lora" else "full"
+    act_call = m["act"][mode] * cfg
+    decode = m["decode"] if script in BACKPROP else 0
+    if not checkpointing:
+        return calls * act_call + decode
+    granularity = "call" if checkpointing is True else checkpointing
+    inputs = calls * m["call_input"] * cfg
+    if granularity == "call":
+        return max(act_call, decode) + inputs
+    held, peak = m["block"][mode]["held"] * cfg, m["block"][mode]["peak"] * cfg
+    decode_held, decode_peak = (m["decode_block"]["held"], m["decode_block"]["peak"]) if decode else (0, 0)
+    if granularity == "block":
+        return calls * held + max(decode_held + decode_peak, peak)
+    if granularity == "both":
+        return max(held + peak, decode_held + decode_peak) + inputs
+    raise ValueError(f"unknown checkpointing granularity {granularity!r}")
+
+
 def plan(m, script, family, finetune, checkpointing, rank, calls, reference=None, world=FSDP_WORLD):
-    """Bytes per GPU of one training step, by part. finetune "lora", or "full" over `world` processes: FSDP2's per-call
-    resharding (shard_denoiser: 16 bytes per parameter / world; gathered in bf16: the root's unit, the units enclosing
-    the computing one (m["outer"]) and two of the largest unit (fsdp_units: own parameters); gradients in flight: a
-    unit's unsharded bf16 gradients and fp32 reduce-scatter input, the enclosing units' and the root's unsharded bf16
-    gradients; a bf16 reference sharded 1/world, its root's unit gathered), or on one process (world 1) nothing
-    sharded: fp32 weights, gradients and AdamW's moments (16 bytes per parameter), autocast's bf16 casts of the weights
-    (2), a whole bf16 reference (2). `reference`: whether full fine-tuning keeps the reference copy (default: the
-    script has a reference model)."""
+    """Bytes per GPU of one training step, by part. checkpointing: False, or True / "call", "block", "both" (the
+    scripts' --checkpointing_granularity; activations). finetune "lora", or "full" over `world` processes: FSDP2's
+    per-call resharding (shard_denoiser: 16 bytes per parameter / world; gathered in bf16: the root's unit, the units
+    enclosing the computing one (m["outer"]) and two of the largest unit (fsdp_units: own parameters); gradients in
+    flight: a unit's unsharded bf16 gradients and fp32 reduce-scatter input, the enclosing units' and the root's
+    unsharded bf16 gradients; a bf16 reference sharded 1/world, its root's unit gathered), or on one process (world 1)
+    nothing sharded: fp32 weights, gradients and AdamW's moments (16 bytes per parameter), autocast's bf16 casts of the
+    weights (2), a whole bf16 reference (2). `reference`: whether full fine-tuning keeps the reference copy (default:
+    the script has a reference model)."""
     P, bf16 = m["denoiser"], 2
     reward = 0 if script == "dpo" else HPS_V21_PARAMS * bf16
     frozen = (m["vae"] + m["text"]) * bf16 + reward
-    cfg = 2 if FAMILIES[family]["cfg"] and script != "dpo" else 1
-    act_call = m["act"]["lora" if finetune == "lora" else "full"] * cfg
-    decode = m["decode"] if script in BACKPROP else 0
-    if checkpointing:
-        activations = max(act_call, decode) + calls * m["call_input"] * cfg
-    else:
-        activations = calls * act_call + decode
     reference = script in REFERENCE if reference is None else reference
     if finetune == "lora":
         lora = m["lora_per_rank"] * rank
@@ -340,7 +454,7 @@ def plan(m, script, family, finetune, checkpointing, rank, calls, reference=None
         parts = dict(denoiser=(root + outer + 2 * unit) * bf16, autocast=0,
                      gradients=(unit + outer + root) * bf16 + unit * 4, trainable=P * 16 / world,
                      reference=(P / world + root) * bf16 if reference else 0)
-    parts.update(frozen=frozen, activations=activations)
+    parts.update(frozen=frozen, activations=activations(m, script, family, finetune, checkpointing, calls))
     return parts
 
 
@@ -353,24 +467,52 @@ def smallest_fit(totals):
     return next((gb for gb in GPUS if max(totals) <= gb * 1e9), None)
 
 
+FLAG = "--gradient_checkpointing --checkpointing_granularity"
+
+
+def lowest(parts_by_granularity):
+    """The granularity of the lowest total among {granularity: plan's parts}; on a tie the first of GRANULARITIES
+    (the least recomputation: call one more forward per call, block one more per block, both two)."""
+    return min(GRANULARITIES, key=lambda g: (sum(parts_by_granularity[g].values()), GRANULARITIES.index(g)))
+
+
+def fit_words(totals):
+    gb, count_fit = smallest_fit(totals), sum(t <= GPUS[-1] * 1e9 for t in totals)
+    return (f"every script fits {gb} GB" if gb else f"{count_fit} of {len(totals)} scripts fit {GPUS[-1]} GB"
+            if count_fit else f"none fits {GPUS[-1]} GB")
+
+
 def conclusions(full_parts):
-    """One line per family from {title: {checkpointing: {script: plan's parts}}} of full fine-tuning."""
+    """One line per family from {title: {checkpointing: {script: plan's parts}}} of full fine-tuning, checkpointing
+    False (none) and each of GRANULARITIES: the range over the scripts and what it fits for each, the range at each
+    script's lowest granularity and the flag that gives it, and the largest of those by part."""
     lines = []
-    for title, by_checkpointing in full_parts.items():
+    for title, by in full_parts.items():
         said = []
-        for checkpointing in (True, False):
-            totals = {script: sum(parts.values()) for script, parts in by_checkpointing[checkpointing].items()}
-            gb, count_fit = smallest_fit(totals.values()), sum(t <= GPUS[-1] * 1e9 for t in totals.values())
-            fit = (f"every script fits {gb} GB" if gb else f"{count_fit} of {len(totals)} scripts fit {GPUS[-1]} GB"
-                   if count_fit else f"none fits {GPUS[-1]} GB")
-            said.append(f"{'with' if checkpointing else 'without'} checkpointing {min(totals.values()) / GIB:.1f}-"
-                        f"{max(totals.values()) / GIB:.1f} GiB ({fit})")
-        script = max(by_checkpointing[True], key=lambda k: sum(by_checkpointing[True][k].values()))
-        parts = by_checkpointing[True][script]
+        for checkpointing in (False, *GRANULARITIES):
+            totals = [sum(parts.values()) for parts in by[checkpointing].values()]
+            name = "without checkpointing" if not checkpointing else f"`{checkpointing}`" + (
+                " (the default granularity)" if checkpointing == "call" else "")
+            said.append(f"{name} {min(totals) / GIB:.1f}-{max(totals) / GIB:.1f} GiB ({fit_words(totals)})")
+        best = {script: lowest({g: by[g][script] for g in GRANULARITIES}) for script in by["call"]}
+        totals = {script: sum(by[g][script].values()) for script, g in best.items()}
+        which = ", ".join(f"`{g}` ({', '.join(k for k, v in best.items() if v == g)})"
+                          for g in GRANULARITIES if g in best.values())
+        said.append(f"at each script's lowest, {which}: {min(totals.values()) / GIB:.1f}-"
+                    f"{max(totals.values()) / GIB:.1f} GiB ({fit_words(list(totals.values()))})")
+        fit = smallest_fit(totals.values())
+        enough = [g for g in GRANULARITIES if smallest_fit([sum(p.values()) for p in by[g].values()]) == fit]
+        if fit and "call" in enough:
+            said.append(f"so every script fits {fit} GB with the default `{FLAG} call`")
+        elif fit:
+            said.append(f"so every script fits {fit} GB with `{FLAG} {enough[-1]}`" +
+                        "".join(f" (or `{g}`)" for g in enough[:-1]) + ", not with the default `call`")
+        script = max(totals, key=totals.get)
+        parts = by[best[script]][script]
         states = sum(parts[k] for k in ("denoiser", "autocast", "gradients", "trainable", "reference"))
-        said.append(f"the largest with checkpointing ({script}) is {parts['activations'] / GIB:.1f} GiB of "
-                    f"activations, {states / GIB:.1f} of the denoiser's states and {parts['frozen'] / GIB:.1f} of "
-                    f"frozen encoders and reward")
+        said.append(f"the largest at its lowest ({script}, `{best[script]}`) is "
+                    f"{parts['activations'] / GIB:.1f} GiB of activations, {states / GIB:.1f} of the denoiser's states "
+                    f"and {parts['frozen'] / GIB:.1f} of frozen encoders and reward")
         lines.append(f"- {title}: " + "; ".join(said) + ".")
     return lines
 
@@ -378,7 +520,7 @@ def conclusions(full_parts):
 def main(args):
     start = time.time()
     measured = {family: measure_family(family) for family in args.families}
-    rows, param_rows, state_rows, full_parts = [], [], [], {}
+    rows, param_rows, state_rows, block_rows, full_parts = [], [], [], [], {}
     gb = lambda b: f"{b / 1e9:.1f}"  # noqa: E731
     for family, m in measured.items():
         P = m["denoiser"]
@@ -394,19 +536,27 @@ def main(args):
                            f"{m['root'] / 1e6:.0f} M",
                            f"{m['resolution']}", f"{m['act']['lora'] / GIB:.2f}", f"{m['act']['full'] / GIB:.2f}",
                            f"{m['decode'] / GIB:.2f}"])
-        full_parts[m["title"]] = {True: {}, False: {}}
+        block, decode_block = m["block"], m["decode_block"]
+        block_rows.append([m["title"], str(block["full"]["blocks"]), f"{block['full']['inputs'] / GIB:.2f}",
+                           f"{block['lora']['held'] / GIB:.2f}", f"{block['full']['held'] / GIB:.2f}",
+                           f"{block['lora']['peak'] / GIB:.2f}", f"{block['full']['peak'] / GIB:.2f}",
+                           f"{decode_block['held'] / GIB:.2f}", f"{decode_block['peak'] / GIB:.2f}"])
+        full_parts[m["title"]] = {k: {} for k in (False, *GRANULARITIES)}
         for script in SCRIPTS:
             rank, calls, reference = script_settings(script, family)
             for finetune in ("lora", "full"):
-                parts = [plan(m, script, family, finetune, checkpointing, rank, calls, reference)
-                         for checkpointing in (False, True)]
-                totals = [sum(p.values()) for p in parts]
+                parts = {c: plan(m, script, family, finetune, c, rank, calls, reference)
+                         for c in (False, *GRANULARITIES)}
+                totals = {c: sum(p.values()) for c, p in parts.items()}
                 if finetune == "full":
-                    full_parts[m["title"]][False][script], full_parts[m["title"]][True][script] = parts
+                    for c, p in parts.items():
+                        full_parts[m["title"]][c][script] = p
+                best = lowest(parts)
                 rows.append([m["title"], script, f"LoRA r{rank}" if finetune == "lora" else
                              f"full, FSDP2, N = {FSDP_WORLD} processes" + (", + reference" if reference else ""),
-                             str(calls), f"{totals[0] / GIB:.1f}", fits(totals[0]), f"{totals[1] / GIB:.1f}",
-                             fits(totals[1])])
+                             str(calls), f"{totals[False] / GIB:.1f}", fits(totals[False]),
+                             f"{totals['call'] / GIB:.1f}", fits(totals["call"]),
+                             f"{totals[best] / GIB:.1f} (`{best}`)", fits(totals[best])])
     body = ["## Memory per GPU on real models, planned", "",
             *common.header_lines(args, time.time() - start, "wall-clock (meta-device counting, nothing allocated)"),
             "", "Method and assumptions: `benchmarks/memory_plan.py`'s docstring. Batch 1 per GPU, bf16 frozen "
@@ -439,17 +589,30 @@ def main(args):
                                    f"N = {FSDP_WORLD}: reference, 2 / {FSDP_WORLD} + its root",
                                    f"N = {FSDP_WORLD}: total, no reference", "checkpoint host RAM, main process"],
                                   state_rows), "",
+            "Block checkpointing (`--checkpointing_granularity block`: diffusers' gradient checkpointing inside the "
+            "denoiser and the VAE decoder), one call at batch 1, GiB: the blocks diffusers checkpoints (a UNet's "
+            "resnets and transformer blocks, an MMDiT's or FLUX's transformer blocks), the distinct tensors their "
+            "checkpoints keep as inputs, what a call keeps through the backward (those inputs and what the operations "
+            "between the blocks save; a tensor in both once) and the most one block's recomputation saves; a CFG call "
+            "is twice that:", "",
+            common.markdown_table(["model", "checkpointed blocks", "block inputs", "kept, LoRA", "kept, full",
+                                   "largest block, LoRA", "largest block, full", "VAE decode: kept",
+                                   "VAE decode: largest block"], block_rows), "",
             f"Per GPU, one training step (GiB; fits 24 / 40 / 80 GB: yes or no each). Trained calls: the denoiser "
             f"calls whose graph one update holds. The full rows are the scripts' `--finetune full` over N = "
             f"{FSDP_WORLD} processes, FSDP2 with per-call resharding ('+ reference': the sharded reference copy is "
-            f"counted; GRPO keeps one only with --beta > 0, which only its SD3.5 preset sets).", "",
+            f"counted; GRPO keeps one only with --beta > 0, which only its SD3.5 preset sets). Checkpointing: "
+            f"`{FLAG} call` (the default granularity), and the lowest of `call`, `block` and `both` for the "
+            f"row (`{FLAG} <granularity>`, the granularity named in the cell).", "",
             common.markdown_table(["model", "script", "fine-tuning", "trained calls", "GiB, no checkpointing",
-                                   "fits", "GiB, checkpointing", "fits"], rows), "",
+                                   "fits", "GiB, `call`", "fits", "GiB, lowest granularity", "fits"], rows), "",
             f"Full fine-tuning over N = {FSDP_WORLD} processes, per GPU, over the seven scripts (batch 1):", "",
             *conclusions(full_parts), "",
             "Check against a measurement: TRAPS.md's SD1.5 UNet at 512 px, bf16, LoRA, saved 0.97 GiB per step "
             "(0.14 with checkpointing), SDXL at 1024 px 7.25 GiB (0.45); the VAE decoder 2.8 GiB at 512 px and 11.1 "
-            "at 1024 px. The GPU run that measures the denoiser's step is `--measure`: not run here (no GPU).", ""]
+            "at 1024 px. The two figures with checkpointing are what block checkpointing keeps per call, LoRA, in the "
+            "block table above (0.14 and 0.45). The GPU run that measures the denoiser's step is `--measure`: not "
+            "run here (no GPU).", ""]
     common.write_report(args.output_dir, "memory_plan", "\n".join(body))
     if args.measure:
         measure_on_gpu(args, measured)
@@ -465,20 +628,25 @@ def measure_on_gpu(args, measured):
             denoiser = build_denoiser(family).to(torch.bfloat16)
         set_trainable(denoiser, "lora")
         kwargs, key = denoiser_inputs(family, m["resolution"], "cuda")
-        for checkpointing in (False, True):
+        for checkpointing in (False, "call", "block"):
+            if checkpointing == "block":  # diffusers' own, as enable_checkpointing turns it on
+                denoiser.enable_gradient_checkpointing()
             torch.cuda.synchronize()
             base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
             call = (lambda: checkpoint(lambda **kw: denoiser(**kw)[0], use_reentrant=False, **kwargs)
-                    if checkpointing else denoiser(**kwargs)[0])
+                    if checkpointing == "call" else denoiser(**kwargs)[0])
             call().float().square().mean().backward()
             peak = torch.cuda.max_memory_allocated() - base
             denoiser.zero_grad(set_to_none=True)
-            rows.append([m["title"], "yes" if checkpointing else "no", f"{peak / GIB:.2f}",
-                         f"{m['act']['lora'] / GIB:.2f}"])
+            planned = m["act"]["lora"] + (m["call_input"] if checkpointing == "call" else 0)
+            if checkpointing == "block":
+                planned = m["block"]["lora"]["held"] + m["block"]["lora"]["peak"]
+                denoiser.disable_gradient_checkpointing()
+            rows.append([m["title"], checkpointing or "no", f"{peak / GIB:.2f}", f"{planned / GIB:.2f}"])
         del denoiser
     body = ["## Memory per GPU: one denoiser step measured", "", *common.header_lines(args, 0, "CUDA"), "",
-            common.markdown_table(["model", "checkpointing", "peak above weights GiB (incl. gradients)",
+            common.markdown_table(["model", "checkpointing granularity", "peak above weights GiB (incl. gradients)",
                                    "planned activations GiB"], rows), ""]
     common.write_report(args.output_dir, "memory_plan_gpu", "\n".join(body))
 
