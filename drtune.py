@@ -736,6 +736,10 @@ def check_arguments(args):
         args.mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise UsageError("--mixed_precision fp16 needs a GPU (no fp16 autocast on CPU); use bf16 or no")
+    if args.mixed_precision == "fp16" and args.finetune == "full" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--mixed_precision fp16 with --finetune full over several processes: the fp16 grad scaler "
+                         "would check each process's shard of the gradients alone, so processes could skip different "
+                         "steps; use --mixed_precision bf16, or run on one process")
     check_numbers(args)
     check_output_dir(args)
     kwargs = dict(revision=args.revision)

@@ -123,6 +123,24 @@ def test_bf16_with_gradient_checkpointing_keeps_fp32_master_weights_and_a_bf16_r
     assert all(p.dtype == torch.bfloat16 for p in dpo._BASE_COPY[unet].parameters())
 
 
+@pytest.mark.parametrize("script", ["drtune", "dpo-online", "grpo"])
+def test_fp16_over_several_processes_is_one_line(script, tmp_path, monkeypatch, capsys):
+    """fp16's grad scaler would decide on each process's gradient shard alone: refused before anything loads, as a
+    GPU machine under torchrun would see it (CUDA present, WORLD_SIZE 2); one process or LoRA passes the check."""
+    module, flags = FLAGS[script]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert module.cli(full_argv(TINY_SD, tmp_path / "run", dict(flags, mixed_precision="fp16"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--mixed_precision fp16 with --finetune full over several processes" in err
+    assert "bf16" in err and not (tmp_path / "run").exists()
+    lora = full_argv(TINY_SD, tmp_path / "run", dict(flags, mixed_precision="fp16"))
+    lora[lora.index("--finetune") + 1] = "lora"
+    module.check_arguments(module.parse_args(lora))  # LoRA over several processes: the usual fp16 scaler
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    module.check_arguments(module.parse_args(full_argv(TINY_SD, tmp_path / "run", dict(flags, mixed_precision="fp16"))))
+
+
 def test_rank_and_target_modules_are_not_used(tmp_path, capsys):
     out = tmp_path / "run"
     drtune.main(drtune.parse_args(full_argv(TINY_SD, out, FLAGS["drtune"][1], max_train_steps=1, rank=8,
