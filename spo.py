@@ -1218,11 +1218,14 @@ def step_mean_std(scheduler, model_output, t, x, eta):
     return abar_prev.sqrt() * x0 + (1 - abar_prev - per_sample(std, x) ** 2).clamp(min=0).sqrt() * eps, std
 
 
-def rollout(unet, scheduler, cond, latents, generator, args, grad_steps=(), stop_index=None, stop_grad_input=True):
+def rollout(unet, scheduler, cond, latents, generator, args, grad_steps=(), stop_index=None, stop_grad_input=True,
+            rows=None, total=None):
     """Sample from x_T = latents. Steps whose index (0 = noisiest) is in grad_steps run the UNet with gradient;
     all others under no_grad, entering the graph only through the linear path of the sampler step.
     stop_grad_input detaches every UNet input (DRTune eq. 3). With stop_index, sampling stops at that step and
-    returns the x_0 predicted from x_t and the model output there (early stop); otherwise the final latents."""
+    returns the x_0 predicted from x_t and the model output there (early stop); otherwise the final latents.
+    rows: latents are these rows of a batch of `total` (generate's share of a sharded evaluation): each step's noise
+    is drawn for the whole batch and these rows taken, so every row gets the noise it gets in the whole batch."""
     scheduler.set_timesteps(args.num_inference_steps, device=latents.device)  # also resets DPM++ history
     stochastic = args.sampler == "ddpm" or (args.sampler in ("ddim", "euler") and args.eta > 0)
     for i, t in enumerate(scheduler.timesteps):
@@ -1231,7 +1234,10 @@ def rollout(unet, scheduler, cond, latents, generator, args, grad_steps=(), stop
                                          args.guidance_scale)
         if i == stop_index:
             return predict_x0_eps(scheduler, model_output, t, latents)[0]
-        noise = randn(latents.shape, generator, latents.device) if stochastic else None
+        noise = None
+        if stochastic:
+            noise = (randn(latents.shape, generator, latents.device) if rows is None else
+                     randn((total, *latents.shape[1:]), generator, latents.device)[rows.to(latents.device)])
         latents = sampler_step(scheduler, model_output, t, latents, noise, args.eta)
     return latents
 
@@ -1646,14 +1652,34 @@ class MetricsLog:
 @torch.no_grad()
 def generate(models, scheduler, unet, prompts, args, seed):
     """Images of the current policy for prompts, from fixed noise, its LoRA at --validation_lora_scale; (B, 3, H, W)
-    in [0, 1]."""
+    in [0, 1]. Sharded (shard_denoiser), every process calls it: each draws its share of the images (eval_rows), with
+    the noise they get in one batch, and every process gets them all."""
     generator = torch.Generator().manual_seed(seed)
     device = models.unet.device
     latents = initial_latents(models, args, len(prompts), generator, device)
-    cond = encode_prompts(models, prompts, args.resolution)
+    rows = eval_rows(len(prompts), args)
+    share = prompts if rows is None else [prompts[i] for i in rows.tolist()]
+    cond = encode_prompts(models, share, args.resolution)
     with lora_scale(unet, args.validation_lora_scale):
-        latents = rollout(unet, scheduler, cond, latents, generator, args)
-    return decode(models.vae, latents)
+        latents = rollout(unet, scheduler, cond, latents if rows is None else latents[rows.to(device)], generator,
+                          args, rows=rows, total=len(prompts))
+    images = decode(models.vae, latents)
+    if rows is not None:
+        from accelerate.utils import gather
+        images = gather(images)[: len(prompts)]  # the shares in process order
+    return images
+
+
+def eval_rows(total, args):
+    """This process's rows of an evaluation batch of `total` when the denoiser is sharded (shard_denoiser), None
+    otherwise: ceil(total / N) consecutive rows, the last row repeated where the batch runs out, so that every
+    process makes the same calls."""
+    if not sharding(args):
+        return None
+    from accelerate import PartialState
+    state = PartialState()
+    size = math.ceil(total / state.num_processes)
+    return torch.arange(state.process_index * size, (state.process_index + 1) * size).clamp(max=total - 1)
 
 
 @contextlib.contextmanager
@@ -1991,7 +2017,7 @@ def shard_denoiser(unet, args):
     ReFL's stop step, AlignProp's truncation) from shared_generator, the same on every process, pad a process's
     share of trained rows to the largest with rows whose loss counts 0 (spo.py's pairs, grpo.py's transitions),
     sample an online DPO round again on every process when one drew no pair, and every process takes part in
-    drawing the evaluation grids (each draws them whole; the main process writes them). Prompts, noise and batch
+    drawing the evaluation grids (each its share, eval_rows; the main process writes them). Prompts, noise and batch
     sizes may differ between processes."""
     shard_blocks(unet, {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision))
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -281,6 +282,25 @@ def test_every_script_runs_sharded_on_two_processes(script, tmp_path):
         assert reference.keys() == base.keys()
         moved = [k for k in base if not torch.equal(base[k].to(reference[k].dtype), reference[k])]
         assert moved  # toward the policy
+
+
+def test_the_sharded_evaluation_grid_is_the_one_process_grid(tmp_path):
+    """2 processes draw 2 + 1 of 3 evaluation images (the last row repeated on the second), each with the noise it
+    gets in one batch (DDPM: fresh noise at every step): the step-0 grid is one process's generate() of the base
+    model, to float rounding of the other batch sizes."""
+    from PIL import Image
+    flags = dict(UNEVEN["drtune"], max_train_steps=1, num_eval_prompts=3, sampler="ddpm")
+    out = tmp_path / "run"
+    code, output = torchrun("drtune", full_argv(TINY_SD, out, flags), timeout=300)
+    assert code == 0, output
+    args = drtune.parse_args(full_argv(TINY_SD, tmp_path / "one", flags))
+    models = drtune.load_models(args, drtune.check_arguments(args), torch.device("cpu"), torch.float32)
+    assert len(args.eval_prompt_list) == 3
+    images = drtune.generate(models, drtune.make_scheduler(args), models.unet, args.eval_prompt_list, args, args.seed)
+    expected = (torch.cat(list(images), dim=2).permute(1, 2, 0).numpy() * 255).round()
+    grid = np.asarray(Image.open(out / "samples" / "step-000000.png").convert("RGB")).astype(np.float64)
+    assert grid.shape == expected.shape
+    assert np.abs(grid - expected).max() <= 1, np.abs(grid - expected).max()
 
 
 def test_two_processes_make_the_update_of_one(tmp_path, monkeypatch):
