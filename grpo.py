@@ -2473,7 +2473,8 @@ def main(args):
         offset = rank * per_process * args.group_size  # global index of this process's first image
         # the round's prompts through the text encoders once: sampling and every training forward reuse them
         fresh = [p for p in dict.fromkeys(prompts) if p not in models.prompt_cache]
-        encode_text(models, fresh, cache=True)
+        if fresh:  # none with --cache_prompt_embeds
+            encode_text(models, fresh, cache=True)
         batches, raw = [], {}
         for b in range(0, per_process, args.train_batch_size):
             with accelerator.autocast():
