@@ -1322,10 +1322,9 @@ def add_lora(unet, args):
 def make_optimizer(params, args, device):
     """AdamW on the LoRA weights, fused (one kernel over every tensor) on CUDA and CPU: the same update to float
     rounding, 5x faster than torch's per-tensor loop for a tiny LoRA on CPU and 2.7x for an SD1.5 rank-64 one."""
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                  fused=device.type in ("cuda", "cpu"))
-    return optimizer
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def save_lora(unet, family, output_dir):
@@ -2028,10 +2027,9 @@ def sharding(args):
 
 
 def shard_denoiser(unet, args):
-    """FSDP2 (torch.distributed.fsdp.fully_shard) on each block of the denoiser (every UNet down and up block and the
-    mid block; every transformer block), then on the root. Each process holds 1/N of every weight (the fp32 master
-    weights, which the optimizer holds as DTensors), of its gradient and of AdamW's two moments: 16 / N bytes per
-    parameter. A block's weights are all-gathered, cast to the --mixed_precision dtype, just before each of its calls
+    """FSDP2 (torch.distributed.fsdp.fully_shard) on each block of the denoiser, then on the root (shard_blocks).
+    Each process holds 1/N of every weight (the fp32 master weights, which the optimizer holds as DTensors), of its
+    gradient and of AdamW's two moments: 16 / N bytes per parameter. A block's weights are all-gathered, cast to the --mixed_precision dtype, just before each of its calls
     (forward, and again for the backward) and freed after it; gradients are reduce-scattered in fp32 and averaged
     over processes after each backward. So a block's all-gather is a collective inside every denoiser call, and every
     process makes the same calls in the same order: the algorithms draw what decides the calls (DRTune's early stop,
@@ -2068,8 +2066,8 @@ def keep_base_copy(unet, args):
     denoiser in the weight dtype (the frozen weights' dtype under --mixed_precision), no gradient, that reference_unet
     computes with. With LoRA the reference is the same module with the adapter off and costs nothing; here it is one
     more model's weights, sharded as the trained one is over several processes (2 / N bytes per parameter in
-    fp16/bf16; its calls gather a block at a time, see shard_denoiser). Call before add_lora. drtune.py, refl.py, draft.py and alignprop.py keep
-    none (before_after.png reads the step-0 grid back)."""
+    fp16/bf16; its calls gather a block at a time, see shard_denoiser). Call before add_lora. drtune.py, refl.py,
+    draft.py and alignprop.py keep none (before_after.png reads the step-0 grid back)."""
     import copy
     if args.finetune == "full":
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
@@ -2517,8 +2515,8 @@ def main(args):
                         log_prob, mean, std = transition_terms(models, scheduler, unet, part, args)
                         if epoch == 0 and u == 0 and weight:  # the policy that sampled: its own value, r = 1 exactly
                             old[index] = log_prob.detach()
-                        reference = old[index] if weight else log_prob.detach()
-                        loss, ratio = clipped_loss(log_prob, reference, part["advantages"], args.clip_range)
+                        old_part = old[index] if weight else log_prob.detach()  # a pad: ratio 1, weight 0
+                        loss, ratio = clipped_loss(log_prob, old_part, part["advantages"], args.clip_range)
                         kl = (kl_to_reference(models, scheduler, unet, part, mean, std, args) if args.beta > 0
                               else torch.zeros_like(loss))
                         loss = loss + args.beta * kl
@@ -2527,7 +2525,7 @@ def main(args):
                     padded += not weight
                     stats += weight * torch.stack([loss.detach().sum(), kl.detach().sum(),
                                                    ((ratio - 1).abs() > args.clip_range).float().sum(), ratio.sum(),
-                                                   0.5 * ((log_prob.detach() - reference) ** 2).sum(),
+                                                   0.5 * ((log_prob.detach() - old_part) ** 2).sum(),
                                                    torch.tensor(float(len(index)), device=device)])
                 all_reduce_grads(accelerator, params)
                 norm = accelerator.clip_grad_norm_(params, args.max_grad_norm)

@@ -1444,10 +1444,9 @@ def add_lora(unet, args):
 def make_optimizer(params, args, device):
     """AdamW on the LoRA weights, fused (one kernel over every tensor) on CUDA and CPU: the same update to float
     rounding, 5x faster than torch's per-tensor loop for a tiny LoRA on CPU and 2.7x for an SD1.5 rank-64 one."""
-    optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
-                                  fused=device.type in ("cuda", "cpu"))
-    return optimizer
+    return torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                             weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+                             fused=device.type in ("cuda", "cpu"))
 
 
 # --- --finetune full: every denoiser weight, sharded with FSDP2 over several processes -------------------------
@@ -1474,10 +1473,9 @@ def sharding(args):
 
 
 def shard_denoiser(unet, args):
-    """FSDP2 (torch.distributed.fsdp.fully_shard) on each block of the denoiser (every UNet down and up block and the
-    mid block; every transformer block), then on the root. Each process holds 1/N of every weight (the fp32 master
-    weights, which the optimizer holds as DTensors), of its gradient and of AdamW's two moments: 16 / N bytes per
-    parameter. A block's weights are all-gathered, cast to the --mixed_precision dtype, just before each of its calls
+    """FSDP2 (torch.distributed.fsdp.fully_shard) on each block of the denoiser, then on the root (shard_blocks).
+    Each process holds 1/N of every weight (the fp32 master weights, which the optimizer holds as DTensors), of its
+    gradient and of AdamW's two moments: 16 / N bytes per parameter. A block's weights are all-gathered, cast to the --mixed_precision dtype, just before each of its calls
     (forward, and again for the backward) and freed after it; gradients are reduce-scattered in fp32 and averaged
     over processes after each backward. So a block's all-gather is a collective inside every denoiser call, and every
     process makes the same calls in the same order: the algorithms draw what decides the calls (DRTune's early stop,
@@ -1522,8 +1520,8 @@ def keep_base_copy(unet, args):
     denoiser in the weight dtype (the frozen weights' dtype under --mixed_precision), no gradient, that reference_unet
     computes with. With LoRA the reference is the same module with the adapter off and costs nothing; here it is one
     more model's weights, sharded as the trained one is over several processes (2 / N bytes per parameter in
-    fp16/bf16; its calls gather a block at a time, see shard_denoiser). Call before add_lora. drtune.py, refl.py, draft.py and alignprop.py keep
-    none (before_after.png reads the step-0 grid back)."""
+    fp16/bf16; its calls gather a block at a time, see shard_denoiser). Call before add_lora. drtune.py, refl.py,
+    draft.py and alignprop.py keep none (before_after.png reads the step-0 grid back)."""
     import copy
     if args.finetune == "full":
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
